@@ -1,0 +1,109 @@
+"""Dataclass configs for ``sparsify_dictionary_``; validated on construction, before any weight moves."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Union
+
+__all__ = ["DictionaryConfig", "LowRankConfig", "CompressionConfig"]
+
+GramShrinkage = Union[float, str]
+
+
+def _check_ratio(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be a number in the open interval (0, 1), got {value!r}")
+
+
+def _check_positive_int(name: str, value: int, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_gram_shrinkage(value: GramShrinkage) -> None:
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"gram_shrinkage must be a float in [0, 1] or 'auto', got {value!r}")
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"gram_shrinkage must be a float in [0, 1] or 'auto', got {value!r}")
+
+
+@dataclass(frozen=True)
+class _BaseConfig:
+    """Fields every compression method shares."""
+
+    compression_ratio: float = 0.3
+    """Fraction of the dense weight bytes removed: 0.3 keeps 70 % of each layer's bytes."""
+    damping: float = 1e-2
+    """Ridge added to the calibration Gram, relative to its mean diagonal (GPTQ's percdamp)."""
+    gram_shrinkage: GramShrinkage = 0.0
+    """Shrink the Gram toward its diagonal: 0 is the activation-aware objective, 1 weight-space fitting."""
+    layer_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Regex on the module's qualified name -> field overrides, e.g. ``{r"\\.down_proj$": {"compression_ratio": 0.2}}``."""
+    seed: int = 42
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        _check_ratio("compression_ratio", self.compression_ratio)
+        if not isinstance(self.damping, (int, float)) or not math.isfinite(self.damping) or self.damping < 0:
+            raise ValueError(f"damping must be a finite float >= 0, got {self.damping!r}")
+        _check_gram_shrinkage(self.gram_shrinkage)
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        names = {f.name for f in dataclasses.fields(self)} - {"layer_overrides", "version"}
+        for pattern, overrides in dict(self.layer_overrides).items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"layer_overrides key {pattern!r} is not a valid regex: {exc}") from None
+            unknown = set(overrides) - names
+            if unknown:
+                raise ValueError(f"layer_overrides[{pattern!r}] has unknown fields {sorted(unknown)}; allowed: {sorted(names)}")
+            dataclasses.replace(self, layer_overrides={}, **overrides)  # validates the overridden values
+
+    def for_layer(self, fqn: str) -> "_BaseConfig":
+        """The config one layer sees: every matching override applied in insertion order."""
+        updates: dict[str, Any] = {}
+        for pattern, overrides in self.layer_overrides.items():
+            if re.search(pattern, fqn):
+                updates.update(overrides)
+        return dataclasses.replace(self, **updates) if updates else self
+
+
+@dataclass(frozen=True)
+class DictionaryConfig(_BaseConfig):
+    """CoSpaDi: calibration-whitened K-SVD with batched OMP; ``rho = k / s`` atoms per non-zero."""
+
+    rho: float = 2.0
+    """Dictionary size over non-zeros per column (the paper's k/s); >= 1."""
+    iterations: int = 60
+    """K-SVD iterations (the paper's T)."""
+    power_iterations: int = 8
+    """Power iterations of each rank-1 atom update."""
+    atoms_per_step: int = 1
+    """Atoms OMP adds per step: 1 is exact OMP; more is generalised OMP, faster and slightly worse."""
+    init: str = "svd"
+    """Initial dictionary: ``"svd"`` (leading left singular vectors of the whitened weight; converges in
+    far fewer iterations) or ``"random-columns"`` (the paper's: random whitened columns, ``seed``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.rho, (int, float)) or not math.isfinite(self.rho) or self.rho < 1.0:
+            raise ValueError(f"rho must be a float >= 1 (dictionary atoms per non-zero), got {self.rho!r}")
+        _check_positive_int("iterations", self.iterations, minimum=0)
+        _check_positive_int("power_iterations", self.power_iterations)
+        _check_positive_int("atoms_per_step", self.atoms_per_step)
+        if self.init not in ("svd", "random-columns"):
+            raise ValueError(f"init must be 'svd' or 'random-columns', got {self.init!r}")
+
+
+@dataclass(frozen=True)
+class LowRankConfig(_BaseConfig):
+    """SVD-LLM: truncated SVD of the whitened weight, rank from the same honest byte budget."""
+
+
+CompressionConfig = Union[DictionaryConfig, LowRankConfig]

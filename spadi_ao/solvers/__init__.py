@@ -1,0 +1,1 @@
+"""Solvers: whitening, batched OMP, K-SVD and the low-rank baseline, on plain tensors only."""

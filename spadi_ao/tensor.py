@@ -1,0 +1,148 @@
+"""Weight tensor subclasses: the compressed form an ``nn.Linear`` keeps in place of its dense weight.
+
+Both subclasses report the logical ``(out, in)`` shape and dtype of the weight they replace, so the
+module, ``state_dict``, ``.to()`` and ``torch.compile`` treat them like any torchao weight; ``F.linear``
+on them runs the factored product and never materialises the dense matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torchao.utils import TorchAOBaseTensor
+
+from spadi_ao.format import unpack_codes
+from spadi_ao.kernels.op import dequantize_dictionary, dequantize_values
+
+__all__ = ["DictionaryTensor", "LowRankTensor", "stored_bytes", "is_compressed_weight"]
+
+aten = torch.ops.aten
+
+
+def _nbytes(tensor: Optional[torch.Tensor]) -> int:
+    if tensor is None:
+        return 0
+    if hasattr(tensor, "__tensor_flatten__") and type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_nbytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+class DictionaryTensor(TorchAOBaseTensor):
+    """``W ~= C^T D~``: a dictionary of ``k`` atoms and ``s`` sparse codes per output row.
+
+    Inner tensors (see ``spadi_ao.format``): ``dictionary`` (k, in), ``values`` (out, s),
+    ``bitmask`` (out, ceil(k/8)) uint8, and optional int8 scales ``dictionary_scale`` (k,) and
+    ``value_scale`` (out,) when the dictionary or the values are stored as int8.
+    """
+
+    tensor_data_names = ["dictionary", "values", "bitmask"]
+    tensor_attribute_names = ["dtype"]
+    optional_tensor_data_names = ["dictionary_scale", "value_scale"]
+
+    def __new__(
+        cls,
+        dictionary: torch.Tensor,
+        values: torch.Tensor,
+        bitmask: torch.Tensor,
+        dtype: torch.dtype,
+        dictionary_scale: Optional[torch.Tensor] = None,
+        value_scale: Optional[torch.Tensor] = None,
+    ):
+        shape = (values.shape[0], dictionary.shape[1])
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=values.device, requires_grad=False)
+
+    def __init__(
+        self,
+        dictionary: torch.Tensor,
+        values: torch.Tensor,
+        bitmask: torch.Tensor,
+        dtype: torch.dtype,
+        dictionary_scale: Optional[torch.Tensor] = None,
+        value_scale: Optional[torch.Tensor] = None,
+    ):
+        super().__init__()
+        self.dictionary = dictionary
+        self.values = values
+        self.bitmask = bitmask
+        self.dictionary_scale = dictionary_scale
+        self.value_scale = value_scale
+
+    @property
+    def num_atoms(self) -> int:
+        return self.dictionary.shape[0]
+
+    @property
+    def nonzeros_per_row(self) -> int:
+        return self.values.shape[1]
+
+    def dequantize(self, output_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        dtype = output_dtype or self.dtype
+        atoms = dequantize_dictionary(self.dictionary, self.dictionary_scale, torch.float32)
+        codes = unpack_codes(dequantize_values(self.values, self.value_scale, torch.float32), self.bitmask, self.num_atoms)
+        return (codes @ atoms).to(dtype)
+
+    def stored_bytes(self) -> int:
+        return sum(_nbytes(getattr(self, n)) for n in self.tensor_data_names + self.optional_tensor_data_names)
+
+
+class LowRankTensor(TorchAOBaseTensor):
+    """``W ~= up @ down``: the SVD-LLM baseline, ``down`` (rank, in) and ``up`` (out, rank)."""
+
+    tensor_data_names = ["down", "up"]
+    tensor_attribute_names = ["dtype"]
+
+    def __new__(cls, down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype):
+        shape = (up.shape[0], down.shape[1])
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=up.device, requires_grad=False)
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.down = down
+        self.up = up
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def dequantize(self, output_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return (self.up.float() @ self.down.float()).to(output_dtype or self.dtype)
+
+    def stored_bytes(self) -> int:
+        return _nbytes(self.down) + _nbytes(self.up)
+
+
+def _linear_args(args: tuple) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    return args[0], args[1], args[2] if len(args) > 2 else None
+
+
+@DictionaryTensor.implements(aten.linear.default)
+@DictionaryTensor.implements_torch_function(F.linear)
+def _(func, types, args, kwargs):
+    x, weight, bias = _linear_args(args)
+    return torch.ops.spadi_ao.dictionary_linear(
+        x, weight.dictionary, weight.dictionary_scale, weight.values, weight.value_scale, weight.bitmask, bias
+    )
+
+
+@LowRankTensor.implements(aten.linear.default)
+@LowRankTensor.implements_torch_function(F.linear)
+def _(func, types, args, kwargs):
+    x, weight, bias = _linear_args(args)
+    return F.linear(F.linear(x, weight.down), weight.up, bias)
+
+
+def is_compressed_weight(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, (DictionaryTensor, LowRankTensor))
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a (possibly compressed or torchao-quantised) weight really holds."""
+    if isinstance(tensor, (DictionaryTensor, LowRankTensor)):
+        return tensor.stored_bytes()
+    return _nbytes(tensor)
+
+
+torch.serialization.add_safe_globals([DictionaryTensor, LowRankTensor])
