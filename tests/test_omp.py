@@ -92,3 +92,14 @@ def test_dependent_atoms_do_not_crash():
 def test_bad_sparsity_raises():
     with pytest.raises(ValueError, match="s must be"):
         batched_omp(_unit_dictionary(4, 3, 0), torch.randn(4, 2, dtype=torch.float64), 4)
+
+
+def test_orthonormal_dictionary_shortcut_equals_textbook_omp():
+    q, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(8)))
+    dictionary = q[:, :9]
+    signals = torch.randn(12, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    indices, coefficients = batched_omp(dictionary, signals, 4)
+    for column in range(6):
+        support, reference = _reference_omp(dictionary, signals[:, column], 4)
+        assert indices[column].tolist() == support
+        assert torch.allclose(coefficients[column], reference, atol=1e-10)

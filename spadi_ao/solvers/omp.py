@@ -69,6 +69,11 @@ def _omp_chunk(gram: torch.Tensor, alpha0: torch.Tensor, s: int, atoms_per_step:
     return indices, coefficients
 
 
+def _is_orthonormal(gram: torch.Tensor) -> bool:
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return bool((gram - eye).abs().max() <= 1e3 * torch.finfo(gram.dtype).eps)
+
+
 def batched_omp(
     dictionary: torch.Tensor,
     signals: torch.Tensor,
@@ -90,6 +95,10 @@ def batched_omp(
         raise ValueError(f"atoms_per_step must be >= 1, got {atoms_per_step}")
     gram = dictionary.T @ dictionary
     alpha0 = signals.T @ dictionary
+    if _is_orthonormal(gram):
+        # Orthonormal atoms never change each other's correlations: OMP is exact top-s thresholding.
+        order = alpha0.abs().topk(s, dim=1).indices
+        return order, alpha0.gather(1, order)
     m = alpha0.shape[0]
     per_column = (s * s + 3 * k) * alpha0.element_size()
     chunk = max(1, min(m, max_chunk_bytes // per_column))
@@ -109,6 +118,8 @@ def least_squares_codes(
     """Optimal coefficients (m, s) for fixed supports: the normal equations per column, batched."""
     gram = dictionary.T @ dictionary
     rhs = (signals.T @ dictionary).gather(1, indices)  # (m, s)
+    if _is_orthonormal(gram):
+        return rhs
     m, s = indices.shape
     chunk = max(1, max_chunk_bytes // (s * s * rhs.element_size()))
     solved = []
