@@ -1,0 +1,57 @@
+"""Shared set-up for the benchmarks: the real model, calibration Grams computed once, evaluation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spadi_ao.api import select_linears
+from spadi_ao.calibration import GramCollector, run_calibration
+from spadi_ao.pipeline.data import calibration_batches, load_text
+from spadi_ao.pipeline.evaluate import perplexity
+from spadi_ao.pipeline.models import load_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def calibration_grams(model, tokenizer, source: str, n_samples: int, seq_len: int, seed: int = 42) -> tuple[GramCollector, float]:
+    """Grams of every selected Linear over ``n_samples x seq_len`` tokens, computed once and reused."""
+    batches = calibration_batches(tokenizer, load_text(source), n_samples, seq_len, seed=seed)
+    start = time.perf_counter()
+    with GramCollector(select_linears(model)) as collector:
+        run_calibration(model, batches)
+    return collector, time.perf_counter() - start
+
+
+def evaluate(model, tokenizer, text: str, seq_len: int, windows: int) -> dict[str, Any]:
+    result = perplexity(model, tokenizer, text, seq_len=seq_len, max_windows=windows, batch_size=4, word_level=True)
+    return result.to_dict()
+
+
+def fresh_copy(model):
+    return copy.deepcopy(model)
+
+
+def load_default(dtype: torch.dtype = torch.float32):
+    return load_model(None, dtype=dtype)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))

@@ -1,0 +1,5 @@
+import sys
+
+from spadi_ao.cli import main
+
+sys.exit(main())

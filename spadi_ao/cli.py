@@ -1,0 +1,213 @@
+"""``spadi-ao``: compress a causal LM, evaluate it, inspect a saved result.
+
+``spadi-ao compress`` with no arguments is the main job: the embedded SmolLM2-135M-Instruct at CR 0.3,
+calibrated on the offline stdlib corpus, perplexity printed before and after, result saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["main", "build_parser"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_ITEM_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser, default_windows: Optional[int]) -> None:
+    parser.add_argument("--eval-text", default=None, help="evaluation text: 'stdlib' (held-out part, default), a file/dir, 'wikitext2-test', 'hf:NAME[:CONFIG[:SPLIT]]'")
+    parser.add_argument("--eval-windows", type=_positive, default=default_windows, help="evaluate the first N windows only (default: %(default)s; all when omitted)")
+    parser.add_argument("--seq-len", type=_positive, default=512, help="tokens per calibration sample and evaluation window")
+    parser.add_argument("--batch-size", type=_positive, default=4)
+    parser.add_argument("--word-level", action="store_true", help="also report lm-eval's word perplexity")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spadi-ao", description="Sparse dictionary (CoSpaDi) compression of causal LMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compress = commands.add_parser("compress", help="compress a model and save it with a JSON report")
+    compress.add_argument("--model", default=None, help="embedded default (SmolLM2-135M-Instruct), a .gguf file, a local HF folder or a hub id")
+    compress.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    compress.add_argument("--method", choices=["cospadi", "svd-llm"], default="cospadi")
+    compress.add_argument("--ratio", type=_ratio, default=0.3, help="compression ratio in (0, 1): fraction of Linear bytes removed")
+    compress.add_argument("--calibration", default=None, help="calibration text: 'stdlib' (default, calibration part), a file/dir, 'wikitext2-valid', 'hf:...'")
+    compress.add_argument("--n-samples", type=_positive, default=32, help="calibration sequences")
+    compress.add_argument("--rho", type=float, default=2.0, help="atoms per non-zero, k/s (cospadi)")
+    compress.add_argument("--iterations", type=int, default=0, help="K-SVD iterations after the SVD-initialised coding (paper: 60)")
+    compress.add_argument("--power-iterations", type=_positive, default=8)
+    compress.add_argument("--atoms-per-step", type=_positive, default=8, help="OMP atoms per step (1 = exact OMP)")
+    compress.add_argument("--init", choices=["svd", "random-columns"], default="svd")
+    compress.add_argument("--damping", type=float, default=1e-2)
+    compress.add_argument("--seed", type=int, default=42)
+    compress.add_argument("--output", default=None, help="output directory (default: runs/<model>-<method>-cr<ratio>-<time>)")
+    compress.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    compress.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
+    _add_eval_arguments(compress, default_windows=16)
+
+    evaluate = commands.add_parser("eval", help="perplexity of a dense or compressed model")
+    evaluate.add_argument("model", nargs="?", default=None, help="a spadi-ao output dir, or any --model source of 'compress'")
+    evaluate.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    _add_eval_arguments(evaluate, default_windows=None)
+
+    info = commands.add_parser("info", help="what a saved compressed model holds")
+    info.add_argument("path")
+    return parser
+
+
+def _load_any(source: Optional[str], dtype: torch.dtype):
+    from spadi_ao.pipeline.models import load_model
+    from spadi_ao.serialization import WEIGHTS_NAME, load_compressed
+
+    if source is not None and (Path(source) / WEIGHTS_NAME).is_file():
+        return load_compressed(source)
+    return load_model(source, dtype=dtype)
+
+
+def _texts(calibration_source: Optional[str], eval_source: Optional[str]) -> tuple[str, str]:
+    """Calibration and evaluation texts; the stdlib corpus is split so the two never overlap."""
+    from spadi_ao.pipeline.data import load_text, split_text
+
+    stdlib_calibration, stdlib_eval = split_text(load_text("stdlib"))
+    calibration = stdlib_calibration if calibration_source in (None, "stdlib") else load_text(calibration_source)
+    evaluation = stdlib_eval if eval_source in (None, "stdlib") else load_text(eval_source)
+    return calibration, evaluation
+
+
+def _perplexity(model, tokenizer, text: str, args: argparse.Namespace, label: str) -> dict:
+    from spadi_ao.pipeline.evaluate import perplexity
+
+    start = time.perf_counter()
+    result = perplexity(model, tokenizer, text, seq_len=args.seq_len, batch_size=args.batch_size, max_windows=args.eval_windows, word_level=args.word_level)
+    line = f"{label}: perplexity {result.ppl:.3f} over {result.n_tokens} tokens ({result.n_windows} windows x {result.seq_len})"
+    if result.word_ppl is not None:
+        line += f", word perplexity {result.word_ppl:.3f}"
+    print(f"{line} [{time.perf_counter() - start:.0f}s]", flush=True)
+    return result.to_dict()
+
+
+def _config(args: argparse.Namespace):
+    from spadi_ao import DictionaryConfig, LowRankConfig
+
+    common = dict(compression_ratio=args.ratio, damping=args.damping, seed=args.seed)
+    if args.method == "svd-llm":
+        return LowRankConfig(**common)
+    return DictionaryConfig(
+        rho=args.rho, iterations=args.iterations, power_iterations=args.power_iterations, atoms_per_step=args.atoms_per_step, init=args.init, **common
+    )
+
+
+def _default_output(args: argparse.Namespace) -> Path:
+    name = Path(args.model).stem if args.model else "smollm2-135m"
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{name}-{args.method}-cr{args.ratio:g}-{stamp}"
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from spadi_ao import sparsify_dictionary_
+    from spadi_ao.pipeline.data import calibration_batches
+    from spadi_ao.pipeline.models import model_context_length
+    from spadi_ao.serialization import save_compressed
+
+    output = Path(args.output) if args.output else _default_output(args)
+    if output.exists() and not args.overwrite:
+        raise CLIError(f"output directory {output} exists; pass --overwrite to replace it")
+    config = _config(args)
+    start = time.perf_counter()
+    model, tokenizer = _load_any(args.model, DTYPES[args.dtype])
+    print(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) in {time.perf_counter() - start:.0f}s", flush=True)
+    if args.seq_len > model_context_length(model):
+        raise CLIError(f"--seq-len {args.seq_len} exceeds the model's context length {model_context_length(model)}")
+    calibration_text, eval_text = _texts(args.calibration, args.eval_text)
+    batches = calibration_batches(tokenizer, calibration_text, args.n_samples, args.seq_len, seed=args.seed)
+    results: dict = {"model": args.model or "default:SmolLM2-135M-Instruct", "config": vars(args) | {"output": str(output)}}
+    if not args.no_eval:
+        results["dense_perplexity"] = _perplexity(model, tokenizer, eval_text, args, "dense")
+    report = sparsify_dictionary_(model, config, calibration=batches)
+    print(f"compressed {len(report.layers)} Linears with {report.method}: ratio {report.compression_ratio:.4f} "
+          f"({report.dense_bytes / 2**20:.1f} MiB -> {report.stored_bytes / 2**20:.1f} MiB) in {report.seconds:.0f}s", flush=True)
+    results["compression"] = report.to_dict()
+    if not args.no_eval:
+        results["compressed_perplexity"] = _perplexity(model, tokenizer, eval_text, args, "compressed")
+    save_compressed(model, output, tokenizer=tokenizer, report=results, overwrite=args.overwrite)
+    print(f"saved to {output} (report: {output / 'spadi_report.json'}) [total {time.perf_counter() - start:.0f}s]")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from spadi_ao.pipeline.models import model_context_length
+
+    model, tokenizer = _load_any(args.model, DTYPES[args.dtype])
+    if tokenizer is None:
+        raise CLIError(f"{args.model} has no tokenizer saved beside it")
+    if args.seq_len > model_context_length(model):
+        raise CLIError(f"--seq-len {args.seq_len} exceeds the model's context length {model_context_length(model)}")
+    _, eval_text = _texts(None, args.eval_text)
+    _perplexity(model, tokenizer, eval_text, args, args.model or "default")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from spadi_ao.serialization import REPORT_NAME, read_manifest
+
+    manifest, shapes = read_manifest(args.path)
+    stored = sum(torch.Size(shape).numel() * _SAFETENSORS_ITEM_BYTES[dtype] for shape, dtype in shapes.values())
+    kinds: dict[str, int] = {}
+    for entry in manifest["subclasses"].values():
+        kinds[entry["type"]] = kinds.get(entry["type"], 0) + 1
+    print(f"{args.path}: {len(shapes)} stored tensors, {stored / 2**20:.2f} MiB on disk")
+    for kind, count in sorted(kinds.items()):
+        print(f"  {count} Linear weights as {kind}")
+    report_file = Path(args.path) / REPORT_NAME
+    if report_file.is_file():
+        report = json.loads(report_file.read_text())
+        compression = report.get("compression", {})
+        if compression:
+            print(f"  method {compression['method']}, target ratio {compression['target_ratio']}, achieved {compression['compression_ratio']:.4f}")
+        for key in ("dense_perplexity", "compressed_perplexity"):
+            if key in report:
+                print(f"  {key.replace('_', ' ')}: {report[key]['ppl']:.3f} ({report[key]['n_tokens']} tokens)")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"compress": _compress, "eval": _eval, "info": _info}
+    from spadi_ao.pipeline import PipelineError
+    from spadi_ao.serialization import CheckpointError
+
+    try:
+        return handlers[args.command](args)
+    except (CLIError, PipelineError, CheckpointError, FileExistsError, ValueError) as exc:
+        print(f"spadi-ao {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

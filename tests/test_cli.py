@@ -1,0 +1,74 @@
+import json
+
+import pytest
+import torch
+
+from spadi_ao.cli import main
+from spadi_ao.serialization import load_compressed
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_llama, tiny_tokenizer):
+    path = tmp_path / "tiny"
+    tiny_llama.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+FAST = ["--n-samples", "3", "--seq-len", "32", "--eval-windows", "2", "--batch-size", "2"]
+
+
+@pytest.mark.parametrize("method", ["cospadi", "svd-llm"])
+def test_compress_writes_model_and_report(tmp_path, tiny_model_dir, method, capsys):
+    out = tmp_path / "out"
+    assert main(["compress", "--model", str(tiny_model_dir), "--method", method, "--ratio", "0.4", "--output", str(out), *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "dense: perplexity" in printed and "compressed: perplexity" in printed
+    report = json.loads((out / "spadi_report.json").read_text())
+    assert set(report) >= {"model", "config", "dense_perplexity", "compressed_perplexity", "compression"}
+    compression = report["compression"]
+    assert compression["method"] == method and compression["compression_ratio"] >= 0.4
+    layer = compression["layers"][0]
+    assert set(layer) >= {"name", "k", "s", "rank", "compression_ratio", "whitened_error", "seconds", "stored_bytes", "dense_bytes"}
+    assert report["dense_perplexity"]["n_tokens"] == 2 * 31
+    model, tokenizer = load_compressed(out)
+    assert tokenizer is not None
+    assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == ("DictionaryTensor" if method == "cospadi" else "LowRankTensor")
+
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "14 Linear weights" in info and f"method {method}" in info
+
+    assert main(["eval", str(out), "--seq-len", "32", "--eval-windows", "2"]) == 0
+    evaluated = capsys.readouterr().out
+    assert f"{report['compressed_perplexity']['ppl']:.3f}" in evaluated
+
+
+def test_existing_output_is_refused_without_overwrite(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["compress", "--model", str(tiny_model_dir), "--output", str(out), *FAST]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compress", "--model", "/no/such/model"], "no such file or folder"),
+        (["compress", "--seq-len", "100000", "--no-eval"], "context length"),
+        (["info", "/no/such/dir"], "not a spadi-ao model directory"),
+    ],
+)
+def test_bad_input_gives_one_line_error(argv, message, tiny_model_dir, capsys):
+    if "--seq-len" in argv:
+        argv = argv[:1] + ["--model", str(tiny_model_dir)] + argv[1:]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0]
+
+
+def test_ratio_out_of_range_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "--ratio", "1.5"])
+    assert exit_info.value.code == 2
+    assert "must be in (0, 1)" in capsys.readouterr().err
