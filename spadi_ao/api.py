@@ -143,6 +143,13 @@ def _collect(model: nn.Module, targets: dict[str, nn.Linear], calibration: Any, 
     return collector
 
 
+def _resolve_shrinkage(setting: float | str, collector: Optional[GramCollector], name: str) -> float:
+    """A float setting is used as is; ``"auto"`` is estimated from the calibration sequences alone."""
+    if setting != "auto":
+        return float(setting)
+    return collector.shrinkage(name) if collector is not None else 0.0
+
+
 def sparsify_dictionary_(
     model: nn.Module,
     config: DictionaryConfig | LowRankConfig,
@@ -179,9 +186,11 @@ def sparsify_dictionary_(
     try:
         with torch.no_grad():
             for name, module in tqdm(targets.items(), desc=f"compressing ({method})", disable=not progress):
+                layer_config = config.for_layer(name)
                 gram = collector.gram(name) if collector is not None else None
                 tokens = collector.tokens(name) if collector is not None else 0
-                tensor, layer_report = compress_weight(name, module.weight.detach(), gram, config.for_layer(name), tokens)
+                shrinkage = _resolve_shrinkage(layer_config.gram_shrinkage, collector, name)
+                tensor, layer_report = compress_weight(name, module.weight.detach(), gram, layer_config, tokens, shrinkage)
                 new_weights[name] = tensor
                 report.layers.append(layer_report)
     finally:

@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from spadi_ao.solvers.shrinkage import SequenceMoments, diagonal_shrinkage_intensity
+
 __all__ = ["GramCollector", "attach_collector", "run_calibration", "CALIBRATION_ATTR"]
 
 CALIBRATION_ATTR = "_spadi_calibration"
@@ -34,6 +36,7 @@ class GramCollector:
         self.exact = exact
         self._grams: dict[str, torch.Tensor] = {}
         self._tokens: dict[str, int] = {}
+        self._moments: dict[str, SequenceMoments] = {}
         self._owner: dict[str, str] = {}
         self._recent: dict[int, tuple[weakref.ref, str]] = {}
         self._handles = [
@@ -60,19 +63,20 @@ class GramCollector:
     def _observe(self, name: str, x: torch.Tensor) -> None:
         if self._owner_of(name, x) != name:
             return
-        flat = x.detach().reshape(-1, x.shape[-1])
-        if self.exact:
-            flat = flat.to(torch.float64)
-            product = flat.T @ flat
-        else:
-            flat = flat.to(torch.float32)
-            product = (flat.T @ flat).to(torch.float64)
+        sequences = x.detach().reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.detach().unsqueeze(0)
+        dtype = torch.float64 if self.exact else torch.float32
+        moments = self._moments.setdefault(name, SequenceMoments())
+        total = None
+        for sequence in sequences.to(dtype):
+            product = (sequence.T @ sequence).to(torch.float64)
+            moments.add(product / sequence.shape[0])
+            total = product if total is None else total.add_(product)
         if name in self._grams:
-            self._grams[name].add_(product)
-            self._tokens[name] += flat.shape[0]
+            self._grams[name].add_(total)
+            self._tokens[name] += sequences.shape[0] * sequences.shape[1]
         else:
-            self._grams[name] = product
-            self._tokens[name] = flat.shape[0]
+            self._grams[name] = total
+            self._tokens[name] = sequences.shape[0] * sequences.shape[1]
 
     def remove(self) -> None:
         """Detach the hooks; the accumulated Grams stay available."""
@@ -98,6 +102,17 @@ class GramCollector:
 
     def tokens(self, name: str) -> int:
         return self._tokens.get(self.owner(name), 0)
+
+    def sequences(self, name: str) -> int:
+        moments = self._moments.get(self.owner(name))
+        return moments.count if moments is not None else 0
+
+    def shrinkage(self, name: str) -> float:
+        """Data-only shrinkage intensity of ``name``'s Gram toward its diagonal (``gram_shrinkage="auto"``)."""
+        gram = self.gram(name)
+        if gram is None:
+            return 0.0
+        return diagonal_shrinkage_intensity(gram, self._moments[self.owner(name)])
 
     @property
     def groups(self) -> dict[str, list[str]]:

@@ -74,7 +74,10 @@ def compress_weight(
     start = time.perf_counter()
     out_features, in_features = weight.shape
     element_size = weight.element_size()
-    shrinkage = float(config.gram_shrinkage) if shrinkage is None else shrinkage
+    if shrinkage is None:
+        if config.gram_shrinkage == "auto":
+            raise ValueError("gram_shrinkage='auto' needs the calibration collector; pass the estimated shrinkage")
+        shrinkage = float(config.gram_shrinkage)
     whitening = whitening_for(gram, in_features, config.damping, shrinkage, weight.device)
     # A = U W^T (in x out): one column per output neuron, Frobenius error == output error.
     whitened = (whitening.factor @ weight.to(torch.float64).T).to(SOLVE_DTYPE)
