@@ -7,6 +7,7 @@ layer into *new* tensors, and swap them in only once every layer has succeeded.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
@@ -156,6 +157,9 @@ def sparsify_dictionary_(
     filter_fn: Optional[FilterFn] = None,
     calibration: Optional[Iterable[Any] | GramCollector] = None,
     *,
+    sequential: bool = False,
+    propagate: str = "dense",
+    checkpoint_dir: Optional[str | os.PathLike] = None,
     progress: bool = True,
 ) -> CompressionReport:
     """Compress the model's Linears in place; each weight becomes a Dictionary/LowRank tensor.
@@ -164,16 +168,26 @@ def sparsify_dictionary_(
     :class:`GramCollector`, or None to use the one left by :func:`prepare_calibration` (if none was
     prepared, layers are fitted in weight space). Validation runs before any weight changes, and the
     new weights are swapped in only after every layer succeeded.
+
+    ``sequential=True`` walks the decoder one block at a time (see ``spadi_ao.sequential``): only one
+    block's Grams exist at once, ``propagate`` chooses whether later blocks see dense or compressed
+    activations, and ``checkpoint_dir`` makes the run resumable. Called inside an initialised
+    ``torch.distributed`` process group, the per-layer solves are split across ranks.
     """
     import time
 
     if not isinstance(config, (DictionaryConfig, LowRankConfig)):
         raise TypeError(f"config must be a DictionaryConfig or LowRankConfig, got {type(config).__name__}")
+    if propagate not in ("dense", "compressed"):
+        raise ValueError(f"propagate must be 'dense' or 'compressed', got {propagate!r}")
     start = time.perf_counter()
     targets = select_linears(model, filter_fn)
     if not targets:
         raise ValueError("no nn.Linear matched: check filter_fn (it receives (module, fully_qualified_name))")
     _validate(targets, config)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if sequential or checkpoint_dir is not None or distributed:
+        return _sparsify_sequential(model, config, targets, calibration, propagate, checkpoint_dir, progress, start)
     collector = _collect(model, targets, calibration, progress)
     if collector is None:
         logger.warning("no calibration given: fitting weights in plain Frobenius norm (data-free)")
@@ -199,6 +213,42 @@ def sparsify_dictionary_(
             delattr(model, CALIBRATION_ATTR)
     for name, tensor in new_weights.items():
         targets[name].weight = nn.Parameter(tensor, requires_grad=False)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _sparsify_sequential(
+    model: nn.Module,
+    config: DictionaryConfig | LowRankConfig,
+    targets: dict[str, nn.Linear],
+    calibration: Any,
+    propagate: str,
+    checkpoint_dir: Optional[str | os.PathLike],
+    progress: bool,
+    start: float,
+) -> CompressionReport:
+    import time
+
+    from spadi_ao.sequential import run_sequential
+
+    if calibration is None or isinstance(calibration, GramCollector):
+        raise ValueError("sequential / distributed / checkpointed compression needs calibration batches, not a prepared collector")
+    if isinstance(calibration, (torch.Tensor, dict)):
+        calibration = [calibration]
+
+    def solve(name: str, module: nn.Linear, collector: GramCollector) -> tuple[torch.Tensor, LayerReport]:
+        layer_config = config.for_layer(name)
+        shrinkage = _resolve_shrinkage(layer_config.gram_shrinkage, collector, name)
+        return compress_weight(name, module.weight.detach(), collector.gram(name), layer_config, collector.tokens(name), shrinkage)
+
+    with torch.no_grad():
+        layers, collector = run_sequential(
+            model, config, targets, calibration, solve, propagate=propagate, checkpoint_dir=checkpoint_dir, progress=progress
+        )
+    method = "cospadi" if isinstance(config, DictionaryConfig) else "svd-llm"
+    report = CompressionReport(method=method, target_ratio=config.compression_ratio, layers=layers)
+    report.calibration_tokens = max((layer.calibration_tokens for layer in layers), default=0)
+    report.gram_memory_bytes = collector.memory_bytes if collector is not None else 0
     report.seconds = time.perf_counter() - start
     return report
 

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--init", choices=["svd", "random-columns"], default="svd")
     compress.add_argument("--damping", type=float, default=1e-2)
     compress.add_argument("--seed", type=int, default=42)
+    compress.add_argument("--sequential", action="store_true", help="one decoder block at a time (bounded memory; also under torchrun)")
+    compress.add_argument("--propagate", choices=["dense", "compressed"], default="dense", help="activations later blocks calibrate on (sequential)")
+    compress.add_argument("--checkpoint-dir", default=None, help="resumable: finished layers are saved here and skipped on restart")
     compress.add_argument("--output", default=None, help="output directory (default: runs/<model>-<method>-cr<ratio>-<time>)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     compress.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
@@ -129,6 +132,18 @@ def _default_output(args: argparse.Namespace) -> Path:
     return Path("runs") / f"{name}-{args.method}-cr{args.ratio:g}-{stamp}"
 
 
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _init_distributed() -> None:
+    """Under ``torchrun`` (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL on GPUs."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def _compress(args: argparse.Namespace) -> int:
     from spadi_ao import sparsify_dictionary_
     from spadi_ao.pipeline.data import calibration_batches
@@ -139,6 +154,7 @@ def _compress(args: argparse.Namespace) -> int:
     if output.exists() and not args.overwrite:
         raise CLIError(f"output directory {output} exists; pass --overwrite to replace it")
     config = _config(args)
+    _init_distributed()
     start = time.perf_counter()
     model, tokenizer = _load_any(args.model, DTYPES[args.dtype])
     print(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) in {time.perf_counter() - start:.0f}s", flush=True)
@@ -147,12 +163,17 @@ def _compress(args: argparse.Namespace) -> int:
     calibration_text, eval_text = _texts(args.calibration, args.eval_text)
     batches = calibration_batches(tokenizer, calibration_text, args.n_samples, args.seq_len, seed=args.seed)
     results: dict = {"model": args.model or "default:SmolLM2-135M-Instruct", "config": vars(args) | {"output": str(output)}}
-    if not args.no_eval:
+    lead = _rank() == 0  # under torchrun every rank compresses; one evaluates and writes
+    if not args.no_eval and lead:
         results["dense_perplexity"] = _perplexity(model, tokenizer, eval_text, args, "dense")
-    report = sparsify_dictionary_(model, config, calibration=batches)
+    report = sparsify_dictionary_(
+        model, config, calibration=batches, sequential=args.sequential, propagate=args.propagate, checkpoint_dir=args.checkpoint_dir
+    )
     print(f"compressed {len(report.layers)} Linears with {report.method}: ratio {report.compression_ratio:.4f} "
           f"({report.dense_bytes / 2**20:.1f} MiB -> {report.stored_bytes / 2**20:.1f} MiB) in {report.seconds:.0f}s", flush=True)
     results["compression"] = report.to_dict()
+    if not lead:
+        return 0
     if not args.no_eval:
         results["compressed_perplexity"] = _perplexity(model, tokenizer, eval_text, args, "compressed")
     save_compressed(model, output, tokenizer=tokenizer, report=results, overwrite=args.overwrite)

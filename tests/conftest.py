@@ -14,7 +14,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: real-model or long-running checks (run by CI as well)")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def single_thread():
     """Tiny models run fastest on one thread, and far faster than on two when other jobs share the cores
     (a 64x64 GEMM went from 0.01 ms to 11 ms with 2 OpenMP threads on a busy 2-core machine)."""

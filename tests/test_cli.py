@@ -72,3 +72,14 @@ def test_ratio_out_of_range_is_rejected_by_the_parser(capsys):
         main(["compress", "--ratio", "1.5"])
     assert exit_info.value.code == 2
     assert "must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_sequential_resumable_compress(tmp_path, tiny_model_dir):
+    out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
+    argv = ["compress", "--model", str(tiny_model_dir), "--sequential", "--propagate", "compressed", "--no-eval",
+            "--checkpoint-dir", str(checkpoints), "--output", str(out), *FAST]
+    assert main(argv) == 0
+    assert len(json.loads((checkpoints / "manifest.json").read_text())["layers"]) == 14
+    first = load_compressed(out)[0].model.layers[1].mlp.down_proj.weight.values.clone()
+    assert main(argv + ["--overwrite"]) == 0  # everything restored from the checkpoint
+    assert torch.equal(load_compressed(out)[0].model.layers[1].mlp.down_proj.weight.values, first)

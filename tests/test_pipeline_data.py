@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from spadi_ao.pipeline import PipelineError, calibration_batches, encode_text, load_text, mix_calibration, split_text
 from spadi_ao.pipeline.data import _proportional_counts
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _is_window_of(window: torch.Tensor, ids: torch.Tensor) -> bool:

@@ -25,7 +25,6 @@ from spadi_ao.pipeline import (
 )
 from spadi_ao.pipeline import evaluate as evaluate_module
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ------------------------------------------------------------------------------------------------ perplexity
 

@@ -15,7 +15,6 @@ from transformers import LlamaForCausalLM
 from spadi_ao.pipeline import PipelineError, embedded_gguf_path, gguf_cache_entry, load_model, model_context_length
 from spadi_ao.pipeline import models as models_module
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -1,0 +1,278 @@
+"""Block-by-block compression: one decoder block in memory at a time, resumable, split across ranks.
+
+GPTQ's sequential loop, on the same per-layer engine (``layer.compress_weight``): capture the first
+block's inputs for every calibration sample, then for each block gather its Linears' Grams from those
+inputs, compress them, and run the block to produce the next block's inputs, either with the dense
+weights (``propagate="dense"``: every Gram equals the one-shot transform's) or with the compressed ones
+(``propagate="compressed"``: later layers see and correct the error of earlier ones).
+
+Each finished layer can be checkpointed (write-then-rename); a run restarted with the same arguments
+loads finished layers instead of solving them and ends bit-identical. Inside an initialised
+``torch.distributed`` process group the solves of a block are dealt round-robin to the ranks and the
+results exchanged, so every rank ends with the full compressed model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from spadi_ao.calibration import GramCollector
+from spadi_ao.layer import LayerReport
+
+__all__ = ["run_sequential", "decoder_blocks", "CheckpointMismatchError"]
+
+SolveFn = Callable[[str, nn.Linear, GramCollector], tuple[torch.Tensor, LayerReport]]
+MANIFEST = "manifest.json"
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint directory belongs to a run with other arguments, or is corrupted."""
+
+
+class _StopForward(Exception):
+    pass
+
+
+def decoder_blocks(model: nn.Module, targets: dict[str, nn.Linear]) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of repeated blocks that holds the target Linears (``model.layers`` in HF LMs)."""
+    best: Optional[tuple[str, nn.ModuleList]] = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            prefix = f"{name}."
+            if any(target.startswith(prefix) for target in targets):
+                if best is None or len(module) > len(best[1]):
+                    best = (name, module)
+    if best is None:
+        raise ValueError("sequential=True needs the target Linears inside a ModuleList of decoder blocks")
+    outside = [t for t in targets if not t.startswith(f"{best[0]}.")]
+    if outside:
+        raise ValueError(f"sequential=True compresses only Linears inside {best[0]}; also selected: {outside[:3]}")
+    return best
+
+
+def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[Any]) -> list[tuple[tuple, dict]]:
+    """Run the model up to the first block for each batch; keep that block's (args, kwargs) on CPU."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        captured.append((_to(args, "cpu"), _to(kwargs, "cpu")))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    if isinstance(batch, dict):
+                        model(**_to(batch, device), use_cache=False)
+                    else:
+                        batch = batch if batch.dim() == 2 else batch.unsqueeze(0)
+                        model(batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError("calibration is empty: pass at least one batch of input ids")
+    return captured
+
+
+def _to(value: Any, device: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]], device: torch.device) -> list[tuple[tuple, dict]]:
+    outputs = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            result = block(*_to(args, device), **_to(kwargs, device))
+            hidden = result[0] if isinstance(result, tuple) else result
+            outputs.append(((hidden.to("cpu"),) + tuple(args[1:]), kwargs))
+    return outputs
+
+
+class _Checkpoint:
+    """One safetensors file per finished layer plus a manifest, each written then renamed."""
+
+    def __init__(self, directory: Path, fingerprint: str) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        manifest = directory / MANIFEST
+        if manifest.exists():
+            try:
+                state = json.loads(manifest.read_text())
+            except json.JSONDecodeError as exc:
+                raise CheckpointMismatchError(f"{manifest} is corrupted ({exc}); delete the directory to start over") from None
+            if state.get("fingerprint") != fingerprint:
+                raise CheckpointMismatchError(
+                    f"checkpoint_dir {directory} was written by a run with different arguments "
+                    "(model, config, layers or calibration); use a new directory or the original arguments"
+                )
+            self.done: dict[str, dict] = state["layers"]
+        else:
+            self.done = {}
+        self.fingerprint = fingerprint
+        self._write_manifest()
+
+    def _atomic_write(self, path: Path, write: Callable[[str], None]) -> None:
+        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.")
+        os.close(handle)
+        try:
+            write(temporary)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def _write_manifest(self) -> None:
+        payload = json.dumps({"fingerprint": self.fingerprint, "layers": self.done}, indent=1)
+        self._atomic_write(self.directory / MANIFEST, lambda p: Path(p).write_text(payload))
+
+    def load(self, name: str) -> Optional[tuple[torch.Tensor, LayerReport]]:
+        entry = self.done.get(name)
+        if entry is None:
+            return None
+        from safetensors.torch import load_file
+
+        from spadi_ao.serialization import unflatten_state_dict
+
+        try:
+            tensors = load_file(str(self.directory / entry["file"]))
+        except Exception as exc:
+            raise CheckpointMismatchError(f"checkpoint file for {name} cannot be read ({exc}); delete it to recompute") from None
+        weight = unflatten_state_dict(tensors, entry["manifest"])["weight"]
+        return weight, LayerReport(**entry["report"])
+
+    def save(self, name: str, weight: torch.Tensor, report: LayerReport) -> None:
+        from safetensors.torch import save_file
+
+        from spadi_ao.serialization import flatten_state_dict
+
+        tensors, manifest = flatten_state_dict({"weight": weight})
+        file = f"{name}.safetensors"
+        self._atomic_write(self.directory / file, lambda p: save_file(tensors, p))
+        self.done[name] = {"file": file, "manifest": manifest, "report": report.to_dict()}
+        self._write_manifest()
+
+
+def run_fingerprint(model: nn.Module, config: Any, targets: dict[str, nn.Linear], inputs: list[tuple[tuple, dict]], propagate: str) -> str:
+    """Hash of everything that determines the result: config, layer names and shapes, first-block inputs."""
+    digest = hashlib.sha256()
+    digest.update(repr(config).encode())
+    digest.update(propagate.encode())
+    for name, module in targets.items():
+        digest.update(f"{name}{tuple(module.weight.shape)}{module.weight.dtype}".encode())
+        digest.update(module.weight.detach().float().sum().item().hex().encode())
+    for args, _ in inputs:
+        digest.update(args[0].float().sum().item().hex().encode())
+        digest.update(str(tuple(args[0].shape)).encode())
+    return digest.hexdigest()
+
+
+def _exchange(results: dict[str, tuple[torch.Tensor, LayerReport]], names: list[str]) -> dict[str, tuple[torch.Tensor, LayerReport]]:
+    """Every rank contributes the layers it solved; every rank receives them all."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return results
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {name: (weight.cpu(), report) for name, (weight, report) in results.items()})
+    merged: dict[str, tuple[torch.Tensor, LayerReport]] = {}
+    for part in gathered:
+        merged.update(part)
+    missing = set(names) - set(merged)
+    if missing:
+        raise RuntimeError(f"distributed solve lost layers {sorted(missing)}")
+    return merged
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def run_sequential(
+    model: nn.Module,
+    config: Any,
+    targets: dict[str, nn.Linear],
+    batches: Iterable[Any],
+    solve: SolveFn,
+    *,
+    propagate: str = "dense",
+    checkpoint_dir: Optional[str | os.PathLike] = None,
+    progress: bool = True,
+) -> tuple[list[LayerReport], GramCollector | None]:
+    """Compress ``targets`` block by block; swaps weights in as it goes and restores them on failure."""
+    if propagate not in ("dense", "compressed"):
+        raise ValueError(f"propagate must be 'dense' or 'compressed', got {propagate!r}")
+    _, blocks = decoder_blocks(model, targets)
+    block_prefix = decoder_blocks(model, targets)[0]
+    device = next(model.parameters()).device
+    inputs = _capture_block_inputs(model, blocks[0], batches)
+    checkpoint = _Checkpoint(Path(checkpoint_dir), run_fingerprint(model, config, targets, inputs, propagate)) if checkpoint_dir else None
+    rank, world = _rank_and_world()
+    originals: dict[str, nn.Parameter] = {}
+    reports: list[LayerReport] = []
+    last_collector: GramCollector | None = None
+    try:
+        for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
+            prefix = f"{block_prefix}.{index}."
+            names = [name for name in targets if name.startswith(prefix)]
+            results: dict[str, tuple[torch.Tensor, LayerReport]] = {}
+            pending = []
+            for name in names:
+                restored = checkpoint.load(name) if checkpoint is not None else None
+                if restored is not None:
+                    results[name] = restored
+                else:
+                    pending.append(name)
+            collector = None
+            next_inputs = None
+            if pending or propagate == "dense":
+                with GramCollector({name: targets[name] for name in names}) as collector:
+                    dense_outputs = _run_block(block, inputs, device)
+                if propagate == "dense":
+                    next_inputs = dense_outputs
+            solved = {}
+            for position, name in enumerate(pending):
+                if position % world == rank:
+                    solved[name] = solve(name, targets[name], collector)
+            solved = _exchange(solved, pending)
+            for name in pending:
+                if checkpoint is not None and rank == 0:
+                    checkpoint.save(name, *solved[name])
+            if checkpoint is not None and world > 1:
+                dist.barrier()
+            results.update(solved)
+            for name in names:
+                weight, report = results[name]
+                originals[name] = targets[name].weight
+                targets[name].weight = nn.Parameter(weight.to(device), requires_grad=False)
+                reports.append(report)
+            if next_inputs is None:
+                next_inputs = _run_block(block, inputs, device)
+            inputs = next_inputs
+            last_collector = collector or last_collector
+    except BaseException:
+        for name, parameter in originals.items():
+            targets[name].weight = parameter
+        raise
+    return reports, last_collector

@@ -1,0 +1,142 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import spadi_ao.sequential
+from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
+from spadi_ao.sequential import CheckpointMismatchError
+
+from models import tiny_llama, token_batches
+
+CONFIG = DictionaryConfig(compression_ratio=0.3, iterations=1, atoms_per_step=4)
+
+
+def _compressed_state(model):
+    return {
+        name: {inner: getattr(module.weight, inner).clone() for inner in module.weight.__tensor_flatten__()[0]}
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and type(module.weight).__name__ in ("DictionaryTensor", "LowRankTensor")
+    }
+
+
+def _assert_identical(a, b):
+    assert a.keys() == b.keys() and a
+    for name in a:
+        for inner in a[name]:
+            assert torch.equal(a[name][inner], b[name][inner]), (name, inner)
+
+
+@pytest.mark.parametrize("config", [CONFIG, LowRankConfig(compression_ratio=0.3)])
+def test_sequential_with_dense_propagation_equals_one_shot(config):
+    batches = token_batches(3, 16)
+    one_shot = tiny_llama()
+    sparsify_dictionary_(one_shot, config, calibration=batches, progress=False)
+    sequential = tiny_llama()
+    report = sparsify_dictionary_(sequential, config, calibration=batches, sequential=True, propagate="dense", progress=False)
+    assert len(report.layers) == 14 and report.calibration_tokens == 48
+    a, b = _compressed_state(one_shot), _compressed_state(sequential)
+    assert a.keys() == b.keys()
+    for name in a:
+        for inner in a[name]:
+            assert torch.allclose(a[name][inner].float(), b[name][inner].float(), atol=1e-5), (name, inner)
+
+
+def test_compressed_propagation_changes_later_blocks_only():
+    batches = token_batches(3, 16)
+    dense = tiny_llama()
+    sparsify_dictionary_(dense, CONFIG, calibration=batches, sequential=True, propagate="dense", progress=False)
+    compressed = tiny_llama()
+    sparsify_dictionary_(compressed, CONFIG, calibration=batches, sequential=True, propagate="compressed", progress=False)
+    a, b = _compressed_state(dense), _compressed_state(compressed)
+    first = [n for n in a if ".layers.0." in n]
+    later = [n for n in a if ".layers.1." in n]
+    assert all(torch.equal(a[n]["values"], b[n]["values"]) for n in first)
+    assert any(not torch.equal(a[n]["values"], b[n]["values"]) for n in later)
+
+
+def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
+    batches = token_batches(3, 16)
+    reference = tiny_llama()
+    sparsify_dictionary_(reference, CONFIG, calibration=batches, sequential=True, propagate="compressed", progress=False)
+
+    crashed = tiny_llama()
+    original_save = spadi_ao.sequential._Checkpoint.save
+    saved = []
+
+    def crash_after_nine(self, name, weight, report):
+        original_save(self, name, weight, report)
+        saved.append(name)
+        if len(saved) == 9:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(spadi_ao.sequential._Checkpoint, "save", crash_after_nine)
+    with pytest.raises(KeyboardInterrupt):
+        sparsify_dictionary_(crashed, CONFIG, calibration=batches, sequential=True, propagate="compressed", checkpoint_dir=tmp_path, progress=False)
+    assert not _compressed_state(crashed)  # the failed run restored every dense weight
+    monkeypatch.setattr(spadi_ao.sequential._Checkpoint, "save", original_save)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert len(manifest["layers"]) == 9
+
+    resumed = tiny_llama()
+    solved = []
+    original_solve = spadi_ao.api.compress_weight
+    monkeypatch.setattr(spadi_ao.api, "compress_weight", lambda name, *a, **k: solved.append(name) or original_solve(name, *a, **k))
+    sparsify_dictionary_(resumed, CONFIG, calibration=batches, sequential=True, propagate="compressed", checkpoint_dir=tmp_path, progress=False)
+    assert len(solved) == 14 - 9
+    _assert_identical(_compressed_state(reference), _compressed_state(resumed))
+
+
+def test_mismatched_or_corrupted_checkpoint_is_refused_and_touches_nothing(tmp_path):
+    batches = token_batches(2, 16)
+    sparsify_dictionary_(tiny_llama(), CONFIG, calibration=batches, sequential=True, checkpoint_dir=tmp_path, progress=False)
+    model = tiny_llama()
+    with pytest.raises(CheckpointMismatchError, match="different arguments"):
+        sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.4, iterations=1, atoms_per_step=4), calibration=batches,
+                             sequential=True, checkpoint_dir=tmp_path, progress=False)
+    assert not _compressed_state(model)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointMismatchError, match="corrupted"):
+        sparsify_dictionary_(model, CONFIG, calibration=batches, sequential=True, checkpoint_dir=tmp_path, progress=False)
+    assert not _compressed_state(model)
+
+
+def test_two_gloo_processes_equal_one(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, torch, torch.distributed as dist
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from models import tiny_llama, token_batches
+        from spadi_ao import DictionaryConfig, sparsify_dictionary_
+        torch.set_num_threads(1)
+        if os.environ.get("WORLD_SIZE"):
+            dist.init_process_group("gloo")
+        model = tiny_llama()
+        sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3, iterations=1, atoms_per_step=4),
+                             calibration=token_batches(3, 16), sequential=True, progress=False)
+        rank = dist.get_rank() if dist.is_initialized() else "single"
+        state = {{n: m.weight.dequantize() for n, m in model.named_modules() if type(getattr(m, "weight", None)).__name__ == "DictionaryTensor"}}
+        torch.save(state, {str(tmp_path)!r} + f"/state_{{rank}}.pt")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, str(script)], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", str(script)],
+                   check=True, env=env, capture_output=True)
+    single = torch.load(tmp_path / "state_single.pt")
+    for rank in (0, 1):
+        distributed = torch.load(tmp_path / f"state_{rank}.pt")
+        assert single.keys() == distributed.keys() and len(single) == 14
+        assert all(torch.equal(single[name], distributed[name]) for name in single)
+
+
+def test_selection_outside_the_blocks_is_refused():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="only Linears inside"):
+        sparsify_dictionary_(model, CONFIG, filter_fn=lambda m, n: True, calibration=token_batches(1, 8), sequential=True, progress=False)
