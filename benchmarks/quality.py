@@ -30,14 +30,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-windows", type=int, default=24, help="first N windows of the evaluation text")
     parser.add_argument("--iterations", type=int, default=0, help="K-SVD iterations after the SVD-initialised coding")
     parser.add_argument("--atoms-per-step", type=int, default=8)
+    parser.add_argument("--gram-shrinkage", default="0", help="float in [0, 1] or 'auto' (both methods)")
     parser.add_argument("--name", default="quality")
     return parser.parse_args()
 
 
 def config_for(method: str, ratio: float, args: argparse.Namespace):
+    shrinkage = args.gram_shrinkage if args.gram_shrinkage == "auto" else float(args.gram_shrinkage)
     if method == "svd-llm":
-        return LowRankConfig(compression_ratio=ratio)
-    return DictionaryConfig(compression_ratio=ratio, iterations=args.iterations, atoms_per_step=args.atoms_per_step)
+        return LowRankConfig(compression_ratio=ratio, gram_shrinkage=shrinkage)
+    return DictionaryConfig(
+        compression_ratio=ratio, iterations=args.iterations, atoms_per_step=args.atoms_per_step, gram_shrinkage=shrinkage
+    )
 
 
 def plot(rows: list[dict], dense_ppl: float, path) -> None:
@@ -96,6 +100,8 @@ def main() -> None:
         "calibration": {"source": args.calibration, "n_samples": args.n_samples, "seq_len": args.seq_len, "seconds": calibration_seconds},
         "evaluation": {"source": args.eval_text, "windows": args.eval_windows, "seq_len": args.seq_len, "tokens": dense["n_tokens"]},
         "cospadi": {"iterations": args.iterations, "atoms_per_step": args.atoms_per_step, "init": "svd", "rho": 2.0},
+        "gram_shrinkage": args.gram_shrinkage,
+        "damping": 0.01,
         "dense": dense,
         "rows": rows,
         "environment": environment(),
