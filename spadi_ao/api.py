@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from tqdm.auto import tqdm
 
+from spadi_ao.allocation import candidate_sizes, output_sensitivity, solve_knapsack, threshold_errors
 from spadi_ao.budget import dictionary_budget, low_rank_budget
 from spadi_ao.calibration import CALIBRATION_ATTR, GramCollector, attach_collector, run_calibration
 from spadi_ao.configs import DictionaryConfig, LowRankConfig
-from spadi_ao.layer import LayerReport, compress_weight
-from spadi_ao.tensor import is_compressed_weight, stored_bytes
+from spadi_ao.grouping import group_layers, relink_shared, split_bytes, storage_key
+from spadi_ao.layer import LayerReport, compress_group, compress_weight, whiten_group
+from spadi_ao.tensor import is_compressed_weight
 
 __all__ = ["sparsify_dictionary_", "prepare_calibration", "select_linears", "CompressionReport", "compression_stats"]
 
@@ -98,6 +102,18 @@ def prepare_calibration(model: nn.Module, filter_fn: Optional[FilterFn] = None, 
     return attach_collector(model, select_linears(model, filter_fn), exact=exact)
 
 
+def _units(targets: dict[str, nn.Linear], config: DictionaryConfig | LowRankConfig) -> dict[str, list[str]]:
+    """The solve units, name -> layers: groups sharing a dictionary (``config.grouping``), else one per layer."""
+    units = group_layers(list(targets), config.grouping if isinstance(config, DictionaryConfig) else None)
+    for unit in units.values():
+        weights = [targets[name].weight for name in unit]
+        if len({w.shape[1] for w in weights}) > 1 or len({w.dtype for w in weights}) > 1:
+            raise ValueError(f"grouping puts {unit} in one group, but they differ in in_features or dtype; they cannot share a dictionary")
+        if any(config.for_layer(name) != config.for_layer(unit[0]) for name in unit[1:]):
+            raise ValueError(f"grouping puts {unit} in one group, but layer_overrides give them different settings")
+    return units
+
+
 def _validate(targets: dict[str, nn.Linear], config: DictionaryConfig | LowRankConfig) -> None:
     """Every check that can fail, before any weight is touched."""
     for name, module in targets.items():
@@ -115,6 +131,8 @@ def _validate(targets: dict[str, nn.Linear], config: DictionaryConfig | LowRankC
             raise ValueError(f"{name}.weight is on the meta device; load the weights before compressing")
         if not bool(torch.isfinite(weight).all()):
             raise ValueError(f"{name}.weight has non-finite values (inf or nan); cannot compress it")
+        if config.allocation == "knapsack" and "compression_ratio" not in config.overrides_for(name):
+            continue  # the knapsack picks among the feasible candidates
         layer_config = config.for_layer(name)
         out_features, in_features = weight.shape
         try:
@@ -151,6 +169,52 @@ def _resolve_shrinkage(setting: float | str, collector: Optional[GramCollector],
     return collector.shrinkage(name) if collector is not None else 0.0
 
 
+def _allocate(
+    units: dict[str, list[str]],
+    targets: dict[str, nn.Linear],
+    config: DictionaryConfig | LowRankConfig,
+    collector: Optional[GramCollector],
+    sensitivity: dict[str, torch.Tensor],
+    progress: bool,
+) -> dict[str, float]:
+    """Each unit's ratio from the exact knapsack over its candidates (see ``spadi_ao.allocation``)."""
+    costs, errors, menus = [], [], []
+    for unit in tqdm(units.values(), desc="allocating", disable=not progress):
+        unit_config = config.for_layer(unit[0])
+        weights = [targets[name].weight.detach() for name in unit]
+        pinned = "compression_ratio" in config.overrides_for(unit[0])
+        ratios = (unit_config.compression_ratio,) if pinned else config.allocation_candidates
+        menu = candidate_sizes(unit_config, sum(w.shape[0] for w in weights), weights[0].shape[1], weights[0].element_size(), ratios)
+        if not menu:
+            raise ValueError(f"{unit[0]}: no ratio in allocation_candidates leaves k, s >= 1; add smaller candidates")
+        grams = [collector.gram(name) if collector is not None else None for name in unit]
+        shrinkages = [_resolve_shrinkage(unit_config.gram_shrinkage, collector, name) for name in unit]
+        _, whitened, _ = whiten_group(weights, grams, unit_config, shrinkages)
+        column_weights = torch.cat([sensitivity[name].to(torch.float64) for name in unit])
+        errors.append(threshold_errors(whitened, [(c.k, c.s) for c in menu], column_weights))
+        costs.append([c.stored_bytes for c in menu])
+        menus.append(menu)
+    dense = sum(module.weight.numel() * module.weight.element_size() for module in targets.values())
+    picks = solve_knapsack(costs, errors, int((1.0 - config.compression_ratio) * dense))
+    return {label: menu[pick].ratio for label, menu, pick in zip(units, menus, picks)}
+
+
+def _sensitivity(
+    model: nn.Module, targets: dict[str, nn.Linear], calibration: Any, given: Optional[dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    if given is not None:
+        missing = sorted(set(targets) - set(given))
+        if missing:
+            raise ValueError(f"sensitivity lacks {missing[:3]}; give one tensor (out_features,) per compressed Linear")
+        return given
+    if calibration is None or isinstance(calibration, GramCollector):
+        raise ValueError(
+            "allocation='knapsack' weighs errors by each output's loss sensitivity: pass calibration batches, or "
+            "sensitivity=spadi_ao.allocation.output_sensitivity(model, modules, batches) with a prepared collector"
+        )
+    return output_sensitivity(model, targets, calibration)
+
+
 def sparsify_dictionary_(
     model: nn.Module,
     config: DictionaryConfig | LowRankConfig,
@@ -160,6 +224,7 @@ def sparsify_dictionary_(
     sequential: bool = False,
     propagate: str = "dense",
     checkpoint_dir: Optional[str | os.PathLike] = None,
+    sensitivity: Optional[dict[str, torch.Tensor]] = None,
     progress: bool = True,
 ) -> CompressionReport:
     """Compress the model's Linears in place; each weight becomes a Dictionary/LowRank tensor.
@@ -173,6 +238,11 @@ def sparsify_dictionary_(
     block's Grams exist at once, ``propagate`` chooses whether later blocks see dense or compressed
     activations, and ``checkpoint_dir`` makes the run resumable. Called inside an initialised
     ``torch.distributed`` process group, the per-layer solves are split across ranks.
+
+    ``config.allocation="knapsack"`` chooses per-layer ratios that meet the whole-model byte budget; it
+    weighs errors by each output's loss sensitivity, computed from the calibration batches (a backward
+    pass each) unless ``sensitivity`` (fqn -> (out_features,), see ``spadi_ao.allocation``) is given.
+    ``config.grouping`` makes groups of layers share one dictionary.
     """
     import time
 
@@ -185,9 +255,15 @@ def sparsify_dictionary_(
     if not targets:
         raise ValueError("no nn.Linear matched: check filter_fn (it receives (module, fully_qualified_name))")
     _validate(targets, config)
+    units = _units(targets, config)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if sequential or checkpoint_dir is not None or distributed:
+        if config.allocation != "uniform" or len(units) != len(targets):
+            raise ValueError("allocation='knapsack' and grouping need the whole model at once; use sequential=False")
         return _sparsify_sequential(model, config, targets, calibration, propagate, checkpoint_dir, progress, start)
+    if config.allocation == "knapsack" and sensitivity is None and calibration is not None and not isinstance(calibration, GramCollector):
+        calibration = [calibration] if isinstance(calibration, (torch.Tensor, dict)) else list(calibration)
+        sensitivity = _sensitivity(model, targets, calibration, None)
     collector = _collect(model, targets, calibration, progress)
     if collector is None:
         logger.warning("no calibration given: fitting weights in plain Frobenius norm (data-free)")
@@ -199,20 +275,31 @@ def sparsify_dictionary_(
     new_weights: dict[str, torch.Tensor] = {}
     try:
         with torch.no_grad():
-            for name, module in tqdm(targets.items(), desc=f"compressing ({method})", disable=not progress):
-                layer_config = config.for_layer(name)
-                gram = collector.gram(name) if collector is not None else None
-                tokens = collector.tokens(name) if collector is not None else 0
-                shrinkage = _resolve_shrinkage(layer_config.gram_shrinkage, collector, name)
-                tensor, layer_report = compress_weight(name, module.weight.detach(), gram, layer_config, tokens, shrinkage)
-                new_weights[name] = tensor
-                report.layers.append(layer_report)
+            ratios = None
+            if config.allocation == "knapsack":
+                ratios = _allocate(units, targets, config, collector, _sensitivity(model, targets, calibration, sensitivity), progress)
+            for label, unit in tqdm(units.items(), desc=f"compressing ({method})", disable=not progress):
+                unit_config = config.for_layer(unit[0])
+                if ratios is not None:
+                    unit_config = dataclasses.replace(unit_config, compression_ratio=ratios[label])
+                grams = [collector.gram(name) if collector is not None else None for name in unit]
+                tokens = max(collector.tokens(name) for name in unit) if collector is not None else 0
+                shrinkages = [_resolve_shrinkage(unit_config.gram_shrinkage, collector, name) for name in unit]
+                weights = [targets[name].weight.detach() for name in unit]
+                if len(unit) == 1:
+                    results = [compress_weight(unit[0], weights[0], grams[0], unit_config, tokens, shrinkages[0])]
+                else:
+                    results = compress_group(unit, weights, grams, unit_config, tokens, shrinkages, group=label)
+                for name, (tensor, layer_report) in zip(unit, results):
+                    new_weights[name] = tensor
+                    report.layers.append(layer_report)
     finally:
         if getattr(model, CALIBRATION_ATTR, None) is not None:
             getattr(model, CALIBRATION_ATTR).remove()
             delattr(model, CALIBRATION_ATTR)
     for name, tensor in new_weights.items():
         targets[name].weight = nn.Parameter(tensor, requires_grad=False)
+    relink_shared(targets[name].weight for name in new_weights)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -253,24 +340,57 @@ def _sparsify_sequential(
     return report
 
 
+def _leaves(tensor: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    """The plain tensors a (possibly nested subclass) tensor holds."""
+    if tensor is None:
+        return []
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return [leaf for name in names for leaf in _leaves(getattr(tensor, name))]
+    return [tensor]
+
+
 def compression_stats(model: nn.Module) -> dict[str, Any]:
-    """Per-layer and whole-model byte figures read from the model's current weights (also after reload)."""
+    """Per-layer and whole-model byte figures read from the model's current weights (also after reload).
+
+    Inner tensors shared between weights (a group's dictionary) are counted once in the totals; each
+    layer's figure holds its own tensors plus a share of the shared ones in proportion to its outputs.
+    """
+    compressed = {
+        name: module.weight
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and is_compressed_weight(module.weight)
+    }
+    users: dict[tuple, list[str]] = {}
+    sizes: dict[tuple, int] = {}
+    for name, weight in compressed.items():
+        for leaf in _leaves(weight.data if isinstance(weight, nn.Parameter) else weight):
+            key = storage_key(leaf)
+            users.setdefault(key, []).append(name)
+            sizes[key] = leaf.numel() * leaf.element_size()
+    stored_by_layer = dict.fromkeys(compressed, 0)
+    for key, names in users.items():
+        for name, share in zip(names, split_bytes(sizes[key], [compressed[n].shape[0] for n in names])):
+            stored_by_layer[name] += share
     layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and is_compressed_weight(module.weight):
-            weight = module.weight
-            dense = weight.shape[0] * weight.shape[1] * weight.element_size()
-            stored = stored_bytes(weight)
-            layers[name] = {"type": type(weight).__name__, "dense_bytes": dense, "stored_bytes": stored,
-                            "compression_ratio": 1.0 - stored / dense}
+    for name, weight in compressed.items():
+        dense = weight.shape[0] * weight.shape[1] * weight.element_size()
+        stored = stored_by_layer[name]
+        layers[name] = {"type": type(weight).__name__, "dense_bytes": dense, "stored_bytes": stored,
+                        "compression_ratio": 1.0 - stored / dense}
+    counted: set[tuple] = set()
     seen: set[int] = set()
     model_dense = model_stored = 0
     for parameter in list(model.parameters()) + list(model.buffers()):
         if id(parameter) in seen:
             continue
         seen.add(id(parameter))
-        model_stored += stored_bytes(parameter.data if isinstance(parameter, nn.Parameter) else parameter)
         model_dense += parameter.numel() * parameter.element_size()
+        for leaf in _leaves(parameter.data if isinstance(parameter, nn.Parameter) else parameter):
+            key = storage_key(leaf)
+            if key not in counted:
+                counted.add(key)
+                model_stored += leaf.numel() * leaf.element_size()
     dense = sum(v["dense_bytes"] for v in layers.values())
     stored = sum(v["stored_bytes"] for v in layers.values())
     return {

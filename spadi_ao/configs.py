@@ -6,11 +6,18 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
+
+from torchao.core.config import AOBaseConfig
+
+from spadi_ao.integrations.torchao import check_dictionary_quantization, check_values_dtype
+from spadi_ao.grouping import GROUPINGS, Grouping
 
 __all__ = ["DictionaryConfig", "LowRankConfig", "CompressionConfig"]
 
 GramShrinkage = Union[float, str]
+DEFAULT_CANDIDATES = tuple(round(0.05 * step, 2) for step in range(1, 19))
+"""0.05, 0.10, ..., 0.90: the knapsack's menu of per-layer compression ratios."""
 
 
 def _check_ratio(name: str, value: float) -> None:
@@ -44,17 +51,29 @@ class _BaseConfig:
     """Shrink the Gram toward its diagonal: 0 is the activation-aware objective, 1 weight-space fitting."""
     layer_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Regex on the module's qualified name -> field overrides, e.g. ``{r"\\.down_proj$": {"compression_ratio": 0.2}}``."""
+    allocation: str = "uniform"
+    """``"uniform"``: every layer at ``compression_ratio``. ``"knapsack"``: per-layer ratios from
+    ``allocation_candidates`` minimising the loss-weighted error under the whole-model byte budget (see
+    ``spadi_ao.allocation``); layers whose ``layer_overrides`` set a ratio keep it."""
+    allocation_candidates: tuple[float, ...] = DEFAULT_CANDIDATES
+    """The ratios the knapsack may give a layer (or a group sharing a dictionary)."""
     seed: int = 42
     version: int = 1
 
     def __post_init__(self) -> None:
         _check_ratio("compression_ratio", self.compression_ratio)
+        if self.allocation not in ("uniform", "knapsack"):
+            raise ValueError(f"allocation must be 'uniform' or 'knapsack', got {self.allocation!r}")
+        if not isinstance(self.allocation_candidates, tuple) or not self.allocation_candidates:
+            raise ValueError(f"allocation_candidates must be a non-empty tuple of ratios in (0, 1), got {self.allocation_candidates!r}")
+        for candidate in self.allocation_candidates:
+            _check_ratio("allocation_candidates", candidate)
         if not isinstance(self.damping, (int, float)) or not math.isfinite(self.damping) or self.damping < 0:
             raise ValueError(f"damping must be a finite float >= 0, got {self.damping!r}")
         _check_gram_shrinkage(self.gram_shrinkage)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        names = {f.name for f in dataclasses.fields(self)} - {"layer_overrides", "version"}
+        names = {f.name for f in dataclasses.fields(self)} - {"layer_overrides", "version", "allocation", "allocation_candidates", "grouping"}
         for pattern, overrides in dict(self.layer_overrides).items():
             try:
                 re.compile(pattern)
@@ -65,12 +84,17 @@ class _BaseConfig:
                 raise ValueError(f"layer_overrides[{pattern!r}] has unknown fields {sorted(unknown)}; allowed: {sorted(names)}")
             dataclasses.replace(self, layer_overrides={}, **overrides)  # validates the overridden values
 
-    def for_layer(self, fqn: str) -> "_BaseConfig":
-        """The config one layer sees: every matching override applied in insertion order."""
+    def overrides_for(self, fqn: str) -> dict[str, Any]:
+        """The fields ``layer_overrides`` sets for ``fqn``: every matching entry, in insertion order."""
         updates: dict[str, Any] = {}
         for pattern, overrides in self.layer_overrides.items():
             if re.search(pattern, fqn):
                 updates.update(overrides)
+        return updates
+
+    def for_layer(self, fqn: str) -> "_BaseConfig":
+        """The config one layer sees: every matching override applied in insertion order."""
+        updates = self.overrides_for(fqn)
         return dataclasses.replace(self, **updates) if updates else self
 
 
@@ -89,6 +113,20 @@ class DictionaryConfig(_BaseConfig):
     init: str = "svd"
     """Initial dictionary: ``"svd"`` (leading left singular vectors of the whitened weight; converges in
     far fewer iterations) or ``"random-columns"`` (the paper's: random whitened columns, ``seed``)."""
+    solver: str = "ksvd"
+    """``"ksvd"`` (the paper's: ``iterations`` of K-SVD with OMP) or ``"fast"``: SVD atoms and one-shot
+    supports, then ``fast_steps`` closed-form dictionary / code refits (``spadi_ao.solvers.fast``)."""
+    fast_steps: int = 8
+    """Dictionary / code refits of the fast solver; 0 is the one-shot SVD solution."""
+    grouping: Grouping = None
+    """Layers sharing one dictionary (``spadi_ao.grouping``): None (per layer), ``"paper"`` (blocks 2i, 2i+1
+    share q/k/v/up/gate), ``"inputs"`` (a block's q/k/v and its gate/up) or a callable fqn -> key (None: alone)."""
+    dictionary_quantization: Optional[AOBaseConfig] = None
+    """torchao config applied to the dictionary after the solve (``Int8WeightOnlyConfig``,
+    ``Int8DynamicActivationInt8WeightConfig`` or ``IntxWeightOnlyConfig``; see ``spadi_ao.integrations.torchao``).
+    The budget still sizes ``k`` and ``s`` in the weight dtype, so the stored bytes shrink below the target."""
+    values_dtype: Optional[str] = None
+    """Code values: None keeps the weight dtype, ``"bfloat16"``, or ``"int8"`` (symmetric, one scale per output row)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -99,6 +137,13 @@ class DictionaryConfig(_BaseConfig):
         _check_positive_int("atoms_per_step", self.atoms_per_step)
         if self.init not in ("svd", "random-columns"):
             raise ValueError(f"init must be 'svd' or 'random-columns', got {self.init!r}")
+        if self.solver not in ("ksvd", "fast"):
+            raise ValueError(f"solver must be 'ksvd' or 'fast', got {self.solver!r}")
+        _check_positive_int("fast_steps", self.fast_steps, minimum=0)
+        if not (self.grouping is None or self.grouping in GROUPINGS or callable(self.grouping)):
+            raise ValueError(f"grouping must be None, one of {sorted(GROUPINGS)} or a callable fqn -> group key, got {self.grouping!r}")
+        check_dictionary_quantization(self.dictionary_quantization)
+        check_values_dtype(self.values_dtype)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""One layer end to end: shrink and whiten its Gram, size it from the budget, solve, pack.
+"""One layer (or one group sharing a dictionary) end to end: shrink and whiten the Gram, size from the
+budget, solve, pack.
 
 Pure functions of (weight, Gram, config): they never touch a module, so a failure leaves the model
 as it was and the same code serves the one-shot, sequential and distributed drivers.
@@ -8,20 +9,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from spadi_ao.budget import dictionary_budget, low_rank_budget
 from spadi_ao.configs import DictionaryConfig, LowRankConfig
 from spadi_ao.format import pack_codes
-from spadi_ao.solvers.ksvd import ksvd
+from spadi_ao.grouping import average_gram, split_bytes
+from spadi_ao.integrations.torchao import quantize_dictionary
+from spadi_ao.solvers.fast import fast_dictionary
+from spadi_ao.solvers.ksvd import KSVDResult, ksvd
 from spadi_ao.solvers.lowrank import whitened_low_rank
 from spadi_ao.solvers.omp import codes_to_dense
 from spadi_ao.solvers.whitening import Whitening, shrink_gram, whiten
-from spadi_ao.tensor import DictionaryTensor, LowRankTensor
+from spadi_ao.tensor import DictionaryTensor, LowRankTensor, stored_bytes
 
-__all__ = ["LayerReport", "compress_weight", "whitening_for"]
+__all__ = ["LayerReport", "compress_weight", "compress_group", "whiten_group", "solve_dictionary", "whitening_for"]
 
 SOLVE_DTYPE = torch.float32
 
@@ -45,6 +49,9 @@ class LayerReport:
     whitening: str = "identity"
     gram_shrinkage: float = 0.0
     calibration_tokens: int = 0
+    group: Optional[str] = None
+    """The dictionary-sharing group (None: the layer's own dictionary). ``stored_bytes`` then counts the
+    layer's codes plus its share of the shared dictionary, in proportion to its outputs."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +69,134 @@ def _relative_error(target: torch.Tensor, approximation: torch.Tensor) -> float:
     return float((target - approximation).norm() / target.norm().clamp_min(1e-30))
 
 
+def _shrinkage(config: DictionaryConfig | LowRankConfig, shrinkage: Optional[float]) -> float:
+    if shrinkage is not None:
+        return shrinkage
+    if config.gram_shrinkage == "auto":
+        raise ValueError("gram_shrinkage='auto' needs the calibration collector; pass the estimated shrinkage")
+    return float(config.gram_shrinkage)
+
+
+def whiten_group(
+    weights: Sequence[torch.Tensor],
+    grams: Sequence[Optional[torch.Tensor]],
+    config: DictionaryConfig | LowRankConfig,
+    shrinkages: Optional[Sequence[Optional[float]]] = None,
+) -> tuple[Whitening, torch.Tensor, float]:
+    """The whitening of the members' averaged Gram and the stacked whitened weight ``U [W_1; W_2; ...]^T``.
+
+    One member is the plain per-layer case. Returns ``(whitening, A (in x sum of outs), shrinkage)``.
+    """
+    in_features = {weight.shape[1] for weight in weights}
+    if len(in_features) != 1 or len({weight.dtype for weight in weights}) != 1:
+        raise ValueError("layers that share a dictionary need the same in_features and dtype")
+    shrinkage = sum(_shrinkage(config, value) for value in (shrinkages or [None] * len(weights))) / len(weights)
+    whitening = whitening_for(average_gram(grams), in_features.pop(), config.damping, shrinkage, weights[0].device)
+    stacked = torch.cat([weight.to(torch.float64) for weight in weights])
+    # A = U W^T (in x out): one column per output neuron, Frobenius error == output error.
+    return whitening, (whitening.factor @ stacked.T).to(SOLVE_DTYPE), shrinkage
+
+
+def solve_dictionary(whitened: torch.Tensor, k: int, s: int, config: DictionaryConfig) -> KSVDResult:
+    """The configured solver on the whitened weight: K-SVD (the paper's) or the few-step fast solver."""
+    if config.solver == "fast":
+        return fast_dictionary(whitened, k, s, steps=config.fast_steps, seed=config.seed)
+    return ksvd(
+        whitened,
+        k,
+        s,
+        iterations=config.iterations,
+        power_iterations=config.power_iterations,
+        seed=config.seed,
+        atoms_per_step=config.atoms_per_step,
+        init=config.init,
+    )
+
+
+def _dictionary_bytes(tensor: DictionaryTensor) -> int:
+    return stored_bytes(tensor.dictionary) + stored_bytes(tensor.dictionary_scale)
+
+
+def compress_group(
+    names: Sequence[str],
+    weights: Sequence[torch.Tensor],
+    grams: Sequence[Optional[torch.Tensor]],
+    config: DictionaryConfig,
+    calibration_tokens: int = 0,
+    shrinkages: Optional[Sequence[Optional[float]]] = None,
+    group: Optional[str] = None,
+) -> list[tuple[DictionaryTensor, LayerReport]]:
+    """Compress layers that share one dictionary; each keeps its own codes (see ``spadi_ao.grouping``).
+
+    The budget is the group's: ``k`` atoms stored once plus every member's codes, within
+    ``(1 - compression_ratio)`` of the members' dense bytes. Every returned tensor references the same
+    ``dictionary`` object. A member's report counts its codes and its share of the dictionary (in
+    proportion to its outputs), so the shares add up to the group's bytes exactly.
+    """
+    start = time.perf_counter()
+    whitening, whitened, shrinkage = whiten_group(weights, grams, config, shrinkages)
+    outs = [weight.shape[0] for weight in weights]
+    in_features, dtype = weights[0].shape[1], weights[0].dtype
+    budget = dictionary_budget(sum(outs), in_features, config.compression_ratio, config.rho, weights[0].element_size())
+    result = solve_dictionary(whitened, budget.k, budget.s, config)
+    approximation = result.dictionary @ codes_to_dense(result.indices, result.coefficients, budget.k)
+    atoms = (whitening.inverse.to(SOLVE_DTYPE) @ result.dictionary).T.to(dtype).contiguous()  # D~: (k, in)
+    tensors = []
+    for rows in torch.arange(sum(outs)).split(outs):
+        values, bitmask = pack_codes(result.indices[rows], result.coefficients[rows], budget.k)
+        tensors.append(DictionaryTensor(atoms, values.to(dtype), bitmask, dtype))
+    shared = quantize_dictionary(tensors[0], config.dictionary_quantization, config.values_dtype)
+    tensors = [shared] + [quantize_dictionary(tensor, None, config.values_dtype) for tensor in tensors[1:]]
+    tensors = [
+        DictionaryTensor(shared.dictionary, t.values, t.bitmask, dtype, shared.dictionary_scale, t.value_scale) for t in tensors
+    ]
+    shares = split_bytes(_dictionary_bytes(shared), outs)
+    seconds = (time.perf_counter() - start) / len(names)
+    results = []
+    for index, (name, weight, gram, rows) in enumerate(zip(names, weights, grams, torch.arange(sum(outs)).split(outs))):
+        tensor = tensors[index]
+        stored = tensor.stored_bytes() - _dictionary_bytes(tensor) + shares[index]
+        dense = weight.shape[0] * in_features * weight.element_size()
+        report = LayerReport(
+            name=name,
+            method="cospadi",
+            out_features=weight.shape[0],
+            in_features=in_features,
+            dense_bytes=dense,
+            stored_bytes=stored,
+            compression_ratio=1.0 - stored / dense,
+            whitened_error=_member_error(weight, gram, grams, whitening, whitened[:, rows], approximation[:, rows], config, shrinkage),
+            seconds=seconds,
+            k=budget.k,
+            s=budget.s,
+            paper_ratio=budget.paper_ratio,
+            whitening=whitening.method,
+            gram_shrinkage=shrinkage,
+            calibration_tokens=calibration_tokens,
+            group=group,
+        )
+        results.append((tensor, report))
+    return results
+
+
+def _member_error(
+    weight: torch.Tensor,
+    gram: Optional[torch.Tensor],
+    grams: Sequence[Optional[torch.Tensor]],
+    whitening: Whitening,
+    target: torch.Tensor,
+    approximation: torch.Tensor,
+    config: DictionaryConfig,
+    shrinkage: float,
+) -> float:
+    """The member's relative output error under its *own* Gram (the group's whitening only averages it)."""
+    if gram is None or all(other is not None and torch.equal(other, gram) for other in grams):
+        return _relative_error(target, approximation)
+    own = whitening_for(gram, weight.shape[1], config.damping, shrinkage, weight.device)
+    reconstructed = whitening.inverse @ approximation.to(torch.float64)  # W_hat^T in input space
+    return _relative_error(own.factor @ weight.to(torch.float64).T, own.factor @ reconstructed)
+
+
 def compress_weight(
     name: str,
     weight: torch.Tensor,
@@ -71,67 +206,32 @@ def compress_weight(
     shrinkage: Optional[float] = None,
 ) -> tuple[torch.Tensor, LayerReport]:
     """Compress one dense ``weight`` (out x in) into a Dictionary/LowRank tensor and its report."""
+    if isinstance(config, DictionaryConfig):
+        return compress_group([name], [weight], [gram], config, calibration_tokens, [shrinkage])[0]
+    if not isinstance(config, LowRankConfig):
+        raise TypeError(f"config must be a DictionaryConfig or LowRankConfig, got {type(config).__name__}")
     start = time.perf_counter()
     out_features, in_features = weight.shape
     element_size = weight.element_size()
-    if shrinkage is None:
-        if config.gram_shrinkage == "auto":
-            raise ValueError("gram_shrinkage='auto' needs the calibration collector; pass the estimated shrinkage")
-        shrinkage = float(config.gram_shrinkage)
-    whitening = whitening_for(gram, in_features, config.damping, shrinkage, weight.device)
-    # A = U W^T (in x out): one column per output neuron, Frobenius error == output error.
-    whitened = (whitening.factor @ weight.to(torch.float64).T).to(SOLVE_DTYPE)
-    inverse = whitening.inverse.to(SOLVE_DTYPE)
-    common = dict(
+    whitening, whitened, shrinkage = whiten_group([weight], [gram], config, [shrinkage])
+    budget = low_rank_budget(out_features, in_features, config.compression_ratio, element_size)
+    left, right = whitened_low_rank(whitened, budget.rank)
+    down = (whitening.inverse.to(SOLVE_DTYPE) @ left).T  # (rank, in)
+    tensor = LowRankTensor(down.to(weight.dtype).contiguous(), right.T.to(weight.dtype).contiguous(), weight.dtype)
+    dense = out_features * in_features * element_size
+    report = LayerReport(
         name=name,
+        method="svd-llm",
         out_features=out_features,
         in_features=in_features,
-        dense_bytes=out_features * in_features * element_size,
+        dense_bytes=dense,
+        stored_bytes=tensor.stored_bytes(),
+        compression_ratio=1.0 - tensor.stored_bytes() / dense,
+        whitened_error=_relative_error(whitened, left @ right),
+        seconds=time.perf_counter() - start,
+        rank=budget.rank,
         whitening=whitening.method,
         gram_shrinkage=shrinkage,
         calibration_tokens=calibration_tokens,
     )
-    if isinstance(config, DictionaryConfig):
-        budget = dictionary_budget(out_features, in_features, config.compression_ratio, config.rho, element_size)
-        result = ksvd(
-            whitened,
-            budget.k,
-            budget.s,
-            iterations=config.iterations,
-            power_iterations=config.power_iterations,
-            seed=config.seed,
-            atoms_per_step=config.atoms_per_step,
-            init=config.init,
-        )
-        approximation = result.dictionary @ codes_to_dense(result.indices, result.coefficients, budget.k)
-        atoms = (inverse @ result.dictionary).T  # D~^T: (k, in) in input space
-        values, bitmask = pack_codes(result.indices, result.coefficients, budget.k)
-        tensor = DictionaryTensor(atoms.to(weight.dtype).contiguous(), values.to(weight.dtype), bitmask, weight.dtype)
-        report = LayerReport(
-            method="cospadi",
-            stored_bytes=tensor.stored_bytes(),
-            compression_ratio=1.0 - tensor.stored_bytes() / common["dense_bytes"],
-            whitened_error=_relative_error(whitened, approximation),
-            seconds=time.perf_counter() - start,
-            k=budget.k,
-            s=budget.s,
-            paper_ratio=budget.paper_ratio,
-            **common,
-        )
-        return tensor, report
-    if isinstance(config, LowRankConfig):
-        budget = low_rank_budget(out_features, in_features, config.compression_ratio, element_size)
-        left, right = whitened_low_rank(whitened, budget.rank)
-        down = (inverse @ left).T  # (rank, in)
-        tensor = LowRankTensor(down.to(weight.dtype).contiguous(), right.T.to(weight.dtype).contiguous(), weight.dtype)
-        report = LayerReport(
-            method="svd-llm",
-            stored_bytes=tensor.stored_bytes(),
-            compression_ratio=1.0 - tensor.stored_bytes() / common["dense_bytes"],
-            whitened_error=_relative_error(whitened, left @ right),
-            seconds=time.perf_counter() - start,
-            rank=budget.rank,
-            **common,
-        )
-        return tensor, report
-    raise TypeError(f"config must be a DictionaryConfig or LowRankConfig, got {type(config).__name__}")
+    return tensor, report

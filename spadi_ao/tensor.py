@@ -11,9 +11,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torchao.quantization import Int8Tensor, IntxUnpackedToInt8Tensor
+from torchao.quantization.quantize_.workflows import QuantizeTensorToInt8Kwargs
 from torchao.utils import TorchAOBaseTensor
 
 from spadi_ao.format import unpack_codes
+from spadi_ao.kernels.cpu import dense_codes
 from spadi_ao.kernels.op import dequantize_dictionary, dequantize_values
 
 __all__ = ["DictionaryTensor", "LowRankTensor", "stored_bytes", "is_compressed_weight"]
@@ -22,12 +26,20 @@ aten = torch.ops.aten
 
 
 def _nbytes(tensor: Optional[torch.Tensor]) -> int:
+    """Bytes really held: a tensor subclass (also a nested torchao one, also as a Parameter) counts its inner
+    tensors in their storage dtype, e.g. 1 byte per int4 value kept in an int8 container."""
     if tensor is None:
         return 0
-    if hasattr(tensor, "__tensor_flatten__") and type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
+    if is_traceable_wrapper_subclass(tensor):
         names, _ = tensor.__tensor_flatten__()
         return sum(_nbytes(getattr(tensor, name)) for name in names)
     return tensor.numel() * tensor.element_size()
+
+
+def _dense_dictionary(dictionary: torch.Tensor, dictionary_scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    if is_traceable_wrapper_subclass(dictionary):  # a torchao-quantised dictionary dequantises itself
+        return dictionary.dequantize().to(dtype)
+    return dequantize_dictionary(dictionary, dictionary_scale, dtype)
 
 
 class DictionaryTensor(TorchAOBaseTensor):
@@ -35,7 +47,8 @@ class DictionaryTensor(TorchAOBaseTensor):
 
     Inner tensors (see ``spadi_ao.format``): ``dictionary`` (k, in), ``values`` (out, s),
     ``bitmask`` (out, ceil(k/8)) uint8, and optional int8 scales ``dictionary_scale`` (k,) and
-    ``value_scale`` (out,) when the dictionary or the values are stored as int8.
+    ``value_scale`` (out,) when the dictionary or the values are stored as int8. ``dictionary`` may also be
+    a torchao-quantised tensor (see ``spadi_ao.integrations.torchao``), which then runs the first GEMM.
     """
 
     tensor_data_names = ["dictionary", "values", "bitmask"]
@@ -80,7 +93,7 @@ class DictionaryTensor(TorchAOBaseTensor):
 
     def dequantize(self, output_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         dtype = output_dtype or self.dtype
-        atoms = dequantize_dictionary(self.dictionary, self.dictionary_scale, torch.float32)
+        atoms = _dense_dictionary(self.dictionary, self.dictionary_scale, torch.float32)
         codes = unpack_codes(dequantize_values(self.values, self.value_scale, torch.float32), self.bitmask, self.num_atoms)
         return (codes @ atoms).to(dtype)
 
@@ -118,10 +131,34 @@ def _linear_args(args: tuple) -> tuple[torch.Tensor, torch.Tensor, Optional[torc
     return args[0], args[1], args[2] if len(args) > 2 else None
 
 
+def _traced_codes(weight: DictionaryTensor, dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``(out, k)`` codes from plain ops and no module-level constant tensor, so fake tensors trace it."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=weight.bitmask.device)
+    mask = ((weight.bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : weight.num_atoms]
+    codes = torch.zeros(mask.shape, dtype=dtype, device=weight.values.device)
+    return codes.masked_scatter(mask, dequantize_values(weight.values, weight.value_scale, dtype))
+
+
+def _torchao_dictionary_linear(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``z = x D~^T`` on torchao's kernels, then the codes as a dense GEMM in plain torch ops.
+
+    Eager calls reuse the decompressed-codes cache of ``spadi_ao.kernels.cpu``; a compiled graph decompresses
+    the codes itself, since the cache lives in Python and cannot be traced.
+    """
+    atoms = F.linear(x, weight.dictionary)
+    if torch.compiler.is_compiling():
+        codes = _traced_codes(weight, atoms.dtype)
+    else:
+        codes = dense_codes(weight.values, weight.value_scale, weight.bitmask, weight.num_atoms, atoms.dtype)
+    return F.linear(atoms, codes, bias)
+
+
 @DictionaryTensor.implements(aten.linear.default)
 @DictionaryTensor.implements_torch_function(F.linear)
 def _(func, types, args, kwargs):
     x, weight, bias = _linear_args(args)
+    if is_traceable_wrapper_subclass(weight.dictionary):
+        return _torchao_dictionary_linear(x, weight, bias)
     return torch.ops.spadi_ao.dictionary_linear(
         x, weight.dictionary, weight.dictionary_scale, weight.values, weight.value_scale, weight.bitmask, bias
     )
@@ -145,4 +182,7 @@ def stored_bytes(tensor: torch.Tensor) -> int:
     return _nbytes(tensor)
 
 
-torch.serialization.add_safe_globals([DictionaryTensor, LowRankTensor])
+# ``torch.load(weights_only=True)`` of compressed state dicts, also with a torchao-quantised dictionary.
+torch.serialization.add_safe_globals(
+    [DictionaryTensor, LowRankTensor, Int8Tensor, IntxUnpackedToInt8Tensor, QuantizeTensorToInt8Kwargs]
+)

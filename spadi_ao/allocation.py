@@ -1,0 +1,168 @@
+"""Global budget allocation: per-layer compression ratios that minimise a whole-model error proxy.
+
+Every unit (one layer, or a group of layers sharing a dictionary) has a few candidate sizes, each with
+its honest stored bytes and an error. Picking one candidate per unit so that the total error is minimal
+and the total bytes stay within the budget is a multiple-choice knapsack, solved exactly by dynamic
+programming over bytes (:func:`solve_knapsack`).
+
+The error of a candidate is the one-shot CoSpaDi solution's, read off a single SVD of the whitened
+weight for every candidate at once (:func:`threshold_errors`): the leading ``k`` singular vectors are
+the dictionary and each column keeps its ``s`` largest coefficients. It is exactly what the ``ksvd``
+solver with ``iterations=0`` returns and an upper bound for every solver that starts from it. Columns
+are weighted by ``column_weights``: with the loss' mean squared gradient per output
+(:func:`output_sensitivity`), ``sum_j f_j ||U (w_j - w^_j)||^2`` is the second-order (Fisher) estimate
+of the loss increase the layer's error causes, which puts every layer on the same scale, the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from spadi_ao.budget import dictionary_budget, low_rank_budget
+from spadi_ao.configs import CompressionConfig, DictionaryConfig
+
+__all__ = ["Candidate", "candidate_sizes", "solve_knapsack", "threshold_errors", "output_sensitivity"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One size a unit may take: its ratio, honest stored bytes, and ``(k, s)`` (``(rank, rank)`` for low rank)."""
+
+    ratio: float
+    stored_bytes: int
+    k: int
+    s: int
+
+
+def candidate_sizes(
+    config: CompressionConfig, out_features: int, in_features: int, element_size: int, ratios: Sequence[float]
+) -> list[Candidate]:
+    """The sizes the budget gives each of ``ratios``; ratios that leave no ``k, s`` (or rank) >= 1 are dropped."""
+    candidates = []
+    for ratio in ratios:
+        try:
+            if isinstance(config, DictionaryConfig):
+                budget = dictionary_budget(out_features, in_features, ratio, config.rho, element_size)
+                candidates.append(Candidate(ratio, budget.stored_bytes, budget.k, budget.s))
+            else:
+                low_rank = low_rank_budget(out_features, in_features, ratio, element_size)
+                candidates.append(Candidate(ratio, low_rank.stored_bytes, low_rank.rank, low_rank.rank))
+        except ValueError:
+            continue
+    return candidates
+
+
+def solve_knapsack(
+    costs: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], budget: int, max_bins: int = 1 << 17
+) -> list[int]:
+    """One candidate index per unit minimising ``sum(errors)`` with ``sum(costs) <= budget``.
+
+    Exact dynamic programming over bytes when ``budget <= max_bins``. Larger budgets are counted in
+    quanta of ``q = ceil(budget / max_bins)`` bytes, every cost rounded *up* and the budget *down*, so a
+    pick that fits in quanta always fits in bytes (``sum(cost) <= q * sum(ceil(cost / q)) <= budget``);
+    what can be lost is at most ``q`` bytes per unit of slack. Raises if not even the cheapest
+    candidates fit.
+    """
+    if len(costs) != len(errors) or any(len(c) != len(e) or not c for c, e in zip(costs, errors)):
+        raise ValueError("costs and errors must give the same, non-zero number of candidates for every unit")
+    if any(cost < 0 for unit in costs for cost in unit):
+        raise ValueError("candidate costs must be >= 0 bytes")
+    if max_bins < 1:
+        raise ValueError(f"max_bins must be >= 1, got {max_bins}")
+    cheapest = sum(min(unit) for unit in costs)
+    if cheapest > budget:
+        raise ValueError(f"the budget of {budget} bytes is below the cheapest choice ({cheapest} bytes); raise the budget")
+    quantum = max(1, math.ceil(budget / max_bins))
+    capacity = budget // quantum
+    weights = [[math.ceil(cost / quantum) for cost in unit] for unit in costs]
+    best = torch.zeros(capacity + 1, dtype=torch.float64)  # best[b]: least error of the units so far within b quanta
+    picks = torch.empty(len(costs), capacity + 1, dtype=torch.int32)
+    for unit, (unit_weights, unit_errors) in enumerate(zip(weights, errors)):
+        new = torch.full_like(best, math.inf)
+        pick = torch.full((capacity + 1,), -1, dtype=torch.int32)
+        for candidate, (weight, error) in enumerate(zip(unit_weights, unit_errors)):
+            if weight > capacity:
+                continue
+            trial = best[: capacity + 1 - weight] + float(error)
+            better = trial < new[weight:]
+            new[weight:] = torch.where(better, trial, new[weight:])
+            pick[weight:][better] = candidate
+        best, picks[unit] = new, pick
+    if not math.isfinite(float(best[capacity])):
+        raise ValueError(
+            f"no choice fits {budget} bytes once costs are rounded up to {quantum}-byte quanta; raise max_bins or the budget"
+        )
+    chosen, remaining = [], capacity
+    for unit in reversed(range(len(costs))):
+        candidate = int(picks[unit, remaining])
+        chosen.append(candidate)
+        remaining -= weights[unit][candidate]
+    return chosen[::-1]
+
+
+def threshold_errors(
+    whitened: torch.Tensor, sizes: Sequence[tuple[int, int]], column_weights: Optional[torch.Tensor] = None
+) -> list[float]:
+    """Weighted squared error of the SVD dictionary + top-``s`` codes of ``whitened`` (n x m) per ``(k, s)``.
+
+    ``column_weights`` (m,) weight each column's squared error (default 1). One SVD serves every size:
+    coefficients ``Sigma V^T`` of the orthonormal atoms, squared, keep their top ``s`` of the first ``k``.
+    """
+    _, sigma, vh = torch.linalg.svd(whitened, full_matrices=False)
+    energy = (sigma.unsqueeze(1) * vh).to(torch.float64).pow(2)  # (r, m): energy of each atom in each column
+    weights = torch.ones(whitened.shape[1], dtype=torch.float64) if column_weights is None else column_weights.to(torch.float64)
+    total = float((whitened.to(torch.float64).pow(2).sum(0) * weights).sum())
+    errors = []
+    for k, s in sizes:
+        kept = energy[: min(k, energy.shape[0])]
+        retained = kept.topk(min(s, kept.shape[0]), dim=0).values.sum(0)
+        errors.append(max(total - float((retained * weights).sum()), 0.0))
+    return errors
+
+
+def output_sensitivity(model: nn.Module, modules: dict[str, nn.Linear], batches: Iterable[Any]) -> dict[str, torch.Tensor]:
+    """Mean squared loss gradient per output feature of each Linear (the diagonal output Fisher).
+
+    Runs the causal-LM loss (labels = inputs) with backward passes; parameters get no gradients.
+    """
+    totals: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def track(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            def accumulate(grad: torch.Tensor) -> None:
+                flat = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float64)
+                totals[name] = totals.get(name, 0) + flat.pow(2).sum(0)
+                counts[name] = counts.get(name, 0) + flat.shape[0]
+
+            output.register_hook(accumulate)
+
+        return hook
+
+    handles = [module.register_forward_hook(track(name)) for name, module in modules.items()]
+    device = next(model.parameters()).device
+    requires = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    try:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        embeddings = model.get_input_embeddings()
+        for batch in batches:
+            ids = batch if batch.dim() == 2 else batch.unsqueeze(0)
+            ids = ids.to(device)
+            inputs = embeddings(ids).detach().requires_grad_(True)  # a graph without parameter gradients
+            loss = model(inputs_embeds=inputs, labels=ids, use_cache=False).loss
+            loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(requires[name])
+        model.train(was_training)
+    return {name: totals[name] / counts[name] for name in totals}

@@ -1,0 +1,202 @@
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import spadi_ao
+from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
+from spadi_ao.allocation import candidate_sizes, output_sensitivity, solve_knapsack, threshold_errors
+from spadi_ao.api import select_linears
+from spadi_ao.calibration import GramCollector, run_calibration
+from spadi_ao.layer import whiten_group
+from spadi_ao.solvers.ksvd import ksvd
+from spadi_ao.solvers.omp import codes_to_dense
+
+from models import tiny_llama, token_batches
+
+
+def _brute_force(costs, errors, budget):
+    feasible = [
+        (sum(e[i] for e, i in zip(errors, pick)), pick)
+        for pick in itertools.product(*(range(len(c)) for c in costs))
+        if sum(c[i] for c, i in zip(costs, pick)) <= budget
+    ]
+    return min(feasible)[0]
+
+
+_instances = st.integers(1, 4).flatmap(
+    lambda units: st.tuples(
+        st.lists(st.lists(st.integers(0, 30), min_size=1, max_size=4), min_size=units, max_size=units),
+        st.randoms(use_true_random=False),
+        st.integers(0, 60),
+    )
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_instances)
+def test_knapsack_is_optimal_against_brute_force(instance):
+    costs, rng, slack = instance
+    errors = [[rng.uniform(0.0, 10.0) for _ in unit] for unit in costs]
+    budget = sum(min(unit) for unit in costs) + slack
+    picks = solve_knapsack(costs, errors, budget)
+    assert sum(c[i] for c, i in zip(costs, picks)) <= budget
+    assert sum(e[i] for e, i in zip(errors, picks)) == pytest.approx(_brute_force(costs, errors, budget), abs=1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_instances, st.integers(1, 16))
+def test_quantised_knapsack_never_exceeds_the_budget(instance, max_bins):
+    costs, rng, slack = instance
+    costs = [[1000 * c + rng.randrange(1000) for c in unit] for unit in costs]
+    errors = [[rng.uniform(0.0, 10.0) for _ in unit] for unit in costs]
+    budget = sum(min(unit) for unit in costs) + 1000 * slack
+    try:
+        picks = solve_knapsack(costs, errors, budget, max_bins=max_bins)
+    except ValueError as error:  # coarse quanta may round every choice above the budget
+        assert "quanta" in str(error)
+        return
+    assert sum(c[i] for c, i in zip(costs, picks)) <= budget
+
+
+def test_knapsack_rejects_an_impossible_budget():
+    with pytest.raises(ValueError, match="below the cheapest"):
+        solve_knapsack([[5, 7], [3]], [[1.0, 0.0], [0.0]], budget=7)
+
+
+def test_threshold_errors_equal_the_one_shot_solutions():
+    """Independent reference: K-SVD with 0 iterations (SVD atoms, exact OMP) and SVD-LLM's truncation."""
+    generator = torch.Generator().manual_seed(0)
+    signals = torch.randn(20, 30, generator=generator, dtype=torch.float64)
+    weights = torch.rand(30, generator=generator, dtype=torch.float64)
+    sizes = [(4, 2), (8, 3), (12, 6), (6, 6)]
+    errors = threshold_errors(signals, sizes, weights)
+    for (k, s), error in zip(sizes, errors):
+        result = ksvd(signals, k, s, iterations=0, init="svd")
+        residual = signals - result.dictionary @ codes_to_dense(result.indices, result.coefficients, k)
+        assert error == pytest.approx(float((residual.pow(2).sum(0) * weights).sum()), rel=1e-9)
+    sigma = torch.linalg.svdvals(signals)
+    assert threshold_errors(signals, [(5, 5)])[0] == pytest.approx(float(sigma[5:].pow(2).sum()), rel=1e-9)
+
+
+def test_output_sensitivity_is_the_mean_squared_output_gradient():
+    model = tiny_llama()
+    batches = token_batches(2, 12)
+    name = "model.layers.1.mlp.up_proj"
+    module = model.get_submodule(name)
+    sensitivity = output_sensitivity(model, {name: module}, batches)[name]
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    captured = []
+    def keep(module, args, out):
+        out.retain_grad()
+        captured.append(out)
+
+    handle = module.register_forward_hook(keep)
+    for batch in batches:
+        model(batch, labels=batch).loss.backward()
+    handle.remove()
+    gradients = torch.cat([out.grad.reshape(-1, out.shape[-1]) for out in captured]).double()
+    assert torch.allclose(sensitivity, gradients.pow(2).mean(0), rtol=1e-4, atol=1e-20)
+
+
+def test_candidate_sizes_drop_infeasible_ratios():
+    sizes = candidate_sizes(DictionaryConfig(), 8, 8, 4, (0.3, 0.99))
+    assert [c.ratio for c in sizes] == [0.3]
+    assert sizes[0].stored_bytes <= 0.7 * 8 * 8 * 4
+    low_rank = candidate_sizes(LowRankConfig(), 64, 32, 4, (0.5,))[0]
+    assert low_rank.k == low_rank.s == 10 and low_rank.stored_bytes == 10 * 96 * 4
+
+
+def _mlp_filter(module, name):
+    return name.startswith("model.layers.0.mlp.")
+
+
+@pytest.mark.parametrize("config_type", [DictionaryConfig, LowRankConfig])
+def test_api_allocation_is_the_brute_force_optimum_and_meets_the_budget(config_type):
+    """Three layers, four candidates: the API's picks equal brute force over independently computed errors."""
+    candidates = (0.2, 0.35, 0.5, 0.65)
+    extra = {"iterations": 0} if config_type is DictionaryConfig else {}
+    config = config_type(compression_ratio=0.4, allocation="knapsack", allocation_candidates=candidates, **extra)
+    batches = token_batches(3, 16)
+    model = tiny_llama()
+    targets = select_linears(model, _mlp_filter)
+    generator = torch.Generator().manual_seed(1)
+    sensitivity = {name: torch.rand(m.out_features, generator=generator, dtype=torch.float64) + 0.1 for name, m in targets.items()}
+    with GramCollector(targets) as collector:
+        run_calibration(model, batches, progress=False)
+    costs, errors = [], []
+    for name, module in targets.items():
+        menu = candidate_sizes(config, module.out_features, module.in_features, 4, candidates)
+        _, whitened, _ = whiten_group([module.weight.detach()], [collector.gram(name)], config)
+        row_costs, row_errors = [], []
+        for candidate in menu:
+            if config_type is DictionaryConfig:
+                result = ksvd(whitened, candidate.k, candidate.s, iterations=0, init="svd")
+                approximation = result.dictionary @ codes_to_dense(result.indices, result.coefficients, candidate.k)
+            else:
+                u, sigma, vh = torch.linalg.svd(whitened, full_matrices=False)
+                approximation = (u[:, : candidate.k] * sigma[: candidate.k]) @ vh[: candidate.k]
+            residual = (whitened - approximation).double().pow(2).sum(0)
+            row_costs.append(candidate.stored_bytes)
+            row_errors.append(float((residual * sensitivity[name]).sum()))
+        costs.append(row_costs)
+        errors.append(row_errors)
+    dense = sum(m.weight.numel() * 4 for m in targets.values())
+    budget = int(0.6 * dense)
+    best = _brute_force(costs, errors, budget)
+
+    report = sparsify_dictionary_(model, config, filter_fn=_mlp_filter, calibration=collector, sensitivity=sensitivity, progress=False)
+    chosen = []
+    for layer, row_costs in zip(report.layers, costs):
+        assert layer.stored_bytes in row_costs
+        chosen.append(row_costs.index(layer.stored_bytes))
+    achieved = sum(e[i] for e, i in zip(errors, chosen))
+    assert achieved == pytest.approx(best, rel=1e-4)
+    assert report.stored_bytes <= budget and report.compression_ratio >= 0.4
+    assert spadi_ao.compression_stats(model)["compressed_stored_bytes"] == report.stored_bytes
+
+
+def test_whole_model_budget_is_met_tightly_and_pinned_layers_keep_their_ratio():
+    config = DictionaryConfig(
+        compression_ratio=0.35,
+        allocation="knapsack",
+        iterations=0,
+        layer_overrides={r"layers\.0\.self_attn\.o_proj$": {"compression_ratio": 0.5}},
+    )
+    model = tiny_llama()
+    report = sparsify_dictionary_(model, config, calibration=token_batches(3, 16), progress=False)
+    budget = int(0.65 * report.dense_bytes)
+    assert report.stored_bytes <= budget
+    assert report.compression_ratio >= 0.35
+    # Tight: no layer could take its next larger candidate and still fit.
+    upgrades = []
+    for layer in report.layers:
+        if layer.name == "model.layers.0.self_attn.o_proj":
+            continue
+        menu = candidate_sizes(config.for_layer(layer.name), layer.out_features, layer.in_features, 4, config.allocation_candidates)
+        larger = [c.stored_bytes - layer.stored_bytes for c in menu if c.stored_bytes > layer.stored_bytes]
+        upgrades += larger[-1:] if larger else []
+    assert budget - report.stored_bytes < min(upgrades)
+    pinned = next(layer for layer in report.layers if layer.name == "model.layers.0.self_attn.o_proj")
+    assert pinned.stored_bytes == candidate_sizes(config, 64, 64, 4, (0.5,))[0].stored_bytes
+    assert len({round(layer.compression_ratio, 2) for layer in report.layers}) > 2  # not uniform
+
+
+def test_knapsack_needs_batches_or_sensitivity():
+    model = tiny_llama()
+    with GramCollector(select_linears(model)) as collector:
+        run_calibration(model, token_batches(1, 8), progress=False)
+    with pytest.raises(ValueError, match="sensitivity"):
+        sparsify_dictionary_(model, DictionaryConfig(allocation="knapsack"), calibration=collector, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"allocation": "greedy"}, "allocation"), ({"allocation_candidates": ()}, "allocation_candidates"),
+     ({"allocation_candidates": (0.3, 1.2)}, "allocation_candidates"), ({"allocation_candidates": [0.3]}, "allocation_candidates")],
+)
+def test_config_rejects_bad_allocation_fields(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        DictionaryConfig(**kwargs)
