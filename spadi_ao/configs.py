@@ -47,8 +47,9 @@ class _BaseConfig:
     """Fraction of the dense weight bytes removed: 0.3 keeps 70 % of each layer's bytes."""
     damping: float = 1e-2
     """Ridge added to the calibration Gram, relative to its mean diagonal (GPTQ's percdamp)."""
-    gram_shrinkage: GramShrinkage = 0.0
-    """Shrink the Gram toward its diagonal: 0 is the activation-aware objective, 1 weight-space fitting."""
+    gram_shrinkage: GramShrinkage = "auto"
+    """Shrink the Gram toward its diagonal: 0 is the activation-aware objective, 1 weight-space fitting;
+    ``"auto"`` estimates it per layer from the calibration sequences alone (0 when there are none)."""
     layer_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Regex on the module's qualified name -> field overrides, e.g. ``{r"\\.down_proj$": {"compression_ratio": 0.2}}``."""
     allocation: str = "uniform"

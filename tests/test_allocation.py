@@ -118,7 +118,7 @@ def test_api_allocation_is_the_brute_force_optimum_and_meets_the_budget(config_t
     """Three layers, four candidates: the API's picks equal brute force over independently computed errors."""
     candidates = (0.2, 0.35, 0.5, 0.65)
     extra = {"iterations": 0} if config_type is DictionaryConfig else {}
-    config = config_type(compression_ratio=0.4, allocation="knapsack", allocation_candidates=candidates, **extra)
+    config = config_type(compression_ratio=0.4, allocation="knapsack", allocation_candidates=candidates, gram_shrinkage=0.0, **extra)
     batches = token_batches(3, 16)
     model = tiny_llama()
     targets = select_linears(model, _mlp_filter)

@@ -297,7 +297,8 @@ def test_inductor_compile_matches_eager(mixed_model):
     compiled = torch.compile(mixed_model, fullgraph=True)
     ids = torch.arange(24).unsqueeze(0)
     with torch.inference_mode():
-        assert torch.allclose(compiled(ids).logits, mixed_model(ids).logits, atol=1e-4, rtol=1e-4)
+        # int8 dynamic activation quantisation may round a value differently once Inductor fuses it
+        assert torch.allclose(compiled(ids).logits, mixed_model(ids).logits, atol=1e-3, rtol=1e-3)
 
 
 # --------------------------------------------------------------------------------------------- save / load
