@@ -40,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-windows", type=int, default=24, help="first N windows of the evaluation text")
     parser.add_argument("--iterations", type=int, default=0, help="K-SVD iterations after the SVD-initialised coding")
     parser.add_argument("--atoms-per-step", type=int, default=8)
+    parser.add_argument("--gram-shrinkage", default="auto", help="float in [0, 1] or 'auto' (the library default)")
     return parser.parse_args()
 
 
@@ -113,7 +114,10 @@ def main() -> None:
     for ratio in args.ratios:
         compressed = fresh_copy(model)
         start = time.perf_counter()
-        config = DictionaryConfig(compression_ratio=ratio, iterations=args.iterations, atoms_per_step=args.atoms_per_step)
+        shrinkage = args.gram_shrinkage if args.gram_shrinkage == "auto" else float(args.gram_shrinkage)
+        config = DictionaryConfig(
+            compression_ratio=ratio, iterations=args.iterations, atoms_per_step=args.atoms_per_step, gram_shrinkage=shrinkage
+        )
         sparsify_dictionary_(compressed, config, calibration=collector)
         seconds = time.perf_counter() - start
         record(f"cospadi {ratio:.1f}", "cospadi", compressed, seconds)
@@ -132,7 +136,8 @@ def main() -> None:
         "dense_linear_bytes": dense_bytes,
         "calibration": {"source": args.calibration, "n_samples": args.n_samples, "seq_len": args.seq_len, "seconds": calibration_seconds},
         "evaluation": {"source": args.eval_text, "windows": args.eval_windows, "seq_len": args.seq_len, "tokens": dense["n_tokens"]},
-        "cospadi": {"iterations": args.iterations, "atoms_per_step": args.atoms_per_step, "init": "svd", "rho": 2.0},
+        "cospadi": {"iterations": args.iterations, "atoms_per_step": args.atoms_per_step, "init": "svd", "rho": 2.0,
+                    "gram_shrinkage": args.gram_shrinkage},
         "quantization": {"int8": "Int8WeightOnlyConfig (per row)", "int4": f"IntxWeightOnlyConfig(int4, PerGroup({GROUP}))",
                          "codes": "int8, symmetric per output row"},
         "rows": rows,
@@ -146,7 +151,7 @@ def main() -> None:
     header = (f"SmolLM2-135M-Instruct, {len(names)} projections ({dense_bytes / 2**20:.1f} MiB fp32). WikiText-2 test, first "
               f"{args.eval_windows} x {args.seq_len} ({dense['n_tokens']} predicted tokens); calibration {args.n_samples} x "
               f"{args.seq_len} of {args.calibration}; CoSpaDi with iterations={args.iterations} (SVD-initialised dictionary, "
-              f"OMP codes), atoms_per_step={args.atoms_per_step}. Bytes are what the weights hold: torchao's int4 keeps one value "
+              f"OMP codes), atoms_per_step={args.atoms_per_step}, gram_shrinkage={args.gram_shrinkage}. Bytes are what the weights hold: torchao's int4 keeps one value "
               f"per int8 byte on CPU plus a scale and zero point per group of {GROUP}.")
     (RESULTS / "compose.md").write_text(header + "\n\n" + "\n".join(table) + "\n")
     print(header)
