@@ -16,7 +16,11 @@ import torch
 
 __all__ = ["bitmask_bytes", "pack_codes", "unpack_mask", "unpack_codes", "mask_to_indices"]
 
-_BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    """``[1, 2, 4, ..., 128]`` as uint8, made per call so traced graphs (compiled backward) can build it."""
+    return torch.bitwise_left_shift(torch.ones(8, dtype=torch.int32, device=device), torch.arange(8, dtype=torch.int32, device=device)).to(torch.uint8)
 
 
 def bitmask_bytes(k: int) -> int:
@@ -45,14 +49,14 @@ def pack_codes(indices: torch.Tensor, values: torch.Tensor, k: int) -> tuple[tor
     nbytes = bitmask_bytes(k)
     dense = torch.zeros(out, nbytes * 8, dtype=torch.uint8, device=indices.device)
     dense.scatter_(1, sorted_idx, 1)
-    weights = _BIT_WEIGHTS.to(indices.device)
+    weights = _bit_weights(indices.device)
     bitmask = (dense.view(out, nbytes, 8) * weights).sum(dim=2, dtype=torch.int32).to(torch.uint8)
     return sorted_values.contiguous(), bitmask.contiguous()
 
 
 def unpack_mask(bitmask: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean ``(out, k)`` support of each output row."""
-    weights = _BIT_WEIGHTS.to(bitmask.device)
+    weights = _bit_weights(bitmask.device)
     bits = (bitmask.unsqueeze(-1) & weights) != 0
     return bits.reshape(bitmask.shape[0], -1)[:, :k]
 
