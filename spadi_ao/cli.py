@@ -40,6 +40,15 @@ def _positive(text: str) -> int:
     return value
 
 
+def _shrinkage(text: str) -> float | str:
+    if text == "auto":
+        return text
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a float in [0, 1], got {text}")
+    return value
+
+
 def _add_eval_arguments(parser: argparse.ArgumentParser, default_windows: Optional[int]) -> None:
     parser.add_argument("--eval-text", default=None, help="evaluation text: 'stdlib' (held-out part, default), a file/dir, 'wikitext2-test', 'hf:NAME[:CONFIG[:SPLIT]]'")
     parser.add_argument("--eval-windows", type=_positive, default=default_windows, help="evaluate the first N windows only (default: %(default)s; all when omitted)")
@@ -57,13 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     compress.add_argument("--method", choices=["cospadi", "svd-llm"], default="cospadi")
     compress.add_argument("--ratio", type=_ratio, default=0.3, help="compression ratio in (0, 1): fraction of Linear bytes removed")
-    compress.add_argument("--calibration", default=None, help="calibration text: 'stdlib' (default, calibration part), a file/dir, 'wikitext2-valid', 'hf:...'")
-    compress.add_argument("--n-samples", type=_positive, default=32, help="calibration sequences")
+    compress.add_argument("--calibration", nargs="+", default=None, metavar="SOURCE",
+                          help="calibration text(s): 'stdlib' (default, calibration part), a file/dir, 'wikitext2-valid', 'hf:...'; "
+                               "several sources are blended by --calibration-weights")
+    compress.add_argument("--calibration-weights", type=float, nargs="+", default=None, metavar="W",
+                          help="share of the calibration sequences per --calibration source (default: equal)")
+    compress.add_argument("--n-samples", type=_positive, default=32, help="calibration sequences (in all, across sources)")
+    compress.add_argument("--gram-shrinkage", type=_shrinkage, default="auto", help="float in [0, 1] or 'auto' (default): shrink Grams toward their diagonal")
     compress.add_argument("--rho", type=float, default=2.0, help="atoms per non-zero, k/s (cospadi)")
     compress.add_argument("--iterations", type=int, default=0, help="K-SVD iterations after the SVD-initialised coding (paper: 60)")
     compress.add_argument("--power-iterations", type=_positive, default=8)
     compress.add_argument("--atoms-per-step", type=_positive, default=8, help="OMP atoms per step (1 = exact OMP)")
     compress.add_argument("--init", choices=["svd", "random-columns"], default="svd")
+    compress.add_argument("--solver", choices=["ksvd", "fast"], default="ksvd", help="cospadi: K-SVD (paper) or the fast closed-form refits")
+    compress.add_argument("--allocation", choices=["uniform", "knapsack"], default="uniform", help="per-layer ratios: uniform, or a knapsack over the whole-model budget")
+    compress.add_argument("--grouping", choices=["paper", "inputs"], default=None, help="cospadi: layers that share one dictionary (default: none)")
     compress.add_argument("--damping", type=float, default=1e-2)
     compress.add_argument("--seed", type=int, default=42)
     compress.add_argument("--sequential", action="store_true", help="one decoder block at a time (bounded memory; also under torchrun)")
@@ -93,14 +110,25 @@ def _load_any(source: Optional[str], dtype: torch.dtype):
     return load_model(source, dtype=dtype)
 
 
-def _texts(calibration_source: Optional[str], eval_source: Optional[str]) -> tuple[str, str]:
-    """Calibration and evaluation texts; the stdlib corpus is split so the two never overlap."""
+def _text(source: Optional[str], part: int) -> str:
+    """The text of ``source``; the stdlib corpus (the default) is split so calibration (part 0) and
+    evaluation (part 1) never overlap."""
     from spadi_ao.pipeline.data import load_text, split_text
 
-    stdlib_calibration, stdlib_eval = split_text(load_text("stdlib"))
-    calibration = stdlib_calibration if calibration_source in (None, "stdlib") else load_text(calibration_source)
-    evaluation = stdlib_eval if eval_source in (None, "stdlib") else load_text(eval_source)
-    return calibration, evaluation
+    if source in (None, "stdlib"):
+        return split_text(load_text("stdlib"))[part]
+    return load_text(source)
+
+
+def _calibration_batches(args: argparse.Namespace, tokenizer) -> list[torch.Tensor]:
+    """``--n-samples`` windows, shared among the ``--calibration`` sources by ``--calibration-weights``."""
+    from spadi_ao.pipeline.data import mix_calibration
+
+    sources = args.calibration or ["stdlib"]
+    weights = args.calibration_weights or [1.0] * len(sources)
+    if len(weights) != len(sources):
+        raise CLIError(f"--calibration-weights gives {len(weights)} weights for {len(sources)} --calibration sources")
+    return mix_calibration(list(zip(sources, weights)), tokenizer, args.n_samples, args.seq_len, seed=args.seed, load=lambda s: _text(s, 0))
 
 
 def _perplexity(model, tokenizer, text: str, args: argparse.Namespace, label: str) -> dict:
@@ -118,11 +146,14 @@ def _perplexity(model, tokenizer, text: str, args: argparse.Namespace, label: st
 def _config(args: argparse.Namespace):
     from spadi_ao import DictionaryConfig, LowRankConfig
 
-    common = dict(compression_ratio=args.ratio, damping=args.damping, seed=args.seed)
+    common = dict(compression_ratio=args.ratio, damping=args.damping, seed=args.seed, gram_shrinkage=args.gram_shrinkage, allocation=args.allocation)
     if args.method == "svd-llm":
+        if args.solver != "ksvd" or args.grouping is not None:
+            raise CLIError("--solver and --grouping apply to --method cospadi only")
         return LowRankConfig(**common)
     return DictionaryConfig(
-        rho=args.rho, iterations=args.iterations, power_iterations=args.power_iterations, atoms_per_step=args.atoms_per_step, init=args.init, **common
+        rho=args.rho, iterations=args.iterations, power_iterations=args.power_iterations, atoms_per_step=args.atoms_per_step,
+        init=args.init, solver=args.solver, grouping=args.grouping, **common,
     )
 
 
@@ -146,7 +177,6 @@ def _init_distributed() -> None:
 
 def _compress(args: argparse.Namespace) -> int:
     from spadi_ao import sparsify_dictionary_
-    from spadi_ao.pipeline.data import calibration_batches
     from spadi_ao.pipeline.models import model_context_length
     from spadi_ao.serialization import save_compressed
 
@@ -160,8 +190,8 @@ def _compress(args: argparse.Namespace) -> int:
     print(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) in {time.perf_counter() - start:.0f}s", flush=True)
     if args.seq_len > model_context_length(model):
         raise CLIError(f"--seq-len {args.seq_len} exceeds the model's context length {model_context_length(model)}")
-    calibration_text, eval_text = _texts(args.calibration, args.eval_text)
-    batches = calibration_batches(tokenizer, calibration_text, args.n_samples, args.seq_len, seed=args.seed)
+    eval_text = _text(args.eval_text, 1)
+    batches = _calibration_batches(args, tokenizer)
     results: dict = {"model": args.model or "default:SmolLM2-135M-Instruct", "config": vars(args) | {"output": str(output)}}
     lead = _rank() == 0  # under torchrun every rank compresses; one evaluates and writes
     if not args.no_eval and lead:
@@ -189,7 +219,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.model} has no tokenizer saved beside it")
     if args.seq_len > model_context_length(model):
         raise CLIError(f"--seq-len {args.seq_len} exceeds the model's context length {model_context_length(model)}")
-    _, eval_text = _texts(None, args.eval_text)
+    eval_text = _text(args.eval_text, 1)
     _perplexity(model, tokenizer, eval_text, args, args.model or "default")
     return 0
 

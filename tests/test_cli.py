@@ -83,3 +83,40 @@ def test_sequential_resumable_compress(tmp_path, tiny_model_dir):
     first = load_compressed(out)[0].model.layers[1].mlp.down_proj.weight.values.clone()
     assert main(argv + ["--overwrite"]) == 0  # everything restored from the checkpoint
     assert torch.equal(load_compressed(out)[0].model.layers[1].mlp.down_proj.weight.values, first)
+
+
+def test_blended_calibration_and_config_flags_reach_the_report(tmp_path, tiny_model_dir, stdlib_text):
+    other = tmp_path / "other.txt"
+    other.write_text(stdlib_text[-20_000:])
+    out = tmp_path / "out"
+    argv = ["compress", "--model", str(tiny_model_dir), "--calibration", "stdlib", str(other), "--calibration-weights", "1", "2",
+            "--n-samples", "6", "--gram-shrinkage", "0.25", "--solver", "fast", "--allocation", "knapsack", "--grouping", "inputs",
+            "--no-eval", "--output", str(out), "--seq-len", "32"]
+    assert main(argv) == 0
+    report = json.loads((out / "spadi_report.json").read_text())
+    layers = report["compression"]["layers"]
+    assert {layer["gram_shrinkage"] for layer in layers} == {0.25}
+    assert len({layer["compression_ratio"] for layer in layers}) > 1  # the knapsack gave layers different ratios
+    assert report["compression"]["compression_ratio"] >= 0.3 - 1e-9
+    assert report["compression"]["calibration_tokens"] == 6 * 32
+    model = load_compressed(out)[0]
+    attention = model.model.layers[0].self_attn
+    assert attention.q_proj.weight.dictionary.untyped_storage().data_ptr() == attention.k_proj.weight.dictionary.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--calibration", "stdlib", "wikitext2-valid", "--calibration-weights", "1"], "--calibration-weights gives 1 weights for 2"),
+        (["--method", "svd-llm", "--solver", "fast"], "--method cospadi only"),
+    ],
+)
+def test_calibration_and_method_mismatches_are_clear_errors(extra, message, tmp_path, tiny_model_dir, capsys):
+    assert main(["compress", "--model", str(tiny_model_dir), "--no-eval", "--output", str(tmp_path / "out"), *FAST, *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_gram_shrinkage_out_of_range_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--gram-shrinkage", "1.5"])
+    assert "'auto' or a float in [0, 1]" in capsys.readouterr().err

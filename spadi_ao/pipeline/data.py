@@ -13,6 +13,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -153,11 +154,14 @@ def mix_calibration(
     n_samples: int,
     seq_len: int,
     seed: int = 42,
+    load: Callable[[str], str] = load_text,
 ) -> list[torch.Tensor]:
-    """Calibration windows from several ``(load_text source, weight)`` pairs, ``n_samples`` in all.
+    """Calibration windows from several ``(source, weight)`` pairs, ``n_samples`` in all.
 
     Each source gets a share of the windows proportional to its weight (largest remainder, ties to the
     earlier source) drawn with seed ``seed + index``; the windows come back grouped by source, in order.
+    ``load`` turns a source into its text (default :func:`load_text`; the CLI passes one that keeps
+    the stdlib corpus' held-out part out of calibration).
     """
     if not sources:
         raise PipelineError("mix_calibration needs at least one (source, weight) pair")
@@ -169,7 +173,7 @@ def mix_calibration(
     batches: list[torch.Tensor] = []
     for index, ((source, _), count) in enumerate(zip(sources, _proportional_counts(weights, n_samples), strict=True)):
         if count:
-            batches += calibration_batches(tokenizer, load_text(source), count, seq_len, seed + index)
+            batches += calibration_batches(tokenizer, load(source), count, seq_len, seed + index)
     return batches
 
 
