@@ -2,6 +2,7 @@
 
     python benchmarks/calibration.py                          # source x evaluation matrix at CR 0.3
     python benchmarks/calibration.py --sizes 8 32 128         # also a calibration-size sweep
+    python benchmarks/calibration.py --sources blend --allocation knapsack --solver fast --name calibration-best
 
 Calibration sources: WikiText-2 validation and the stdlib corpus (its calibration part); evaluation:
 WikiText-2 test and the stdlib held-out part. Methods: CoSpaDi and SVD-LLM, each with
@@ -11,18 +12,22 @@ WikiText-2 test and the stdlib held-out part. Methods: CoSpaDi and SVD-LLM, each
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
 from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
+from spadi_ao.allocation import output_sensitivity
 from spadi_ao.api import select_linears
 from spadi_ao.calibration import GramCollector, run_calibration
-from spadi_ao.pipeline.data import calibration_batches, load_text, split_text
+from spadi_ao.pipeline.data import calibration_batches, load_text, mix_calibration, split_text
 
 from common import RESULTS, environment, evaluate, fresh_copy, load_default, write_json
 
 SOURCES = {"wikitext2-valid": lambda: load_text("wikitext2-valid"), "stdlib": lambda: split_text(load_text("stdlib"))[0]}
+BLEND = {"stdlib": 0.5, "wikitext2-valid": 0.5}
+"""The 'blend' source: half the sequences from each (``mix_calibration``), what a user mixing their own text with a generic one gets."""
 EVALUATIONS = {"wikitext2-test": lambda: load_text("wikitext2-test"), "stdlib-held-out": lambda: split_text(load_text("stdlib"))[1]}
 
 
@@ -35,26 +40,41 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shrinkage", nargs="+", default=["0", "auto"])
     parser.add_argument("--methods", nargs="+", default=["cospadi", "svd-llm"])
     parser.add_argument("--sizes", type=int, nargs="*", default=[], help="calibration-size sweep (stdlib source, auto shrinkage)")
+    parser.add_argument("--sources", nargs="*", default=list(SOURCES), choices=[*SOURCES, "blend"])
+    parser.add_argument("--allocation", choices=["uniform", "knapsack"], default="uniform", help="both methods")
+    parser.add_argument("--solver", choices=["ksvd", "fast"], default="ksvd", help="cospadi")
+    parser.add_argument("--sensitivity-samples", type=int, default=8, help="knapsack: calibration sequences for the loss sensitivity")
+    parser.add_argument("--name", default="calibration", help="writes benchmarks/results/<name>.{json,md,png}")
     return parser.parse_args()
 
 
-def config_for(method: str, ratio: float, shrinkage: str):
+def config_for(method: str, shrinkage: str, args: argparse.Namespace):
     value = shrinkage if shrinkage == "auto" else float(shrinkage)
+    common = dict(compression_ratio=args.ratio, gram_shrinkage=value, allocation=args.allocation)
     if method == "svd-llm":
-        return LowRankConfig(compression_ratio=ratio, gram_shrinkage=value)
-    return DictionaryConfig(compression_ratio=ratio, gram_shrinkage=value, iterations=0, atoms_per_step=8)
+        return LowRankConfig(**common)
+    return DictionaryConfig(**common, iterations=0, atoms_per_step=8, solver=args.solver)
 
 
-def grams(model, tokenizer, text: str, n_samples: int, seq_len: int) -> GramCollector:
+def batches_for(source: str, tokenizer, n_samples: int, seq_len: int) -> list[torch.Tensor]:
+    if source == "blend":
+        return mix_calibration(list(BLEND.items()), tokenizer, n_samples, seq_len, load=lambda name: SOURCES[name]())
+    return calibration_batches(tokenizer, SOURCES[source](), n_samples, seq_len)
+
+
+def grams(model, batches: list[torch.Tensor]) -> GramCollector:
     with GramCollector(select_linears(model)) as collector:
-        run_calibration(model, calibration_batches(tokenizer, text, n_samples, seq_len), progress=False)
+        run_calibration(model, batches, progress=False)
     return collector
 
 
-def run(model, tokenizer, collector, method, ratio, shrinkage, eval_texts, windows, seq_len) -> dict:
+def run(model, tokenizer, calibration, method, shrinkage, eval_texts, args) -> dict:
+    """``calibration``: (Grams, loss sensitivity or None) of one source."""
+    collector, sensitivity = calibration
     compressed = fresh_copy(model)
     start = time.perf_counter()
-    report = sparsify_dictionary_(compressed, config_for(method, ratio, shrinkage), calibration=collector, progress=False)
+    extra = {"sensitivity": sensitivity} if args.allocation == "knapsack" else {}
+    report = sparsify_dictionary_(compressed, config_for(method, shrinkage, args), calibration=collector, progress=False, **extra)
     seconds = time.perf_counter() - start
     shrinkages = [layer.gram_shrinkage for layer in report.layers]
     row = {
@@ -64,9 +84,18 @@ def run(model, tokenizer, collector, method, ratio, shrinkage, eval_texts, windo
         "seconds": seconds,
         "chosen_shrinkage": {layer.name: layer.gram_shrinkage for layer in report.layers},
         "mean_shrinkage": sum(shrinkages) / len(shrinkages),
-        "perplexity": {name: evaluate(compressed, tokenizer, text, seq_len, windows)["ppl"] for name, text in eval_texts.items()},
+        "perplexity": {name: evaluate(compressed, tokenizer, text, args.seq_len, args.eval_windows)["ppl"] for name, text in eval_texts.items()},
     }
     return row
+
+
+def calibrate(model, tokenizer, source: str, n_samples: int, args: argparse.Namespace):
+    batches = batches_for(source, tokenizer, n_samples, args.seq_len)
+    sensitivity = None
+    if args.allocation == "knapsack":  # interleaved so the sensitivity sees every source of a blend
+        sample = batches[:: max(1, len(batches) // args.sensitivity_samples)][: args.sensitivity_samples]
+        sensitivity = output_sensitivity(model, select_linears(model), sample)
+    return grams(model, batches), sensitivity
 
 
 def plot(rows: list[dict], path) -> None:
@@ -75,8 +104,8 @@ def plot(rows: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['method']}\nshrink={r['shrinkage']}" for r in rows if r["calibration"] == "wikitext2-valid"]
-    sources = list(SOURCES)
+    sources = list(dict.fromkeys(r["calibration"] for r in rows))
+    labels = [f"{r['method']}\nshrink={r['shrinkage']}" for r in rows if r["calibration"] == sources[0]]
     evaluations = list(EVALUATIONS)
     figure, axes = plt.subplots(1, len(evaluations), figsize=(5 * len(evaluations), 4), squeeze=False)
     for axis, evaluation in zip(axes[0], evaluations):
@@ -100,26 +129,30 @@ def main() -> None:
     dense = {name: evaluate(model, tokenizer, text, args.seq_len, args.eval_windows)["ppl"] for name, text in eval_texts.items()}
     print(f"dense: {dense}", flush=True)
     rows = []
-    for source, load in SOURCES.items():
-        collector = grams(model, tokenizer, load(), args.n_samples, args.seq_len)
+    for source in args.sources:
+        calibration = calibrate(model, tokenizer, source, args.n_samples, args)
         for method in args.methods:
             for shrinkage in args.shrinkage:
-                row = run(model, tokenizer, collector, method, args.ratio, shrinkage, eval_texts, args.eval_windows, args.seq_len)
+                row = run(model, tokenizer, calibration, method, shrinkage, eval_texts, args)
                 row["calibration"] = source
                 rows.append(row)
                 print(f"calib {source:16s} {method:8s} shrink {shrinkage:5s} (mean {row['mean_shrinkage']:.3f}): "
                       + ", ".join(f"{k} {v:.2f}" for k, v in row["perplexity"].items()), flush=True)
-        del collector
+        del calibration
     sweep = []
     for size in args.sizes:
-        collector = grams(model, tokenizer, SOURCES["stdlib"](), size, args.seq_len)
+        calibration = calibrate(model, tokenizer, "stdlib", size, args)
         for method in args.methods:
-            row = run(model, tokenizer, collector, method, args.ratio, "auto", eval_texts, args.eval_windows, args.seq_len)
+            row = run(model, tokenizer, calibration, method, "auto", eval_texts, args)
             row["n_samples"] = size
             sweep.append(row)
             print(f"stdlib x{size:4d} {method:8s} auto: " + ", ".join(f"{k} {v:.2f}" for k, v in row["perplexity"].items()), flush=True)
     payload = {
+        "command": " ".join(["python", *sys.argv]),
         "ratio": args.ratio,
+        "allocation": args.allocation,
+        "solver": args.solver,
+        "blend": BLEND,
         "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len},
         "evaluation_windows": args.eval_windows,
         "cospadi": {"iterations": 0, "atoms_per_step": 8, "init": "svd"},
@@ -128,8 +161,8 @@ def main() -> None:
         "size_sweep": sweep,
         "environment": environment(),
     }
-    write_json(RESULTS / "calibration.json", payload)
-    lines = [f"CR {args.ratio}, calibration {args.n_samples} x {args.seq_len}, evaluation first {args.eval_windows} x {args.seq_len} tokens. "
+    write_json(RESULTS / f"{args.name}.json", payload)
+    lines = [f"CR {args.ratio} (allocation {args.allocation}, cospadi solver {args.solver}), calibration {args.n_samples} x {args.seq_len}, evaluation first {args.eval_windows} x {args.seq_len} tokens. "
              f"Dense: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()), "",
              "| calibration | method | gram_shrinkage | mean chosen | " + " | ".join(f"PPL {k}" for k in EVALUATIONS) + " |",
              "|---|---|---|---|" + "---|" * len(EVALUATIONS)]
@@ -140,9 +173,10 @@ def main() -> None:
         lines += ["", "| stdlib sequences | method | " + " | ".join(f"PPL {k}" for k in EVALUATIONS) + " |", "|---|---|" + "---|" * len(EVALUATIONS)]
         for row in sweep:
             lines.append(f"| {row['n_samples']} | {row['method']} | " + " | ".join(f"{row['perplexity'][k]:.2f}" for k in EVALUATIONS) + " |")
-    (RESULTS / "calibration.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(rows, RESULTS / "calibration.png")
+    if rows:
+        plot(rows, RESULTS / f"{args.name}.png")
 
 
 if __name__ == "__main__":
