@@ -235,8 +235,9 @@ def sparsify_dictionary_(
     new weights are swapped in only after every layer succeeded.
 
     ``sequential=True`` walks the decoder one block at a time (see ``spadi_ao.sequential``): only one
-    block's Grams exist at once, ``propagate`` chooses whether later blocks see dense or compressed
-    activations, and ``checkpoint_dir`` makes the run resumable. Called inside an initialised
+    block's Grams exist at once, each block's dense weights are released as it finishes (a failure
+    leaves finished blocks compressed and restores the block in flight), ``propagate`` chooses
+    whether later blocks see dense or compressed activations, and ``checkpoint_dir`` makes the run resumable. Called inside an initialised
     ``torch.distributed`` process group, the per-layer solves are split across ranks.
 
     ``config.allocation="knapsack"`` chooses per-layer ratios that meet the whole-model byte budget; it

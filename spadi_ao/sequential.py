@@ -220,7 +220,12 @@ def run_sequential(
     checkpoint_dir: Optional[str | os.PathLike] = None,
     progress: bool = True,
 ) -> tuple[list[LayerReport], GramCollector | None]:
-    """Compress ``targets`` block by block; swaps weights in as it goes and restores them on failure."""
+    """Compress ``targets`` block by block, swapping each block's weights in as it finishes.
+
+    A block's dense weights are released once it is done, so host memory stays near the model's own
+    size. On failure the block in flight is restored; finished blocks keep their (working) compressed
+    weights, and the error says how many; rerunning with ``checkpoint_dir`` resumes instead of redoing.
+    """
     if propagate not in ("dense", "compressed"):
         raise ValueError(f"propagate must be 'dense' or 'compressed', got {propagate!r}")
     _, blocks = decoder_blocks(model, targets)
@@ -229,11 +234,13 @@ def run_sequential(
     inputs = _capture_block_inputs(model, blocks[0], batches)
     checkpoint = _Checkpoint(Path(checkpoint_dir), run_fingerprint(model, config, targets, inputs, propagate)) if checkpoint_dir else None
     rank, world = _rank_and_world()
-    originals: dict[str, nn.Parameter] = {}
+    originals: dict[str, nn.Parameter] = {}  # the block in flight only
     reports: list[LayerReport] = []
     last_collector: GramCollector | None = None
+    finished = 0
     try:
         for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
+            originals = {}
             prefix = f"{block_prefix}.{index}."
             names = [name for name in targets if name.startswith(prefix)]
             results: dict[str, tuple[torch.Tensor, LayerReport]] = {}
@@ -271,8 +278,15 @@ def run_sequential(
                 next_inputs = _run_block(block, inputs, device)
             inputs = next_inputs
             last_collector = collector or last_collector
-    except BaseException:
+            finished += 1
+    except BaseException as exc:
         for name, parameter in originals.items():
             targets[name].weight = parameter
+        if finished:
+            exc.add_note(
+                f"spadi-ao: blocks 0-{finished - 1} of {len(blocks)} were compressed before the failure and keep their compressed "
+                "weights; the block in flight was restored. Rerun on a freshly loaded model (with checkpoint_dir to skip finished layers)."
+            )
         raise
+    originals.clear()
     return reports, last_collector

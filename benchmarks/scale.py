@@ -1,0 +1,288 @@
+"""Scale: host memory of sequential compression, 2-rank solve speed-up, kill-and-resume.
+
+Every measurement runs in a fresh child process, so its peak RSS (``ru_maxrss``) is that run's alone.
+The models are random-init Llama architectures built without a second copy of the weights (on the
+meta device, then materialised and filled in place), calibrated on random tokens: memory and time do
+not depend on what the weights say.
+
+    python benchmarks/scale.py                                   # all parts, ~1B model (16 and 32 layers)
+    python benchmarks/scale.py --parts rss --layers 16 32
+    python benchmarks/scale.py --quick                           # small shapes, a smoke test
+
+* ``rss``: peak RSS of ``sparsify_dictionary_(sequential=True)`` vs the model's fp32 weight bytes
+  (target < 1.3x), and its growth from L to 2L layers vs the added weight bytes;
+* ``speedup``: the solve phase with 1 process x 1 thread vs 2 gloo processes x 1 thread each
+  (``torch.distributed.run``), outputs compared byte for byte (target >= 1.7x);
+* ``resume``: a run SIGKILLed at a random layer, restarted and killed again at another, then finished,
+  against an uninterrupted run, byte for byte.
+
+Writes benchmarks/results/scale.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
+    "quick": dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2, vocab_size=4000),
+}
+
+
+# ------------------------------------------------------------------------------------------ child
+
+
+def _rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def build_model(shape: str, layers: int, seed: int = 0):
+    """A random-init LlamaForCausalLM holding one copy of its weights (meta, then filled in place)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], num_hidden_layers=layers, tie_word_embeddings=True, max_position_embeddings=1024)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.fill_(1.0)
+            else:
+                parameter.normal_(0.0, 0.02, generator=generator)
+    _rotary_fix(model)
+    return model.eval()
+
+
+def _rotary_fix(model) -> None:
+    """``to_empty`` leaves non-persistent buffers (the rotary frequencies) uninitialised: recompute them."""
+    import torch
+
+    rotary = model.model.rotary_emb
+    inv_freq, _ = type(rotary).compute_default_rope_parameters(rotary.config)
+    rotary.inv_freq.copy_(inv_freq)
+    rotary.original_inv_freq.copy_(inv_freq)
+
+
+def _state_digest(model) -> str:
+    import torch
+
+    from spadi_ao.serialization import flatten_state_dict
+
+    tensors, _ = flatten_state_dict(model.state_dict())
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def solve_phase_seconds(layers, world: int) -> float:
+    """Wall time of the solve phase: per block, the busiest rank's solves (dealt round-robin in order)."""
+    blocks: dict[str, list[float]] = {}
+    for layer in layers:
+        blocks.setdefault(layer.name.split(".layers.")[1].split(".")[0], []).append(layer.seconds)
+    return sum(max(sum(seconds[rank::world]) for rank in range(world)) for seconds in blocks.values())
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if os.environ.get("WORLD_SIZE"):
+        torch.distributed.init_process_group("gloo")
+    from spadi_ao import DictionaryConfig, sparsify_dictionary_
+
+    baseline = _current_rss_bytes()
+    model = build_model(args.shape, args.layers)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    built = _current_rss_bytes()
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=generator) for _ in range(args.samples)]
+    config = DictionaryConfig(compression_ratio=0.3, solver="fast", fast_steps=0)
+    start = time.perf_counter()
+    report = sparsify_dictionary_(model, config, calibration=batches, sequential=True, checkpoint_dir=args.checkpoint_dir, progress=False)
+    seconds = time.perf_counter() - start
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    result = {
+        "layers": args.layers,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weight_bytes": weight_bytes,
+        "baseline_rss": baseline,
+        "rss_after_build": built,
+        "peak_rss": _rss_bytes(),
+        "seconds": seconds,
+        "solve_seconds": solve_phase_seconds(report.layers, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1),
+        "compression_ratio": report.compression_ratio,
+        "digest": _state_digest(model) if args.digest else None,
+        "rank": rank,
+    }
+    if rank == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------- parent
+
+
+def _child_command(args: argparse.Namespace, layers: int, threads: int = 2, checkpoint_dir: str | None = None, digest: bool = False) -> list[str]:
+    command = [__file__, "--child", "--shape", args.shape, "--layers", str(layers), "--threads", str(threads),
+               "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    if checkpoint_dir:
+        command += ["--checkpoint-dir", checkpoint_dir]
+    return command + (["--digest"] if digest else [])
+
+
+def _run(command: list[str], launcher: list[str] | None = None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": command[command.index("--threads") + 1]}
+    completed = subprocess.run((launcher or [sys.executable]) + command, capture_output=True, text=True, env=env)
+    if completed.returncode != 0:
+        raise RuntimeError(f"child failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
+    line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def part_rss(args: argparse.Namespace) -> dict:
+    runs = []
+    for layers in args.layers:
+        result = _run(_child_command(args, layers))
+        result["peak_over_weights"] = result["peak_rss"] / result["weight_bytes"]
+        runs.append(result)
+        print(f"rss: {layers} layers, {result['parameters'] / 1e9:.2f}B params, weights {result['weight_bytes'] / 2**30:.2f} GiB, "
+              f"peak RSS {result['peak_rss'] / 2**30:.2f} GiB ({result['peak_over_weights']:.2f}x), {result['seconds']:.0f}s", flush=True)
+    growth = None
+    if len(runs) >= 2:
+        growth = {"added_weight_bytes": runs[-1]["weight_bytes"] - runs[0]["weight_bytes"],
+                  "added_peak_rss": runs[-1]["peak_rss"] - runs[0]["peak_rss"]}
+    return {"runs": runs, "growth": growth}
+
+
+def part_speedup(args: argparse.Namespace) -> dict:
+    layers = args.speedup_layers
+    single = _run(_child_command(args, layers, threads=1, digest=True))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
+    double = _run(_child_command(args, layers, threads=1, digest=True), launcher=launcher)
+    result = {"layers": layers, "one_rank_solve_seconds": single["solve_seconds"], "two_ranks_solve_seconds": double["solve_seconds"],
+              "speedup": single["solve_seconds"] / double["solve_seconds"], "one_rank_total_seconds": single["seconds"],
+              "two_ranks_total_seconds": double["seconds"], "identical": single["digest"] == double["digest"]}
+    print(f"speedup: solve phase 1 rank {single['solve_seconds']:.1f}s, 2 ranks {double['solve_seconds']:.1f}s -> {result['speedup']:.2f}x "
+          f"(whole run {single['seconds']:.1f}s vs {double['seconds']:.1f}s), identical output: {result['identical']}", flush=True)
+    return result
+
+
+def _killed_run(command: list[str], directory: Path, kill_after_layers: int) -> int:
+    """Start a run, SIGKILL it once the checkpoint holds ``kill_after_layers`` more layers; returns layers done."""
+    manifest = directory / "manifest.json"
+
+    def done() -> int:
+        try:
+            return len(json.loads(manifest.read_text())["layers"])
+        except (FileNotFoundError, json.JSONDecodeError):
+            return 0
+
+    start_count = done()
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    process = subprocess.Popen([sys.executable] + command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    while process.poll() is None and done() < start_count + kill_after_layers:
+        time.sleep(0.05)
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+    return done()
+
+
+def part_resume(args: argparse.Namespace) -> dict:
+    layers = args.resume_layers
+    total = layers * 7
+    reference = _run(_child_command(args, layers, digest=True))
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory() as directory:
+        command = _child_command(args, layers, checkpoint_dir=directory, digest=True)
+        kills = []
+        for _ in range(2):
+            kills.append(_killed_run(command, Path(directory), rng.randint(1, max(1, total // 3))))
+        finished = _run(command)
+    result = {"layers": layers, "linears": total, "layers_done_at_kills": kills, "identical": finished["digest"] == reference["digest"]}
+    print(f"resume: killed with {kills} of {total} Linears done; final model identical to uninterrupted: {result['identical']}", flush=True)
+    return result
+
+
+def write(results: dict, args: argparse.Namespace) -> None:
+    lines = [f"Model shape `{args.shape}` ({SHAPES[args.shape]}), calibration {args.samples} x {args.seq_len} random tokens, "
+             "CoSpaDi CR 0.3, solver='fast', fast_steps=0, sequential=True.", ""]
+    if "rss" in results:
+        lines += ["| layers | parameters | fp32 weights GiB | RSS after imports GiB | peak RSS GiB | peak / weights | seconds |",
+                  "|---|---|---|---|---|---|---|"]
+        for run in results["rss"]["runs"]:
+            lines.append(f"| {run['layers']} | {run['parameters'] / 1e9:.3f}B | {run['weight_bytes'] / 2**30:.2f} | "
+                         f"{run['baseline_rss'] / 2**30:.2f} | {run['peak_rss'] / 2**30:.2f} | {run['peak_over_weights']:.2f} | {run['seconds']:.0f} |")
+        growth = results["rss"]["growth"]
+        if growth:
+            lines += ["", f"Doubling the layers added {growth['added_weight_bytes'] / 2**30:.2f} GiB of weights and "
+                          f"{growth['added_peak_rss'] / 2**30:.2f} GiB of peak RSS."]
+    if "speedup" in results:
+        r = results["speedup"]
+        lines += ["", f"Solve phase ({r['layers']} layers): 1 rank x 1 thread {r['one_rank_solve_seconds']:.1f} s, 2 ranks x 1 thread "
+                      f"{r['two_ranks_solve_seconds']:.1f} s: {r['speedup']:.2f}x (whole run {r['one_rank_total_seconds']:.1f} s vs "
+                      f"{r['two_ranks_total_seconds']:.1f} s); identical output: {r['identical']}."]
+    if "resume" in results:
+        r = results["resume"]
+        lines += ["", f"Kill and resume ({r['linears']} Linears): killed twice with {r['layers_done_at_kills']} Linears checkpointed; "
+                      f"final model bit-identical to an uninterrupted run: {r['identical']}."]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": " ".join(["python", *sys.argv]), **results}, indent=1))
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", nargs="+", default=["rss", "speedup", "resume"], choices=["rss", "speedup", "resume"])
+    parser.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    parser.add_argument("--layers", type=int, nargs="+", default=[16, 32], help="rss: decoder layers of each run")
+    parser.add_argument("--speedup-layers", type=int, default=2)
+    parser.add_argument("--resume-layers", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="small shapes: a smoke test")
+    parser.add_argument("--name", default="scale")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--digest", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.layers = args.layers[0]
+        child(args)
+        return
+    if args.quick:
+        args.shape, args.layers, args.samples, args.seq_len, args.name = "quick", [2, 4], 4, 64, "scale-quick"
+    results = {}
+    for part in args.parts:
+        results[part] = {"rss": part_rss, "speedup": part_speedup, "resume": part_resume}[part](args)
+    write(results, args)
+
+
+if __name__ == "__main__":
+    main()
