@@ -43,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sources", nargs="*", default=list(SOURCES), choices=[*SOURCES, "blend"])
     parser.add_argument("--allocation", choices=["uniform", "knapsack"], default="uniform", help="both methods")
     parser.add_argument("--solver", choices=["ksvd", "fast"], default="ksvd", help="cospadi")
+    parser.add_argument("--grouping", choices=["paper", "inputs"], default=None, help="cospadi")
     parser.add_argument("--sensitivity-samples", type=int, default=8, help="knapsack: calibration sequences for the loss sensitivity")
     parser.add_argument("--name", default="calibration", help="writes benchmarks/results/<name>.{json,md,png}")
     return parser.parse_args()
@@ -53,7 +54,7 @@ def config_for(method: str, shrinkage: str, args: argparse.Namespace):
     common = dict(compression_ratio=args.ratio, gram_shrinkage=value, allocation=args.allocation)
     if method == "svd-llm":
         return LowRankConfig(**common)
-    return DictionaryConfig(**common, iterations=0, atoms_per_step=8, solver=args.solver)
+    return DictionaryConfig(**common, iterations=0, atoms_per_step=8, solver=args.solver, grouping=args.grouping)
 
 
 def batches_for(source: str, tokenizer, n_samples: int, seq_len: int) -> list[torch.Tensor]:
@@ -152,6 +153,7 @@ def main() -> None:
         "ratio": args.ratio,
         "allocation": args.allocation,
         "solver": args.solver,
+        "grouping": args.grouping,
         "blend": BLEND,
         "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len},
         "evaluation_windows": args.eval_windows,
@@ -162,7 +164,7 @@ def main() -> None:
         "environment": environment(),
     }
     write_json(RESULTS / f"{args.name}.json", payload)
-    lines = [f"CR {args.ratio} (allocation {args.allocation}, cospadi solver {args.solver}), calibration {args.n_samples} x {args.seq_len}, evaluation first {args.eval_windows} x {args.seq_len} tokens. "
+    lines = [f"CR {args.ratio} (allocation {args.allocation}, cospadi solver {args.solver}, grouping {args.grouping}), calibration {args.n_samples} x {args.seq_len}, evaluation first {args.eval_windows} x {args.seq_len} tokens. "
              f"Dense: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()), "",
              "| calibration | method | gram_shrinkage | mean chosen | " + " | ".join(f"PPL {k}" for k in EVALUATIONS) + " |",
              "|---|---|---|---|" + "---|" * len(EVALUATIONS)]

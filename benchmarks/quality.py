@@ -31,6 +31,8 @@ VARIANTS = {
     "uniform": {},
     "knapsack": {"allocation": "knapsack"},
     "fast": {"solver": "fast"},
+    "fast-2": {"solver": "fast", "fast_steps": 2},
+    "fast-4": {"solver": "fast", "fast_steps": 4},
     "ksvd": {"iterations": None},  # K-SVD with --ksvd-iterations iterations: the fast solver's reference
     "grouped": {"grouping": "paper"},
     "grouped-inputs": {"grouping": "inputs"},
@@ -38,8 +40,13 @@ VARIANTS = {
     "combined": {"allocation": "knapsack", "solver": "fast", "grouping": "inputs"},
     "svd-llm": None,
     "svd-llm-knapsack": {"allocation": "knapsack"},
+    "sequential-dense": {},
+    "sequential-compressed": {},
 }
 """CoSpaDi variants on top of the CLI's one-shot setting (``--iterations``, ``--atoms-per-step``)."""
+
+PROPAGATION = {"sequential-dense": "dense", "sequential-compressed": "compressed"}
+"""Variants run block by block (``sequential=True``) from the calibration batches, with this ``propagate``."""
 
 
 def parse_args() -> argparse.Namespace:
@@ -124,6 +131,7 @@ def run_variants(args: argparse.Namespace, model, tokenizer, eval_text: str, col
         sensitivity_seconds = time.perf_counter() - start
         print(f"loss sensitivity over {len(batches)} sequences: {sensitivity_seconds:.0f}s", flush=True)
     rows = []
+    batches = calibration_batches(tokenizer, load_text(args.calibration), args.n_samples, args.seq_len)
     for ratio in args.ratios:
         for variant, ratios in plan.items():
             if ratio not in ratios:
@@ -131,8 +139,11 @@ def run_variants(args: argparse.Namespace, model, tokenizer, eval_text: str, col
             config = variant_config(variant, ratio, args)
             compressed = fresh_copy(model)
             start = time.perf_counter()
-            extra = {"sensitivity": sensitivity} if config.allocation == "knapsack" else {}
-            report = sparsify_dictionary_(compressed, config, calibration=collector, **extra)
+            if variant in PROPAGATION:  # the same batches the Grams came from, walked block by block
+                report = sparsify_dictionary_(compressed, config, calibration=batches, sequential=True, propagate=PROPAGATION[variant])
+            else:
+                extra = {"sensitivity": sensitivity} if config.allocation == "knapsack" else {}
+                report = sparsify_dictionary_(compressed, config, calibration=collector, **extra)
             seconds = time.perf_counter() - start
             result = evaluate(compressed, tokenizer, eval_text, args.seq_len, args.eval_windows)
             rows.append(

@@ -222,7 +222,7 @@ def sparsify_dictionary_(
     calibration: Optional[Iterable[Any] | GramCollector] = None,
     *,
     sequential: bool = False,
-    propagate: str = "dense",
+    propagate: str = "compressed",
     checkpoint_dir: Optional[str | os.PathLike] = None,
     sensitivity: Optional[dict[str, torch.Tensor]] = None,
     progress: bool = True,
@@ -237,7 +237,8 @@ def sparsify_dictionary_(
     ``sequential=True`` walks the decoder one block at a time (see ``spadi_ao.sequential``): only one
     block's Grams exist at once, each block's dense weights are released as it finishes (a failure
     leaves finished blocks compressed and restores the block in flight), ``propagate`` chooses
-    whether later blocks see dense or compressed activations, and ``checkpoint_dir`` makes the run resumable. Called inside an initialised
+    whether later blocks see dense or compressed activations (``"compressed"``, the default, measured
+    2 % / 42 % lower WikiText-2 perplexity on SmolLM2 at CR 0.3 / 0.5), and ``checkpoint_dir`` makes the run resumable. Called inside an initialised
     ``torch.distributed`` process group, the per-layer solves are split across ranks.
 
     ``config.allocation="knapsack"`` chooses per-layer ratios that meet the whole-model byte budget; it

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--damping", type=float, default=1e-2)
     compress.add_argument("--seed", type=int, default=42)
     compress.add_argument("--sequential", action="store_true", help="one decoder block at a time (bounded memory; also under torchrun)")
-    compress.add_argument("--propagate", choices=["dense", "compressed"], default="dense", help="activations later blocks calibrate on (sequential)")
+    compress.add_argument("--propagate", choices=["dense", "compressed"], default="compressed", help="activations later blocks calibrate on (sequential; compressed measured better)")
     compress.add_argument("--checkpoint-dir", default=None, help="resumable: finished layers are saved here and skipped on restart")
     compress.add_argument("--output", default=None, help="output directory (default: runs/<model>-<method>-cr<ratio>-<time>)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

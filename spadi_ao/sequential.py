@@ -216,7 +216,7 @@ def run_sequential(
     batches: Iterable[Any],
     solve: SolveFn,
     *,
-    propagate: str = "dense",
+    propagate: str = "compressed",
     checkpoint_dir: Optional[str | os.PathLike] = None,
     progress: bool = True,
 ) -> tuple[list[LayerReport], GramCollector | None]:
