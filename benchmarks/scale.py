@@ -8,11 +8,13 @@ not depend on what the weights say.
     python benchmarks/scale.py                                   # all parts, ~1B model (16 and 32 layers)
     python benchmarks/scale.py --parts rss --layers 16 32
     python benchmarks/scale.py --quick                           # small shapes, a smoke test
+    python benchmarks/scale.py --parts layers --name scale-layers    # per-layer solve time and memory
 
 * ``rss``: peak RSS of ``sparsify_dictionary_(sequential=True)`` vs the model's fp32 weight bytes
   (target < 1.3x), and its growth from L to 2L layers vs the added weight bytes;
 * ``speedup``: the solve phase with 1 process x 1 thread vs 2 gloo processes x 1 thread each
   (``torch.distributed.run``), outputs compared byte for byte (target >= 1.7x);
+* ``layers``: one layer's whitening + solve time and peak RSS per shape (SmolLM2, Llama-3-8B) and solver;
 * ``resume``: a run SIGKILLed at a random layer, restarted and killed again at another, then finished,
   against an uninterrupted run, byte for byte.
 
@@ -142,7 +144,56 @@ def child(args: argparse.Namespace) -> None:
         torch.distributed.destroy_process_group()
 
 
+LAYER_SHAPES = {
+    "SmolLM2 q/o": (576, 576), "SmolLM2 k/v": (192, 576), "SmolLM2 gate/up": (1536, 576), "SmolLM2 down": (576, 1536),
+    "Llama-3-8B q/o": (4096, 4096), "Llama-3-8B gate/up": (14336, 4096), "Llama-3-8B down": (4096, 14336),
+}
+SOLVERS = {
+    "one-shot (CLI default)": dict(iterations=0, atoms_per_step=8),
+    "fast (8 steps)": dict(solver="fast"),
+    "K-SVD, 1 iteration": dict(iterations=1, atoms_per_step=8),
+}
+
+
+def layer_child(args: argparse.Namespace) -> None:
+    """One layer: whitening + solve time and the process' peak RSS, random weight and a realistic-ish Gram."""
+    import torch
+
+    from spadi_ao import DictionaryConfig
+    from spadi_ao.layer import compress_weight
+
+    torch.set_num_threads(args.threads)
+    out_features, in_features = LAYER_SHAPES[args.layer_shape]
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+    # Activations have a few dominant directions over a spread of per-feature energies.
+    spread = torch.rand(in_features, generator=generator, dtype=torch.float64) + 0.1
+    directions = torch.randn(in_features, 64, generator=generator, dtype=torch.float64)
+    gram = torch.diag(spread) + directions @ directions.T / 64
+    del directions
+    before = _current_rss_bytes()
+    config = DictionaryConfig(compression_ratio=0.3, gram_shrinkage=0.0, **SOLVERS[args.solver_name])
+    start = time.perf_counter()
+    _, report = compress_weight(args.layer_shape, weight, gram, config, calibration_tokens=4096)
+    seconds = time.perf_counter() - start
+    result = {"shape": args.layer_shape, "out": out_features, "in": in_features, "solver": args.solver_name, "k": report.k, "s": report.s,
+              "seconds": seconds, "peak_rss": _rss_bytes(), "rss_before_solve": before, "weight_bytes": weight.numel() * 4}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
 # ----------------------------------------------------------------------------------------- parent
+
+
+def part_layers(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for shape in args.layer_shapes:
+        for solver in args.solvers:
+            command = [__file__, "--child", "--layer-shape", shape, "--solver-name", solver, "--threads", str(args.threads)]
+            row = _run(command)
+            rows.append(row)
+            print(f"layer {shape} ({row['out']}x{row['in']}, k={row['k']}, s={row['s']}), {solver}: {row['seconds']:.1f}s, "
+                  f"peak RSS {row['peak_rss'] / 2**30:.2f} GiB (+{(row['peak_rss'] - row['rss_before_solve']) / 2**30:.2f} GiB during the solve)", flush=True)
+    return rows
 
 
 def _child_command(args: argparse.Namespace, layers: int, threads: int = 2, checkpoint_dir: str | None = None, digest: bool = False) -> list[str]:
@@ -249,6 +300,12 @@ def write(results: dict, args: argparse.Namespace) -> None:
         r = results["resume"]
         lines += ["", f"Kill and resume ({r['linears']} Linears): killed twice with {r['layers_done_at_kills']} Linears checkpointed; "
                       f"final model bit-identical to an uninterrupted run: {r['identical']}."]
+    if "layers" in results:
+        lines += ["", f"Per-layer solve, CR 0.3, {args.threads} threads (whitening included; peak RSS of the whole process):", "",
+                  "| layer | out x in | k / s | solver | seconds | peak RSS GiB | RSS added by the solve GiB |", "|---|---|---|---|---|---|---|"]
+        for r in results["layers"]:
+            lines.append(f"| {r['shape']} | {r['out']}x{r['in']} | {r['k']} / {r['s']} | {r['solver']} | {r['seconds']:.1f} | "
+                         f"{r['peak_rss'] / 2**30:.2f} | {(r['peak_rss'] - r['rss_before_solve']) / 2**30:.2f} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": " ".join(["python", *sys.argv]), **results}, indent=1))
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
@@ -257,7 +314,7 @@ def write(results: dict, args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["rss", "speedup", "resume"], choices=["rss", "speedup", "resume"])
+    parser.add_argument("--parts", nargs="+", default=["rss", "speedup", "resume"], choices=["rss", "speedup", "resume", "layers"])
     parser.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     parser.add_argument("--layers", type=int, nargs="+", default=[16, 32], help="rss: decoder layers of each run")
     parser.add_argument("--speedup-layers", type=int, default=2)
@@ -267,12 +324,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small shapes: a smoke test")
     parser.add_argument("--name", default="scale")
+    parser.add_argument("--layer-shapes", nargs="+", default=list(LAYER_SHAPES), choices=list(LAYER_SHAPES))
+    parser.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=list(SOLVERS))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--layer-shape", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--solver-name", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--digest", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        if args.layer_shape:
+            layer_child(args)
+            return
         args.layers = args.layers[0]
         child(args)
         return
@@ -280,7 +344,7 @@ def main() -> None:
         args.shape, args.layers, args.samples, args.seq_len, args.name = "quick", [2, 4], 4, 64, "scale-quick"
     results = {}
     for part in args.parts:
-        results[part] = {"rss": part_rss, "speedup": part_speedup, "resume": part_resume}[part](args)
+        results[part] = {"rss": part_rss, "speedup": part_speedup, "resume": part_resume, "layers": part_layers}[part](args)
     write(results, args)
 
 
