@@ -78,9 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--power-iterations", type=_positive, default=8)
     compress.add_argument("--atoms-per-step", type=_positive, default=8, help="OMP atoms per step (1 = exact OMP)")
     compress.add_argument("--init", choices=["svd", "random-columns"], default="svd")
-    compress.add_argument("--solver", choices=["ksvd", "fast"], default="ksvd", help="cospadi: K-SVD (paper) or the fast closed-form refits")
-    compress.add_argument("--allocation", choices=["uniform", "knapsack"], default="uniform", help="per-layer ratios: uniform, or a knapsack over the whole-model budget")
-    compress.add_argument("--grouping", choices=["paper", "inputs"], default=None, help="cospadi: layers that share one dictionary (default: none)")
+    compress.add_argument("--solver", choices=["ksvd", "fast"], default="fast", help="cospadi: the fast closed-form refits (default) or K-SVD (the paper's)")
+    compress.add_argument("--allocation", choices=["uniform", "knapsack"], default=None,
+                          help="per-layer ratios: a knapsack over the whole-model budget (cospadi default) or uniform (svd-llm and --sequential default)")
+    compress.add_argument("--grouping", choices=["inputs", "paper", "none"], default=None,
+                          help="cospadi: layers sharing one dictionary: 'inputs' (default; q/k/v and gate/up of a block), 'paper', 'none' (--sequential default)")
     compress.add_argument("--damping", type=float, default=1e-2)
     compress.add_argument("--seed", type=int, default=42)
     compress.add_argument("--sequential", action="store_true", help="one decoder block at a time (bounded memory; also under torchrun)")
@@ -146,14 +148,19 @@ def _perplexity(model, tokenizer, text: str, args: argparse.Namespace, label: st
 def _config(args: argparse.Namespace):
     from spadi_ao import DictionaryConfig, LowRankConfig
 
-    common = dict(compression_ratio=args.ratio, damping=args.damping, seed=args.seed, gram_shrinkage=args.gram_shrinkage, allocation=args.allocation)
+    # The measured best (README, "Beyond the paper") for CoSpaDi; the plain baseline for SVD-LLM. Knapsack
+    # and grouping need the whole model at once, so --sequential defaults to neither.
+    whole_model = args.method == "cospadi" and not args.sequential
+    allocation = args.allocation or ("knapsack" if whole_model else "uniform")
+    grouping = args.grouping or ("inputs" if whole_model else "none")
+    common = dict(compression_ratio=args.ratio, damping=args.damping, seed=args.seed, gram_shrinkage=args.gram_shrinkage, allocation=allocation)
     if args.method == "svd-llm":
-        if args.solver != "ksvd" or args.grouping is not None:
-            raise CLIError("--solver and --grouping apply to --method cospadi only")
+        if grouping != "none":
+            raise CLIError("--grouping applies to --method cospadi only")
         return LowRankConfig(**common)
     return DictionaryConfig(
         rho=args.rho, iterations=args.iterations, power_iterations=args.power_iterations, atoms_per_step=args.atoms_per_step,
-        init=args.init, solver=args.solver, grouping=args.grouping, **common,
+        init=args.init, solver=args.solver, grouping=None if grouping == "none" else grouping, **common,
     )
 
 

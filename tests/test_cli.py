@@ -108,7 +108,8 @@ def test_blended_calibration_and_config_flags_reach_the_report(tmp_path, tiny_mo
     "extra, message",
     [
         (["--calibration", "stdlib", "wikitext2-valid", "--calibration-weights", "1"], "--calibration-weights gives 1 weights for 2"),
-        (["--method", "svd-llm", "--solver", "fast"], "--method cospadi only"),
+        (["--method", "svd-llm", "--grouping", "inputs"], "--method cospadi only"),
+        (["--sequential", "--allocation", "knapsack"], "use sequential=False"),
     ],
 )
 def test_calibration_and_method_mismatches_are_clear_errors(extra, message, tmp_path, tiny_model_dir, capsys):
@@ -120,3 +121,19 @@ def test_gram_shrinkage_out_of_range_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         main(["compress", "--gram-shrinkage", "1.5"])
     assert "'auto' or a float in [0, 1]" in capsys.readouterr().err
+
+
+def test_cli_defaults_are_the_measured_best_for_cospadi_and_the_plain_baseline_otherwise():
+    from spadi_ao.cli import _config, build_parser
+
+    def config(*argv):
+        return _config(build_parser().parse_args(["compress", *argv]))
+
+    best = config()
+    assert (best.allocation, best.solver, best.grouping, best.gram_shrinkage) == ("knapsack", "fast", "inputs", "auto")
+    sequential = config("--sequential")
+    assert (sequential.allocation, sequential.grouping) == ("uniform", None)
+    baseline = config("--method", "svd-llm")
+    assert type(baseline).__name__ == "LowRankConfig" and baseline.allocation == "uniform"
+    plain = config("--allocation", "uniform", "--grouping", "none", "--solver", "ksvd")
+    assert (plain.allocation, plain.grouping, plain.solver) == ("uniform", None, "ksvd")
