@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from spadi_ao.solvers.shrinkage import SequenceMoments, diagonal_shrinkage_intensity
+from spadi_ao.solvers.whitening import BLOCK_ROWS
 
 __all__ = ["GramCollector", "attach_collector", "run_calibration", "CALIBRATION_ATTR"]
 
@@ -43,6 +44,7 @@ class GramCollector:
             module.register_forward_pre_hook(self._make_hook(name)) for name, module in modules.items()
         ]
         self.module_names = list(modules)
+        self._released: set[str] = set()
 
     def _make_hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -65,18 +67,25 @@ class GramCollector:
             return
         sequences = x.detach().reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.detach().unsqueeze(0)
         dtype = torch.float64 if self.exact else torch.float32
-        moments = self._moments.setdefault(name, SequenceMoments())
-        total = None
         for sequence in sequences.to(dtype):
-            product = (sequence.T @ sequence).to(torch.float64)
-            moments.add(product / sequence.shape[0])
-            total = product if total is None else total.add_(product)
-        if name in self._grams:
-            self._grams[name].add_(total)
-            self._tokens[name] += sequences.shape[0] * sequences.shape[1]
-        else:
-            self._grams[name] = total
-            self._tokens[name] = sequences.shape[0] * sequences.shape[1]
+            self._add_sequence(name, sequence)
+        self._tokens[name] = self._tokens.get(name, 0) + sequences.shape[0] * sequences.shape[1]
+
+    def _add_sequence(self, name: str, sequence: torch.Tensor) -> None:
+        """One sequence's ``X^T X`` into the float64 sum and its moments, a block of rows at a time: no
+        full-size temporary next to a sum that is 512 MiB for an 8192-wide input."""
+        tokens, width = sequence.shape
+        if name not in self._grams:
+            self._grams[name] = torch.zeros(width, width, dtype=torch.float64, device=sequence.device)
+        squared_norm = squared_diagonal = torch.zeros((), dtype=torch.float64, device=sequence.device)
+        for start in range(0, width, BLOCK_ROWS):
+            stop = min(start + BLOCK_ROWS, width)
+            rows = (sequence[:, start:stop].T @ sequence).to(torch.float64)
+            self._grams[name][start:stop].add_(rows)
+            mean_rows = rows.div_(tokens)
+            squared_diagonal = squared_diagonal + mean_rows[:, start:stop].diagonal().pow(2).sum()
+            squared_norm = squared_norm + mean_rows.pow_(2).sum()
+        self._moments.setdefault(name, SequenceMoments()).add_norms(float(squared_norm), float(squared_diagonal))
 
     def remove(self) -> None:
         """Detach the hooks; the accumulated Grams stay available."""
@@ -100,6 +109,28 @@ class GramCollector:
             return None
         return self._grams[owner] / self._tokens[owner]
 
+    def take(self, name: str) -> Optional[torch.Tensor]:
+        """:meth:`gram` for a reader that needs it no more afterwards (a :meth:`release` too).
+
+        The last reader of a Gram gets the running sum itself, turned into the mean in place: no copy of
+        a matrix that is 512 MiB for one 8192-wide input.
+        """
+        owner = self.owner(name)
+        self._released.add(name)
+        if owner not in self._grams or not self._all_released(owner):
+            return self.gram(name)
+        return self._grams.pop(owner).div_(self._tokens[owner])
+
+    def release(self, name: str) -> None:
+        """``name`` needs its Gram no more: it is freed once every Linear sharing it is released."""
+        self._released.add(name)
+        owner = self.owner(name)
+        if self._all_released(owner):
+            self._grams.pop(owner, None)
+
+    def _all_released(self, owner: str) -> bool:
+        return all(name in self._released for name in self.module_names if self.owner(name) == owner)
+
     def tokens(self, name: str) -> int:
         return self._tokens.get(self.owner(name), 0)
 
@@ -109,10 +140,10 @@ class GramCollector:
 
     def shrinkage(self, name: str) -> float:
         """Data-only shrinkage intensity of ``name``'s Gram toward its diagonal (``gram_shrinkage="auto"``)."""
-        gram = self.gram(name)
-        if gram is None:
+        owner = self.owner(name)
+        if owner not in self._grams:
             return 0.0
-        return diagonal_shrinkage_intensity(gram, self._moments[self.owner(name)])
+        return diagonal_shrinkage_intensity(self._grams[owner], self._moments[owner], divisor=self._tokens[owner])
 
     @property
     def groups(self) -> dict[str, list[str]]:

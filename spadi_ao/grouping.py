@@ -96,6 +96,8 @@ def average_gram(grams: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tens
         return None
     if len(present) != len(grams):
         raise ValueError("some layers of a group saw calibration data and some did not; they cannot share a whitening")
+    if len(present) == 1:  # a layer of its own: no stacked copy of a Gram that can be 512 MiB
+        return present[0].to(torch.float64)
     return torch.stack([gram.to(torch.float64) for gram in present]).mean(0)
 
 

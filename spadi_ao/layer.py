@@ -22,7 +22,7 @@ from spadi_ao.solvers.fast import fast_dictionary
 from spadi_ao.solvers.ksvd import KSVDResult, ksvd
 from spadi_ao.solvers.lowrank import whitened_low_rank
 from spadi_ao.solvers.omp import codes_to_dense
-from spadi_ao.solvers.whitening import Whitening, shrink_gram, whiten
+from spadi_ao.solvers.whitening import Whitening, whiten
 from spadi_ao.tensor import DictionaryTensor, LowRankTensor, stored_bytes
 
 __all__ = ["LayerReport", "compress_weight", "compress_group", "whiten_group", "solve_dictionary", "whitening_for"]
@@ -57,12 +57,16 @@ class LayerReport:
         return asdict(self)
 
 
-def whitening_for(gram: Optional[torch.Tensor], in_features: int, damping: float, shrinkage: float, device: torch.device) -> Whitening:
-    """The whitening of a (possibly absent) Gram; no calibration means plain weight-space fitting."""
+def whitening_for(
+    gram: Optional[torch.Tensor], in_features: int, damping: float, shrinkage: float, device: torch.device, overwrite: bool = False
+) -> Whitening:
+    """The whitening of a (possibly absent) Gram; no calibration means plain weight-space fitting.
+
+    ``overwrite``: the caller is done with ``gram`` and it may be factored in place (see ``whiten``).
+    """
     if gram is None:
-        eye = torch.eye(in_features, dtype=torch.float64, device=device)
-        return Whitening(eye, eye, "identity")
-    return whiten(shrink_gram(gram.to(device=device, dtype=torch.float64), shrinkage), damping)
+        return Whitening.identity(in_features)
+    return whiten(gram.to(device=device, dtype=torch.float64), damping, shrinkage, overwrite)
 
 
 def _relative_error(target: torch.Tensor, approximation: torch.Tensor) -> float:
@@ -82,19 +86,34 @@ def whiten_group(
     grams: Sequence[Optional[torch.Tensor]],
     config: DictionaryConfig | LowRankConfig,
     shrinkages: Optional[Sequence[Optional[float]]] = None,
+    overwrite_gram: bool = False,
 ) -> tuple[Whitening, torch.Tensor, float]:
     """The whitening of the members' averaged Gram and the stacked whitened weight ``U [W_1; W_2; ...]^T``.
 
     One member is the plain per-layer case. Returns ``(whitening, A (in x sum of outs), shrinkage)``.
+    ``overwrite_gram``: the caller is done with the (single) Gram; it becomes the whitening's factor.
     """
     in_features = {weight.shape[1] for weight in weights}
     if len(in_features) != 1 or len({weight.dtype for weight in weights}) != 1:
         raise ValueError("layers that share a dictionary need the same in_features and dtype")
     shrinkage = sum(_shrinkage(config, value) for value in (shrinkages or [None] * len(weights))) / len(weights)
-    whitening = whitening_for(average_gram(grams), in_features.pop(), config.damping, shrinkage, weights[0].device)
-    stacked = torch.cat([weight.to(torch.float64) for weight in weights])
-    # A = U W^T (in x out): one column per output neuron, Frobenius error == output error.
-    return whitening, (whitening.factor @ stacked.T).to(SOLVE_DTYPE), shrinkage
+    whitening = whitening_for(average_gram(grams), in_features.pop(), config.damping, shrinkage, weights[0].device, overwrite_gram)
+    stacked = weights[0] if len(weights) == 1 else torch.cat(list(weights))
+    return whitening, _whitened_weight(whitening, stacked), shrinkage
+
+
+def _whitened_weight(whitening: Whitening, weight: torch.Tensor) -> torch.Tensor:
+    """``A = U W^T`` (in x out): one column per output neuron, Frobenius error == output error.
+
+    Computed in float64 a block of outputs at a time (32 MiB each), so no full-size float64 copy of a
+    wide weight is made next to the solve-dtype result.
+    """
+    out_features, in_features = weight.shape
+    rows = max(1, (1 << 22) // in_features)
+    whitened = torch.empty(in_features, out_features, dtype=SOLVE_DTYPE, device=weight.device)
+    for start in range(0, out_features, rows):
+        whitened[:, start : start + rows] = whitening.apply(weight[start : start + rows].to(torch.float64).T)
+    return whitened
 
 
 def solve_dictionary(whitened: torch.Tensor, k: int, s: int, config: DictionaryConfig) -> KSVDResult:
@@ -125,6 +144,7 @@ def compress_group(
     calibration_tokens: int = 0,
     shrinkages: Optional[Sequence[Optional[float]]] = None,
     group: Optional[str] = None,
+    overwrite_gram: bool = False,
 ) -> list[tuple[DictionaryTensor, LayerReport]]:
     """Compress layers that share one dictionary; each keeps its own codes (see ``spadi_ao.grouping``).
 
@@ -134,13 +154,13 @@ def compress_group(
     proportion to its outputs), so the shares add up to the group's bytes exactly.
     """
     start = time.perf_counter()
-    whitening, whitened, shrinkage = whiten_group(weights, grams, config, shrinkages)
+    whitening, whitened, shrinkage = whiten_group(weights, grams, config, shrinkages, overwrite_gram and len(weights) == 1)
     outs = [weight.shape[0] for weight in weights]
     in_features, dtype = weights[0].shape[1], weights[0].dtype
     budget = dictionary_budget(sum(outs), in_features, config.compression_ratio, config.rho, weights[0].element_size())
     result = solve_dictionary(whitened, budget.k, budget.s, config)
     approximation = result.dictionary @ codes_to_dense(result.indices, result.coefficients, budget.k)
-    atoms = (whitening.inverse.to(SOLVE_DTYPE) @ result.dictionary).T.to(dtype).contiguous()  # D~: (k, in)
+    atoms = whitening.apply_inverse(result.dictionary).T.to(dtype).contiguous()  # D~: (k, in)
     tensors = []
     for rows in torch.arange(sum(outs)).split(outs):
         values, bitmask = pack_codes(result.indices[rows], result.coefficients[rows], budget.k)
@@ -193,8 +213,8 @@ def _member_error(
     if gram is None or all(other is not None and torch.equal(other, gram) for other in grams):
         return _relative_error(target, approximation)
     own = whitening_for(gram, weight.shape[1], config.damping, shrinkage, weight.device)
-    reconstructed = whitening.inverse @ approximation.to(torch.float64)  # W_hat^T in input space
-    return _relative_error(own.factor @ weight.to(torch.float64).T, own.factor @ reconstructed)
+    reconstructed = whitening.apply_inverse(approximation)  # W_hat^T in input space
+    return _relative_error(own.apply(weight.to(torch.float64).T), own.apply(reconstructed))
 
 
 def compress_weight(
@@ -204,19 +224,24 @@ def compress_weight(
     config: DictionaryConfig | LowRankConfig,
     calibration_tokens: int = 0,
     shrinkage: Optional[float] = None,
+    overwrite_gram: bool = False,
 ) -> tuple[torch.Tensor, LayerReport]:
-    """Compress one dense ``weight`` (out x in) into a Dictionary/LowRank tensor and its report."""
+    """Compress one dense ``weight`` (out x in) into a Dictionary/LowRank tensor and its report.
+
+    ``overwrite_gram=True``: the caller is done with ``gram`` (e.g. ``GramCollector.take``), which is then
+    factored in place: one in x in float64 matrix less at the peak (512 MiB for an 8192-wide input).
+    """
     if isinstance(config, DictionaryConfig):
-        return compress_group([name], [weight], [gram], config, calibration_tokens, [shrinkage])[0]
+        return compress_group([name], [weight], [gram], config, calibration_tokens, [shrinkage], overwrite_gram=overwrite_gram)[0]
     if not isinstance(config, LowRankConfig):
         raise TypeError(f"config must be a DictionaryConfig or LowRankConfig, got {type(config).__name__}")
     start = time.perf_counter()
     out_features, in_features = weight.shape
     element_size = weight.element_size()
-    whitening, whitened, shrinkage = whiten_group([weight], [gram], config, [shrinkage])
+    whitening, whitened, shrinkage = whiten_group([weight], [gram], config, [shrinkage], overwrite_gram)
     budget = low_rank_budget(out_features, in_features, config.compression_ratio, element_size)
     left, right = whitened_low_rank(whitened, budget.rank)
-    down = (whitening.inverse.to(SOLVE_DTYPE) @ left).T  # (rank, in)
+    down = whitening.apply_inverse(left).T  # (rank, in)
     tensor = LowRankTensor(down.to(weight.dtype).contiguous(), right.T.to(weight.dtype).contiguous(), weight.dtype)
     dense = out_features * in_features * element_size
     report = LayerReport(

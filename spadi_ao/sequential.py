@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -28,10 +29,12 @@ from tqdm.auto import tqdm
 
 from spadi_ao.calibration import GramCollector
 from spadi_ao.layer import LayerReport
+from spadi_ao.offload import WeightSwap, dense_weight, execution_device, install_weight, is_dispatched
 
 __all__ = ["run_sequential", "decoder_blocks", "CheckpointMismatchError"]
 
-SolveFn = Callable[[str, nn.Linear, GramCollector], tuple[torch.Tensor, LayerReport]]
+SolveFn = Callable[[str, torch.Tensor, GramCollector], tuple[torch.Tensor, LayerReport]]
+"""``solve(name, dense weight on the compute device, collector)``; it reads the Gram with ``collector.take(name)``."""
 MANIFEST = "manifest.json"
 
 
@@ -60,6 +63,11 @@ def decoder_blocks(model: nn.Module, targets: dict[str, nn.Linear]) -> tuple[str
     return best
 
 
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the calibration batches go: the first materialised parameter's device (offloaded ones are on meta)."""
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+
+
 def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[Any]) -> list[tuple[tuple, dict]]:
     """Run the model up to the first block for each batch; keep that block's (args, kwargs) on CPU."""
     captured: list[tuple[tuple, dict]] = []
@@ -69,7 +77,7 @@ def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Ite
         raise _StopForward
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
+    device = _input_device(model)
     try:
         with torch.no_grad():
             for batch in batches:
@@ -181,7 +189,7 @@ def run_fingerprint(model: nn.Module, config: Any, targets: dict[str, nn.Linear]
     digest.update(propagate.encode())
     for name, module in targets.items():
         digest.update(f"{name}{tuple(module.weight.shape)}{module.weight.dtype}".encode())
-        digest.update(module.weight.detach().float().sum().item().hex().encode())
+        digest.update(dense_weight(module).float().sum().item().hex().encode())
     for args, _ in inputs:
         digest.update(args[0].float().sum().item().hex().encode())
         digest.update(str(tuple(args[0].shape)).encode())
@@ -209,6 +217,96 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+@dataclass
+class _Blockwise:
+    """One sequential run's fixed context; :meth:`compress_block` does one block, all or nothing."""
+
+    targets: dict[str, nn.Linear]
+    solve: SolveFn
+    propagate: str
+    checkpoint: Optional[_Checkpoint]
+    device: Optional[torch.device]
+    dispatched: bool
+    rank: int = 0
+    world: int = 1
+    gram_bytes: int = 0
+    """The most bytes of Grams held at once (one block's)."""
+
+    def compress_block(self, block: nn.Module, names: list[str], inputs: list[tuple[tuple, dict]]) -> tuple[list[LayerReport], list[tuple[tuple, dict]]]:
+        """Compress ``block``'s Linears and return their reports and the next block's inputs.
+
+        On the compute device only while it runs; on failure its dense weights are put back before it leaves.
+        """
+        home = None if self.dispatched or self.device is None else next(block.parameters()).device
+        compute = self._compute_device(block)
+        if home is not None:
+            block.to(compute)
+        swaps: list[WeightSwap] = []
+        try:
+            results, next_inputs = self._solve_block(block, names, inputs, compute)
+            for name in names:
+                swaps.append(install_weight(self.targets[name], results[name][0], name))
+            if next_inputs is None:
+                next_inputs = _run_block(block, inputs, compute)
+        except BaseException:
+            for swap in reversed(swaps):
+                swap.undo()
+            raise
+        finally:
+            if home is not None:
+                block.to(home)
+        for swap in swaps:
+            swap.release()
+        return [results[name][1] for name in names], next_inputs
+
+    def _compute_device(self, block: nn.Module) -> torch.device:
+        if self.dispatched:
+            return execution_device(block) or _input_device(block)
+        return self.device or next(block.parameters()).device
+
+    def _solve_block(
+        self, block: nn.Module, names: list[str], inputs: list[tuple[tuple, dict]], compute: torch.device
+    ) -> tuple[dict[str, tuple[torch.Tensor, LayerReport]], Optional[list[tuple[tuple, dict]]]]:
+        """Each Linear's compressed weight (from the checkpoint, or solved on this rank or another) and, with
+        dense propagation, the next block's inputs. Each Gram is freed as soon as its last reader is done."""
+        results: dict[str, tuple[torch.Tensor, LayerReport]] = {}
+        pending = []
+        for name in names:
+            restored = self.checkpoint.load(name) if self.checkpoint is not None else None
+            if restored is not None:
+                results[name] = restored
+            else:
+                pending.append(name)
+        # Widest inputs first: the largest Gram (512 MiB at 8192 inputs) is solved, and freed, before the rest.
+        pending.sort(key=lambda name: -self.targets[name].in_features)
+        collector = None
+        next_inputs = None
+        if pending or self.propagate == "dense":
+            with GramCollector({name: self.targets[name] for name in names}) as collector:
+                dense_outputs = _run_block(block, inputs, compute)
+            self.gram_bytes = max(self.gram_bytes, collector.memory_bytes)
+            if self.propagate == "dense":
+                next_inputs = dense_outputs
+            for name in results:
+                collector.release(name)
+        solved = {}
+        for position, name in enumerate(pending):
+            if position % self.world == self.rank:
+                solved[name] = self.solve(name, dense_weight(self.targets[name]).to(compute), collector)
+            else:
+                collector.release(name)
+        del collector
+        solved = _exchange(solved, pending)
+        if self.checkpoint is not None and self.rank == 0:
+            for name in pending:
+                weight, report = solved[name]
+                self.checkpoint.save(name, weight.to("cpu"), report)
+        if self.checkpoint is not None and self.world > 1:
+            dist.barrier()
+        results.update(solved)
+        return results, next_inputs
+
+
 def run_sequential(
     model: nn.Module,
     config: Any,
@@ -218,75 +316,47 @@ def run_sequential(
     *,
     propagate: str = "compressed",
     checkpoint_dir: Optional[str | os.PathLike] = None,
+    device: Optional[str | torch.device] = None,
     progress: bool = True,
-) -> tuple[list[LayerReport], GramCollector | None]:
+) -> tuple[list[LayerReport], int]:
     """Compress ``targets`` block by block, swapping each block's weights in as it finishes.
 
-    A block's dense weights are released once it is done, so host memory stays near the model's own
-    size. On failure the block in flight is restored; finished blocks keep their (working) compressed
-    weights, and the error says how many; rerunning with ``checkpoint_dir`` resumes instead of redoing.
+    Returns the layer reports and the most bytes of Grams held at once. Host memory stays near the model's
+    own size: block inputs are kept on the CPU, one block's Grams exist at a time (each freed once its
+    layers are solved), and a block's dense weights are released as soon as it is done. ``device`` (e.g.
+    ``"cuda"``) is where each block runs and is solved; the block moves there and back. A model dispatched
+    by accelerate (offloaded weights included) runs each block where its hooks say instead.
+
+    On failure the block in flight gets its dense weights back; finished blocks keep their (working)
+    compressed weights, the error says how many, and rerunning with ``checkpoint_dir`` on a freshly
+    loaded model resumes instead of redoing them.
     """
     if propagate not in ("dense", "compressed"):
         raise ValueError(f"propagate must be 'dense' or 'compressed', got {propagate!r}")
-    _, blocks = decoder_blocks(model, targets)
-    block_prefix = decoder_blocks(model, targets)[0]
-    device = next(model.parameters()).device
+    dispatched = is_dispatched(model)
+    if dispatched and device is not None:
+        raise ValueError(
+            "device= moves each block itself, but this model is dispatched by accelerate (device_map, cpu_offload or "
+            "disk_offload), whose hooks decide where each block runs: pass device=None"
+        )
+    block_prefix, blocks = decoder_blocks(model, targets)
     inputs = _capture_block_inputs(model, blocks[0], batches)
     checkpoint = _Checkpoint(Path(checkpoint_dir), run_fingerprint(model, config, targets, inputs, propagate)) if checkpoint_dir else None
     rank, world = _rank_and_world()
-    originals: dict[str, nn.Parameter] = {}  # the block in flight only
+    run = _Blockwise(targets, solve, propagate, checkpoint, torch.device(device) if device is not None else None, dispatched, rank, world)
     reports: list[LayerReport] = []
-    last_collector: GramCollector | None = None
     finished = 0
     try:
         for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
-            originals = {}
-            prefix = f"{block_prefix}.{index}."
-            names = [name for name in targets if name.startswith(prefix)]
-            results: dict[str, tuple[torch.Tensor, LayerReport]] = {}
-            pending = []
-            for name in names:
-                restored = checkpoint.load(name) if checkpoint is not None else None
-                if restored is not None:
-                    results[name] = restored
-                else:
-                    pending.append(name)
-            collector = None
-            next_inputs = None
-            if pending or propagate == "dense":
-                with GramCollector({name: targets[name] for name in names}) as collector:
-                    dense_outputs = _run_block(block, inputs, device)
-                if propagate == "dense":
-                    next_inputs = dense_outputs
-            solved = {}
-            for position, name in enumerate(pending):
-                if position % world == rank:
-                    solved[name] = solve(name, targets[name], collector)
-            solved = _exchange(solved, pending)
-            for name in pending:
-                if checkpoint is not None and rank == 0:
-                    checkpoint.save(name, *solved[name])
-            if checkpoint is not None and world > 1:
-                dist.barrier()
-            results.update(solved)
-            for name in names:
-                weight, report = results[name]
-                originals[name] = targets[name].weight
-                targets[name].weight = nn.Parameter(weight.to(device), requires_grad=False)
-                reports.append(report)
-            if next_inputs is None:
-                next_inputs = _run_block(block, inputs, device)
-            inputs = next_inputs
-            last_collector = collector or last_collector
+            names = [name for name in targets if name.startswith(f"{block_prefix}.{index}.")]
+            block_reports, inputs = run.compress_block(block, names, inputs)
+            reports.extend(block_reports)
             finished += 1
     except BaseException as exc:
-        for name, parameter in originals.items():
-            targets[name].weight = parameter
         if finished:
             exc.add_note(
                 f"spadi-ao: blocks 0-{finished - 1} of {len(blocks)} were compressed before the failure and keep their compressed "
                 "weights; the block in flight was restored. Rerun on a freshly loaded model (with checkpoint_dir to skip finished layers)."
             )
         raise
-    originals.clear()
-    return reports, last_collector
+    return reports, run.gram_bytes

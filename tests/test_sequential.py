@@ -1,13 +1,17 @@
+import gc
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import weakref
 
+import accelerate
 import pytest
 import torch
 from torch import nn
 
+import spadi_ao.api
 import spadi_ao.sequential
 from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
 from spadi_ao.sequential import CheckpointMismatchError
@@ -146,3 +150,79 @@ def test_selection_outside_the_blocks_is_refused():
     model = tiny_llama()
     with pytest.raises(ValueError, match="only Linears inside"):
         sparsify_dictionary_(model, CONFIG, filter_fn=lambda m, n: True, calibration=token_batches(1, 8), sequential=True, progress=False)
+
+
+def test_failure_keeps_finished_blocks_compressed_and_restores_the_block_in_flight(monkeypatch):
+    batches = token_batches(2, 16)
+    model = tiny_llama(layers=3)
+    dense = {name: p.detach().clone() for name, p in model.named_parameters()}
+    finished_block = [weakref.ref(m.weight) for m in model.model.layers[0].modules() if isinstance(m, nn.Linear)]
+    released_in_flight = []
+    original_solve = spadi_ao.api.compress_weight
+
+    def fail_in_block_two(name, *args, **kwargs):
+        if name.startswith("model.layers.2.mlp"):
+            gc.collect()
+            released_in_flight.append(all(ref() is None for ref in finished_block))
+            raise RuntimeError("solver blew up")
+        return original_solve(name, *args, **kwargs)
+
+    monkeypatch.setattr(spadi_ao.api, "compress_weight", fail_in_block_two)
+    with pytest.raises(RuntimeError, match="solver blew up") as failure:
+        sparsify_dictionary_(model, CONFIG, calibration=batches, sequential=True, progress=False)
+    assert released_in_flight == [True]  # block 0's dense weights were gone while block 2 was solved
+    assert "blocks 0-1 of 3 were compressed" in "".join(getattr(failure.value, "__notes__", []))
+    assert sorted({name.split(".")[2] for name in _compressed_state(model)}) == ["0", "1"]
+    assert all(torch.equal(p, dense[f"model.layers.2.{n}"]) for n, p in model.model.layers[2].named_parameters())
+    with torch.no_grad():
+        assert torch.isfinite(model(batches[0]).logits).all()
+
+
+def test_compute_device_argument_gives_identical_results():
+    batches = token_batches(3, 16)
+    reference, moved = tiny_llama(), tiny_llama()
+    sparsify_dictionary_(reference, CONFIG, calibration=batches, sequential=True, progress=False)
+    sparsify_dictionary_(moved, CONFIG, calibration=batches, sequential=True, device="cpu", progress=False)
+    _assert_identical(_compressed_state(reference), _compressed_state(moved))
+    assert all(p.device.type == "cpu" for p in moved.parameters())
+    with pytest.raises(ValueError, match="needs sequential=True"):
+        sparsify_dictionary_(tiny_llama(), CONFIG, calibration=batches, device="cpu", progress=False)
+
+
+def _offload(model, how, directory):
+    if how == "cpu_offload":
+        accelerate.cpu_offload(model, execution_device="cpu")
+    elif how == "disk_offload":
+        accelerate.disk_offload(model, str(directory), execution_device="cpu")
+    else:  # block 1 on disk, the rest in place
+        device_map = {name: "cpu" for name in ("model.embed_tokens", "model.layers.0", "model.norm", "model.rotary_emb", "lm_head")}
+        accelerate.dispatch_model(model, {**device_map, "model.layers.1": "disk"}, offload_dir=str(directory))
+    return model
+
+
+@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload", "device_map"])
+def test_accelerate_offloaded_model_compresses_like_a_loaded_one(how, tmp_path):
+    batches = token_batches(3, 16)
+    reference = tiny_llama()
+    sparsify_dictionary_(reference, CONFIG, calibration=batches, sequential=True, progress=False)
+    model = _offload(tiny_llama(), how, tmp_path)
+    assert model.model.layers[1].mlp.down_proj.weight.is_meta
+    sparsify_dictionary_(model, CONFIG, calibration=batches, sequential=True, progress=False)
+    _assert_identical(_compressed_state(reference), _compressed_state(model))
+    down = model.model.layers[1].mlp.down_proj
+    assert type(down.weight).__name__ == "DictionaryTensor" and down.weight.device.type == "cpu"
+    with torch.no_grad():
+        assert torch.equal(model(batches[0]).logits, reference(batches[0]).logits)
+    if how == "cpu_offload":  # the dense values left accelerate's in-memory map as their blocks finished
+        state = model.model.norm._hf_hook.weights_map.dataset
+        assert "model.norm.weight" in state and not [key for key in state if key.endswith("_proj.weight")]
+
+
+def test_offloaded_model_is_refused_where_it_cannot_work(tmp_path):
+    batches = token_batches(1, 8)
+    model = _offload(tiny_llama(), "cpu_offload", tmp_path)
+    with pytest.raises(ValueError, match="offloaded by accelerate.*sequential=True"):
+        sparsify_dictionary_(model, CONFIG, calibration=batches, progress=False)
+    with pytest.raises(ValueError, match="dispatched by accelerate.*device=None"):
+        sparsify_dictionary_(model, CONFIG, calibration=batches, sequential=True, device="cpu", progress=False)
+    assert model.model.layers[0].self_attn.q_proj.weight.is_meta  # untouched
