@@ -5,16 +5,18 @@ The models are random-init Llama architectures built without a second copy of th
 meta device, then materialised and filled in place), calibrated on random tokens: memory and time do
 not depend on what the weights say.
 
-    python benchmarks/scale.py                                   # all parts, ~1B model (16 and 32 layers)
+    python benchmarks/scale.py                                   # rss, speedup, resume: ~1B model (16 and 32 layers)
     python benchmarks/scale.py --parts rss --layers 16 32
-    python benchmarks/scale.py --quick                           # small shapes, a smoke test
+    python benchmarks/scale.py --quick                           # small shapes, a smoke test (< 1 min)
     python benchmarks/scale.py --parts layers --name scale-layers    # per-layer solve time and memory
 
 * ``rss``: peak RSS of ``sparsify_dictionary_(sequential=True)`` vs the model's fp32 weight bytes
   (target < 1.3x), and its growth from L to 2L layers vs the added weight bytes;
-* ``speedup``: the solve phase with 1 process x 1 thread vs 2 gloo processes x 1 thread each
-  (``torch.distributed.run``), outputs compared byte for byte (target >= 1.7x);
-* ``layers``: one layer's whitening + solve time and peak RSS per shape (SmolLM2, Llama-3-8B) and solver;
+* ``speedup``: the solve phase (wall time from a block's first solve to the end of the exchange, summed
+  over blocks) with 1 process x 1 thread vs 2 gloo processes x 1 thread each (``torch.distributed.run``),
+  outputs compared byte for byte (target >= 1.7x);
+* ``layers``: per layer shape (SmolLM2, Llama-3-8B), one thread: Gram accumulation over 8 x 256 tokens
+  and whitening, then whitening + solve per solver, each with its time and peak RSS;
 * ``resume``: a run SIGKILLed at a random layer, restarted and killed again at another, then finished,
   against an uninterrupted run, byte for byte.
 
@@ -98,12 +100,30 @@ def _state_digest(model) -> str:
     return digest.hexdigest()
 
 
-def solve_phase_seconds(layers, world: int) -> float:
-    """Wall time of the solve phase: per block, the busiest rank's solves (dealt round-robin in order)."""
-    blocks: dict[str, list[float]] = {}
-    for layer in layers:
-        blocks.setdefault(layer.name.split(".layers.")[1].split(".")[0], []).append(layer.seconds)
-    return sum(max(sum(seconds[rank::world]) for rank in range(world)) for seconds in blocks.values())
+class SolveClock:
+    """Wall time of the solve phase: from each block's first solve on this rank to the end of the exchange
+    (where the ranks meet), summed over blocks. Patched around the driver's solve and exchange."""
+
+    def __init__(self) -> None:
+        import spadi_ao.api
+        import spadi_ao.sequential
+
+        self.seconds = 0.0
+        self._start: float | None = None
+        solve, exchange = spadi_ao.api.compress_weight, spadi_ao.sequential._exchange
+
+        def timed_solve(*args, **kwargs):
+            self._start = self._start or time.perf_counter()
+            return solve(*args, **kwargs)
+
+        def timed_exchange(*args, **kwargs):
+            result = exchange(*args, **kwargs)
+            if self._start is not None:
+                self.seconds += time.perf_counter() - self._start
+                self._start = None
+            return result
+
+        spadi_ao.api.compress_weight, spadi_ao.sequential._exchange = timed_solve, timed_exchange
 
 
 def child(args: argparse.Namespace) -> None:
@@ -121,6 +141,7 @@ def child(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=generator) for _ in range(args.samples)]
     config = DictionaryConfig(compression_ratio=0.3, solver="fast", fast_steps=0)
+    clock = SolveClock()
     start = time.perf_counter()
     report = sparsify_dictionary_(model, config, calibration=batches, sequential=True, checkpoint_dir=args.checkpoint_dir, progress=False)
     seconds = time.perf_counter() - start
@@ -133,7 +154,8 @@ def child(args: argparse.Namespace) -> None:
         "rss_after_build": built,
         "peak_rss": _rss_bytes(),
         "seconds": seconds,
-        "solve_seconds": solve_phase_seconds(report.layers, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1),
+        "solve_seconds": clock.seconds,
+        "threads": args.threads,
         "compression_ratio": report.compression_ratio,
         "digest": _state_digest(model) if args.digest else None,
         "rank": rank,
@@ -148,36 +170,68 @@ LAYER_SHAPES = {
     "SmolLM2 q/o": (576, 576), "SmolLM2 k/v": (192, 576), "SmolLM2 gate/up": (1536, 576), "SmolLM2 down": (576, 1536),
     "Llama-3-8B q/o": (4096, 4096), "Llama-3-8B gate/up": (14336, 4096), "Llama-3-8B down": (4096, 14336),
 }
+WHITENING = "Gram + whitening"
 SOLVERS = {
-    "one-shot (CLI default)": dict(iterations=0, atoms_per_step=8),
-    "fast (8 steps)": dict(solver="fast"),
+    "K-SVD one-shot (iterations=0)": dict(iterations=0, atoms_per_step=8),
+    "fast, 0 steps": dict(solver="fast", fast_steps=0),
+    "fast, 8 steps (CLI default)": dict(solver="fast"),
     "K-SVD, 1 iteration": dict(iterations=1, atoms_per_step=8),
 }
+GRAM_TOKENS = (8, 256)
 
 
-def layer_child(args: argparse.Namespace) -> None:
-    """One layer: whitening + solve time and the process' peak RSS, random weight and a realistic-ish Gram."""
+def _gram_and_whitening(in_features: int, generator) -> dict:
+    """Accumulate a Gram over 8 x 256 random tokens as calibration does, then whiten it as sequential mode does."""
+    import torch
+
+    from spadi_ao.calibration import GramCollector
+    from spadi_ao.layer import whitening_for
+
+    probe = torch.nn.Linear(in_features, 1, bias=False)
+    batches = [torch.randn(1, GRAM_TOKENS[1], in_features, generator=generator) for _ in range(GRAM_TOKENS[0])]
+    before = _current_rss_bytes()
+    start = time.perf_counter()
+    with GramCollector({"probe": probe}) as collector, torch.no_grad():
+        for batch in batches:
+            probe(batch)
+    gram_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    whitening_for(collector.take("probe"), in_features, 1e-2, 0.0, torch.device("cpu"), overwrite=True)
+    return {"gram_seconds": gram_seconds, "seconds": time.perf_counter() - start, "rss_before_solve": before, "k": None, "s": None}
+
+
+def _solve(out_features: int, in_features: int, solver: str, generator) -> dict:
+    """Whitening + one solver on a random weight and a Gram with a few dominant directions over a spread of energies."""
     import torch
 
     from spadi_ao import DictionaryConfig
     from spadi_ao.layer import compress_weight
 
+    weight = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+    directions = torch.randn(in_features, 64, generator=generator, dtype=torch.float64)
+    gram = (directions @ directions.T).div_(64)  # built in place: the peak below is the solve's, not the set-up's
+    del directions
+    gram.diagonal().add_(torch.rand(in_features, generator=generator, dtype=torch.float64) + 0.1)
+    before = _current_rss_bytes()
+    config = DictionaryConfig(compression_ratio=0.3, gram_shrinkage=0.0, **SOLVERS[solver])
+    start = time.perf_counter()
+    _, report = compress_weight(solver, weight, gram, config, calibration_tokens=4096, overwrite_gram=True)
+    return {"seconds": time.perf_counter() - start, "rss_before_solve": before, "k": report.k, "s": report.s}
+
+
+def layer_child(args: argparse.Namespace) -> None:
+    """One layer shape and one step (Gram + whitening, or whitening + a solver) in this fresh process."""
+    import torch
+
     torch.set_num_threads(args.threads)
     out_features, in_features = LAYER_SHAPES[args.layer_shape]
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
-    # Activations have a few dominant directions over a spread of per-feature energies.
-    spread = torch.rand(in_features, generator=generator, dtype=torch.float64) + 0.1
-    directions = torch.randn(in_features, 64, generator=generator, dtype=torch.float64)
-    gram = torch.diag(spread) + directions @ directions.T / 64
-    del directions
-    before = _current_rss_bytes()
-    config = DictionaryConfig(compression_ratio=0.3, gram_shrinkage=0.0, **SOLVERS[args.solver_name])
-    start = time.perf_counter()
-    _, report = compress_weight(args.layer_shape, weight, gram, config, calibration_tokens=4096)
-    seconds = time.perf_counter() - start
-    result = {"shape": args.layer_shape, "out": out_features, "in": in_features, "solver": args.solver_name, "k": report.k, "s": report.s,
-              "seconds": seconds, "peak_rss": _rss_bytes(), "rss_before_solve": before, "weight_bytes": weight.numel() * 4}
+    if args.solver_name == WHITENING:
+        result = _gram_and_whitening(in_features, generator)
+    else:
+        result = _solve(out_features, in_features, args.solver_name, generator)
+    result.update(shape=args.layer_shape, out=out_features, solver=args.solver_name, peak_rss=_rss_bytes(), threads=args.threads,
+                  weight_bytes=out_features * in_features * 4, gram_bytes=in_features**2 * 8, **{"in": in_features})
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -187,17 +241,17 @@ def layer_child(args: argparse.Namespace) -> None:
 def part_layers(args: argparse.Namespace) -> list[dict]:
     rows = []
     for shape in args.layer_shapes:
-        for solver in args.solvers:
-            command = [__file__, "--child", "--layer-shape", shape, "--solver-name", solver, "--threads", str(args.threads)]
-            row = _run(command)
+        for solver in [WHITENING, *args.solvers]:
+            row = _run([__file__, "--child", "--layer-shape", shape, "--solver-name", solver, "--threads", "1"])
             rows.append(row)
-            print(f"layer {shape} ({row['out']}x{row['in']}, k={row['k']}, s={row['s']}), {solver}: {row['seconds']:.1f}s, "
-                  f"peak RSS {row['peak_rss'] / 2**30:.2f} GiB (+{(row['peak_rss'] - row['rss_before_solve']) / 2**30:.2f} GiB during the solve)", flush=True)
+            gram = f"Gram {row['gram_seconds']:.1f}s, " if "gram_seconds" in row else ""
+            print(f"layer {shape} ({row['out']}x{row['in']}, k={row['k']}, s={row['s']}), {solver}: {gram}{row['seconds']:.1f}s, "
+                  f"peak RSS {row['peak_rss'] / 2**30:.2f} GiB (+{(row['peak_rss'] - row['rss_before_solve']) / 2**30:.2f} GiB during it)", flush=True)
     return rows
 
 
-def _child_command(args: argparse.Namespace, layers: int, threads: int = 2, checkpoint_dir: str | None = None, digest: bool = False) -> list[str]:
-    command = [__file__, "--child", "--shape", args.shape, "--layers", str(layers), "--threads", str(threads),
+def _child_command(args: argparse.Namespace, layers: int, threads: int | None = None, checkpoint_dir: str | None = None, digest: bool = False) -> list[str]:
+    command = [__file__, "--child", "--shape", args.shape, "--layers", str(layers), "--threads", str(threads or args.threads),
                "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
     if checkpoint_dir:
         command += ["--checkpoint-dir", checkpoint_dir]
@@ -252,7 +306,7 @@ def _killed_run(command: list[str], directory: Path, kill_after_layers: int) -> 
             return 0
 
     start_count = done()
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": command[command.index("--threads") + 1]}
     process = subprocess.Popen([sys.executable] + command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     while process.poll() is None and done() < start_count + kill_after_layers:
         time.sleep(0.05)
@@ -280,7 +334,7 @@ def part_resume(args: argparse.Namespace) -> dict:
 
 def write(results: dict, args: argparse.Namespace) -> None:
     lines = [f"Model shape `{args.shape}` ({SHAPES[args.shape]}), calibration {args.samples} x {args.seq_len} random tokens, "
-             "CoSpaDi CR 0.3, solver='fast', fast_steps=0, sequential=True.", ""]
+             f"CoSpaDi CR 0.3, solver='fast', fast_steps=0, sequential=True, {args.threads} thread(s) per process (rss, resume).", ""]
     if "rss" in results:
         lines += ["| layers | parameters | fp32 weights GiB | RSS after imports GiB | peak RSS GiB | peak / weights | seconds |",
                   "|---|---|---|---|---|---|---|"]
@@ -301,11 +355,16 @@ def write(results: dict, args: argparse.Namespace) -> None:
         lines += ["", f"Kill and resume ({r['linears']} Linears): killed twice with {r['layers_done_at_kills']} Linears checkpointed; "
                       f"final model bit-identical to an uninterrupted run: {r['identical']}."]
     if "layers" in results:
-        lines += ["", f"Per-layer solve, CR 0.3, {args.threads} threads (whitening included; peak RSS of the whole process):", "",
-                  "| layer | out x in | k / s | solver | seconds | peak RSS GiB | RSS added by the solve GiB |", "|---|---|---|---|---|---|---|"]
+        lines += ["", f"Per layer, CR 0.3, 1 thread, a fresh process per row (peak RSS of the whole process; 'added' is what the "
+                      f"step added to the weight and Gram already in memory). '{WHITENING}': Gram accumulation over "
+                      f"{GRAM_TOKENS[0]} x {GRAM_TOKENS[1]} tokens, then the in-place whitening; the solver rows include whitening.", "",
+                  "| layer | out x in | k / s | step | Gram s | seconds | Gram MiB | peak RSS GiB | added GiB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in results["layers"]:
-            lines.append(f"| {r['shape']} | {r['out']}x{r['in']} | {r['k']} / {r['s']} | {r['solver']} | {r['seconds']:.1f} | "
-                         f"{r['peak_rss'] / 2**30:.2f} | {(r['peak_rss'] - r['rss_before_solve']) / 2**30:.2f} |")
+            sizes = f"{r['k']} / {r['s']}" if r["k"] is not None else "-"
+            gram = f"{r['gram_seconds']:.2f}" if "gram_seconds" in r else "-"
+            lines.append(f"| {r['shape']} | {r['out']}x{r['in']} | {sizes} | {r['solver']} | {gram} | {r['seconds']:.2f} | "
+                         f"{r['gram_bytes'] / 2**20:.0f} | {r['peak_rss'] / 2**30:.2f} | {(r['peak_rss'] - r['rss_before_solve']) / 2**30:.2f} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": " ".join(["python", *sys.argv]), **results}, indent=1))
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
@@ -325,11 +384,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes: a smoke test")
     parser.add_argument("--name", default="scale")
     parser.add_argument("--layer-shapes", nargs="+", default=list(LAYER_SHAPES), choices=list(LAYER_SHAPES))
-    parser.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=list(SOLVERS))
+    parser.add_argument("--solvers", nargs="+", default=list(SOLVERS)[:3], choices=list(SOLVERS),
+                        help="layers: solvers timed after the Gram + whitening row (default: all but K-SVD, 1 iteration)")
+    parser.add_argument("--threads", type=int, default=2, help="threads per process of the rss and resume parts (speedup: 1, layers: 1)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layer-shape", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--solver-name", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--digest", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -342,6 +402,7 @@ def main() -> None:
         return
     if args.quick:
         args.shape, args.layers, args.samples, args.seq_len, args.name = "quick", [2, 4], 4, 64, "scale-quick"
+        args.threads, args.layer_shapes, args.solvers = 1, ["SmolLM2 q/o", "SmolLM2 down"], ["fast, 0 steps"]
     results = {}
     for part in args.parts:
         results[part] = {"rss": part_rss, "speedup": part_speedup, "resume": part_resume, "layers": part_layers}[part](args)

@@ -10,6 +10,12 @@ Each finished layer can be checkpointed (write-then-rename); a run restarted wit
 loads finished layers instead of solving them and ends bit-identical. Inside an initialised
 ``torch.distributed`` process group the solves of a block are dealt round-robin to the ranks and the
 results exchanged, so every rank ends with the full compressed model.
+
+Memory stays near the model's own: block inputs wait on the CPU between blocks, one block's Grams exist
+at a time (each freed, widest first, once its last reader is solved, and whitened in its own memory),
+and a block's dense weights go once the block is done. ``device`` moves one block at a time to an
+accelerator and back; a model dispatched by accelerate (CPU or disk offload included) is compressed
+where its hooks run it, through ``spadi_ao.offload``.
 """
 
 from __future__ import annotations
@@ -239,10 +245,10 @@ class _Blockwise:
         """
         home = None if self.dispatched or self.device is None else next(block.parameters()).device
         compute = self._compute_device(block)
-        if home is not None:
-            block.to(compute)
         swaps: list[WeightSwap] = []
         try:
+            if home is not None:
+                block.to(compute)
             results, next_inputs = self._solve_block(block, names, inputs, compute)
             for name in names:
                 swaps.append(install_weight(self.targets[name], results[name][0], name))

@@ -14,6 +14,7 @@ from torch import nn
 import spadi_ao.api
 import spadi_ao.sequential
 from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
+from spadi_ao.calibration import GramCollector
 from spadi_ao.sequential import CheckpointMismatchError
 
 from models import tiny_llama, token_batches
@@ -226,3 +227,21 @@ def test_offloaded_model_is_refused_where_it_cannot_work(tmp_path):
     with pytest.raises(ValueError, match="dispatched by accelerate.*device=None"):
         sparsify_dictionary_(model, CONFIG, calibration=batches, sequential=True, device="cpu", progress=False)
     assert model.model.layers[0].self_attn.q_proj.weight.is_meta  # untouched
+
+
+def test_collector_frees_each_gram_once_its_last_reader_is_done():
+    model = tiny_llama()
+    linears = {name: m for name, m in model.model.layers[0].named_modules() if isinstance(m, nn.Linear)}
+    with GramCollector(linears) as collector, torch.no_grad():
+        for batch in token_batches(2, 16):
+            model(batch)
+    expected = {name: collector.gram(name) for name in linears}
+    total = collector.memory_bytes
+    assert torch.equal(collector.take("self_attn.q_proj"), expected["self_attn.q_proj"])
+    collector.release("self_attn.k_proj")
+    assert collector.memory_bytes == total  # v still needs the Gram q/k/v share
+    assert torch.equal(collector.take("self_attn.v_proj"), expected["self_attn.v_proj"])
+    assert collector.memory_bytes == total - 64 * 64 * 8
+    for name in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        assert torch.equal(collector.take(name), expected[name])
+    assert collector.memory_bytes == 0 and collector.tokens("mlp.down_proj") == 32
