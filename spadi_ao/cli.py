@@ -7,6 +7,7 @@ calibrated on the offline stdlib corpus, perplexity printed before and after, re
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -112,13 +113,21 @@ def _load_any(source: Optional[str], dtype: torch.dtype):
     return load_model(source, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=1)
+def _stdlib_parts() -> tuple[str, str]:
+    """The stdlib corpus split once into its calibration and evaluation parts (read by both stages)."""
+    from spadi_ao.pipeline.data import load_text, split_text
+
+    return split_text(load_text("stdlib"))
+
+
 def _text(source: Optional[str], part: int) -> str:
     """The text of ``source``; the stdlib corpus (the default) is split so calibration (part 0) and
     evaluation (part 1) never overlap."""
-    from spadi_ao.pipeline.data import load_text, split_text
+    from spadi_ao.pipeline.data import load_text
 
     if source in (None, "stdlib"):
-        return split_text(load_text("stdlib"))[part]
+        return _stdlib_parts()[part]
     return load_text(source)
 
 
