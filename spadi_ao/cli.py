@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--seed", type=int, default=42)
     compress.add_argument("--sequential", action="store_true", help="one decoder block at a time (bounded memory; also under torchrun)")
     compress.add_argument("--propagate", choices=["dense", "compressed"], default="compressed", help="activations later blocks calibrate on (sequential; compressed measured better)")
+    compress.add_argument("--device", default=None,
+                          help="sequential: solve each block on this device (e.g. cuda), the model staying where it loaded")
     compress.add_argument("--checkpoint-dir", default=None, help="resumable: finished layers are saved here and skipped on restart")
     compress.add_argument("--output", default=None, help="output directory (default: runs/<model>-<method>-cr<ratio>-<time>)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -200,6 +202,8 @@ def _compress(args: argparse.Namespace) -> int:
     if output.exists() and not args.overwrite:
         raise CLIError(f"output directory {output} exists; pass --overwrite to replace it")
     config = _config(args)
+    if args.device is not None and not args.sequential:
+        raise CLIError("--device moves one decoder block at a time to it: it needs --sequential")
     _init_distributed()
     start = time.perf_counter()
     model, tokenizer = _load_any(args.model, DTYPES[args.dtype])
@@ -213,7 +217,8 @@ def _compress(args: argparse.Namespace) -> int:
     if not args.no_eval and lead:
         results["dense_perplexity"] = _perplexity(model, tokenizer, eval_text, args, "dense")
     report = sparsify_dictionary_(
-        model, config, calibration=batches, sequential=args.sequential, propagate=args.propagate, checkpoint_dir=args.checkpoint_dir
+        model, config, calibration=batches, sequential=args.sequential, propagate=args.propagate, checkpoint_dir=args.checkpoint_dir,
+        device=args.device,
     )
     print(f"compressed {len(report.layers)} Linears with {report.method}: ratio {report.compression_ratio:.4f} "
           f"({report.dense_bytes / 2**20:.1f} MiB -> {report.stored_bytes / 2**20:.1f} MiB) in {report.seconds:.0f}s", flush=True)

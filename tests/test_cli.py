@@ -85,6 +85,14 @@ def test_sequential_resumable_compress(tmp_path, tiny_model_dir):
     assert torch.equal(load_compressed(out)[0].model.layers[1].mlp.down_proj.weight.values, first)
 
 
+def test_sequential_device_flag_reaches_the_block_driver(tmp_path, tiny_model_dir):
+    common = ["compress", "--model", str(tiny_model_dir), "--sequential", "--no-eval", *FAST]
+    assert main(common + ["--output", str(tmp_path / "plain")]) == 0
+    assert main(common + ["--device", "cpu", "--output", str(tmp_path / "on-device")]) == 0
+    plain, on_device = (load_compressed(tmp_path / name)[0].model.layers[1].mlp.down_proj.weight for name in ("plain", "on-device"))
+    assert torch.equal(plain.values, on_device.values) and torch.equal(plain.dictionary, on_device.dictionary)
+
+
 def test_blended_calibration_and_config_flags_reach_the_report(tmp_path, tiny_model_dir, stdlib_text):
     other = tmp_path / "other.txt"
     other.write_text(stdlib_text[-20_000:])
@@ -110,6 +118,7 @@ def test_blended_calibration_and_config_flags_reach_the_report(tmp_path, tiny_mo
         (["--calibration", "stdlib", "wikitext2-valid", "--calibration-weights", "1"], "--calibration-weights gives 1 weights for 2"),
         (["--method", "svd-llm", "--grouping", "inputs"], "--method cospadi only"),
         (["--sequential", "--allocation", "knapsack"], "use sequential=False"),
+        (["--device", "cpu"], "--device moves one decoder block at a time to it: it needs --sequential"),
     ],
 )
 def test_calibration_and_method_mismatches_are_clear_errors(extra, message, tmp_path, tiny_model_dir, capsys):
