@@ -50,6 +50,24 @@ def test_linear_matches_dense(bias):
     assert torch.allclose(linear(x), expected, atol=1e-5)
 
 
+def test_eager_cpu_inference_skips_the_op_dispatch_with_identical_output(monkeypatch):
+    from spadi_ao.kernels import cpu
+
+    weight, bias = _random_dictionary_tensor(12, 10, 8, 3), torch.randn(12)
+    x = torch.randn(2, 5, 10)
+    via_op = torch.ops.spadi_ao.dictionary_linear(x, weight.dictionary, None, weight.values, None, weight.bitmask, bias)
+    calls = []
+    kernel = cpu.dictionary_linear
+    monkeypatch.setattr(cpu, "dictionary_linear", lambda *args: calls.append(1) or kernel(*args))
+    with torch.no_grad():
+        assert torch.equal(F.linear(x, weight, bias), via_op)
+    assert calls == [1]
+    x.requires_grad_(True)
+    through_op = F.linear(x, weight, bias)  # gradients needed: the op and its autograd formula
+    assert calls == [1] and through_op.grad_fn is not None
+    assert torch.equal(through_op.detach(), via_op)
+
+
 def test_low_rank_linear_matches_dense():
     down, up = torch.randn(3, 10), torch.randn(12, 3)
     weight = LowRankTensor(down, up, torch.float32)
