@@ -8,8 +8,9 @@ weights (``propagate="dense"``: every Gram equals the one-shot transform's) or w
 
 Each finished layer can be checkpointed (write-then-rename); a run restarted with the same arguments
 loads finished layers instead of solving them and ends bit-identical. Inside an initialised
-``torch.distributed`` process group the solves of a block are dealt round-robin to the ranks and the
-results exchanged, so every rank ends with the full compressed model.
+``torch.distributed`` process group the solves of a block are dealt to the ranks by estimated cost
+(longest first, to the least-loaded rank) and the results exchanged, so every rank ends with the full
+compressed model.
 
 Memory stays near the model's own: block inputs wait on the CPU between blocks, one block's Grams exist
 at a time (each freed, widest first, once its last reader is solved, and whitened in its own memory),
@@ -24,7 +25,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -223,6 +224,40 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def solve_cost(linear: nn.Linear) -> float:
+    """FLOPs of one Linear's solve, to balance ranks before anything is measured: the float32 SVD of the
+    whitened ``in x out`` weight (``4 max min^2 + 8 min^3``) plus the whitening's float64 Cholesky and
+    ``U W^T`` (``in^3 / 3 + 2 in^2 out``)."""
+    width, height = linear.in_features, linear.out_features
+    small, large = sorted((width, height))
+    return 4 * large * small**2 + 8 * small**3 + width**3 / 3 + 2 * width**2 * height
+
+
+def solve_costs(linears: list[nn.Linear], measured: dict[tuple[int, int], float]) -> list[float]:
+    """Seconds an earlier block took for the same shapes when all of them have been seen (a decoder repeats
+    its blocks; the float64/float32 speed ratio of the machine is in them), else :func:`solve_cost`."""
+    shapes = [(linear.out_features, linear.in_features) for linear in linears]
+    if all(shape in measured for shape in shapes):
+        return [measured[shape] for shape in shapes]
+    return [solve_cost(linear) for linear in linears]
+
+
+def deal_solves(costs: list[float], world: int) -> list[int]:
+    """The rank of each job: longest first, each to the least-loaded rank (ties: earlier job, lower rank).
+
+    Deterministic, so every rank computes the same assignment without talking. Round-robin would give a
+    Llama block's three equal MLP solves two to one rank out of two; this pairs gate/up against down plus
+    attention (measured in ``benchmarks/scale.py --parts speedup``).
+    """
+    loads = [0.0] * world
+    owners = [0] * len(costs)
+    for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        owners[job] = rank
+        loads[rank] += costs[job]
+    return owners
+
+
 @dataclass
 class _Blockwise:
     """One sequential run's fixed context; :meth:`compress_block` does one block, all or nothing."""
@@ -235,6 +270,8 @@ class _Blockwise:
     dispatched: bool
     rank: int = 0
     world: int = 1
+    measured: dict[tuple[int, int], float] = field(default_factory=dict)
+    """Solve seconds per ``(out, in)`` shape, from the exchanged reports: the same on every rank."""
     gram_bytes: int = 0
     """The most bytes of Grams held at once (one block's)."""
 
@@ -296,8 +333,9 @@ class _Blockwise:
             for name in results:
                 collector.release(name)
         solved = {}
-        for position, name in enumerate(pending):
-            if position % self.world == self.rank:
+        owners = deal_solves(solve_costs([self.targets[name] for name in pending], self.measured), self.world)
+        for name, owner in zip(pending, owners):
+            if owner == self.rank:
                 solved[name] = self.solve(name, dense_weight(self.targets[name]).to(compute), collector)
             else:
                 collector.release(name)
@@ -310,6 +348,9 @@ class _Blockwise:
         if self.checkpoint is not None and self.world > 1:
             dist.barrier()
         results.update(solved)
+        for weight_and_report in results.values():
+            report = weight_and_report[1]
+            self.measured[(report.out_features, report.in_features)] = report.seconds
         return results, next_inputs
 
 
