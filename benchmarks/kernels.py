@@ -1,4 +1,4 @@
-"""Per-layer latency: dense ``F.linear`` vs low-rank vs ``spadi_ao::dictionary_linear`` at equal honest bytes.
+"""Per-layer latency: dense ``F.linear`` vs low-rank vs the dictionary layer at equal honest bytes.
 
 For every layer shape and compression ratio the dictionary gets the largest ``k`` (``k / s = 2``) whose
 dictionary, values and bitmask fit ``(1 - CR) * dense`` bytes, and the low-rank baseline the largest
@@ -8,6 +8,9 @@ CPU: a median over interleaved rounds (dense, low-rank, dictionary in turn, so b
 three alike) under ``torch.inference_mode``, after waiting (``--max-wait``) for other processes to idle;
 each row records the cores other processes used while it was timed (``bg cores``). The CPU dictionary route caches the decompressed codes; its
 extra resident bytes are reported as ``cache_bytes`` and, at M=1, the uncached latency too.
+The dictionary column is what a compressed layer runs, ``F.linear`` on its ``DictionaryTensor`` weight
+(eager CPU inference calls the CPU kernel directly); ``op us`` calls ``spadi_ao::dictionary_linear``
+itself, the route ``torch.compile`` and autograd take, and shows its dispatch cost.
 GPU: ``triton.testing.do_bench_cudagraph`` (CUDA-graph replay, no Python launch overhead).
 
     python benchmarks/kernels.py --quick                      # SmolLM2-135M shapes only
@@ -31,6 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from spadi_ao import DictionaryTensor
 from spadi_ao.budget import dictionary_budget, dictionary_bytes, low_rank_budget, low_rank_bytes
 from spadi_ao.format import pack_codes
 from spadi_ao.kernels import cpu, select_kernel
@@ -64,6 +68,7 @@ class Row:
     low_rank_us: float
     dictionary_us: float
     dictionary_uncached_us: float | None
+    op_us: float
     background_cores: float  # CPU: cores other processes used while this row was timed
 
     @property
@@ -148,6 +153,7 @@ def bench_layer(
     down = torch.randn(rank, in_f, device=device, dtype=dtype) / in_f**0.5
     up = torch.randn(out_f, rank, device=device, dtype=dtype) / rank**0.5
     dictionary, values, bitmask = random_dictionary(out_f, in_f, k, s, dtype, device)
+    layer_weight = DictionaryTensor(dictionary, values, bitmask, dtype)
     measure = cuda_median_us if device == "cuda" else cpu_median_us
     rows = []
     for tokens in tokens_list:
@@ -155,7 +161,8 @@ def bench_layer(
         fns = {
             "dense": lambda: F.linear(x, weight),
             "low_rank": lambda: F.linear(F.linear(x, down), up),
-            "dictionary": lambda: torch.ops.spadi_ao.dictionary_linear(x, dictionary, None, values, None, bitmask, None),
+            "dictionary": lambda: F.linear(x, layer_weight),
+            "op": lambda: torch.ops.spadi_ao.dictionary_linear(x, dictionary, None, values, None, bitmask, None),
         }
         background = 0.0
         if device == "cpu":
@@ -172,7 +179,7 @@ def bench_layer(
                 model, layer, out_f, in_f, cr, tokens, k, s, rank, select_kernel(x.device, dtype, tokens),
                 out_f * in_f * size, dictionary_bytes(out_f, in_f, k, s, size), low_rank_bytes(out_f, in_f, rank, size),
                 out_f * k * size if device == "cpu" else 0,
-                times["dense"], times["low_rank"], times["dictionary"], uncached, round(background, 2),
+                times["dense"], times["low_rank"], times["dictionary"], uncached, times["op"], round(background, 2),
             )
         )  # fmt: skip
         print(format_row(rows[-1]), flush=True)
@@ -181,7 +188,7 @@ def bench_layer(
 
 HEADER = (
     "| model | layer | out x in | CR | M | k / s | rank | kernel | dense us | low-rank us | dictionary us "
-    "| dict/dense | low-rank/dense | uncached us | cache MiB | bg cores |"
+    "| dict/dense | low-rank/dense | op us | uncached us | cache MiB | bg cores |"
 )
 
 SEPARATOR = "|" + "---|" * (HEADER.count("|") - 1)
@@ -192,7 +199,7 @@ def format_row(r: Row) -> str:
     return (
         f"| {r.model} | {r.layer} | {r.out_features}x{r.in_features} | {r.cr} | {r.tokens} | {r.k} / {r.s} | {r.rank} "
         f"| {r.kernel} | {r.dense_us:.1f} | {r.low_rank_us:.1f} | {r.dictionary_us:.1f} | {r.dictionary_ratio:.2f} "
-        f"| {r.low_rank_ratio:.2f} | {uncached} | {r.cache_bytes / 2**20:.1f} | {r.background_cores:.2f} |"
+        f"| {r.low_rank_ratio:.2f} | {r.op_us:.1f} | {uncached} | {r.cache_bytes / 2**20:.1f} | {r.background_cores:.2f} |"
     )
 
 

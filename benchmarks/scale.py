@@ -332,9 +332,13 @@ def part_resume(args: argparse.Namespace) -> dict:
     return result
 
 
+MALLOC_NOTE = ", glibc MALLOC_MMAP_THRESHOLD_={} (freed weights go back to the system at once)"
+
+
 def write(results: dict, args: argparse.Namespace) -> None:
     lines = [f"Model shape `{args.shape}` ({SHAPES[args.shape]}), calibration {args.samples} x {args.seq_len} random tokens, "
-             f"CoSpaDi CR 0.3, solver='fast', fast_steps=0, sequential=True, {args.threads} thread(s) per process (rss, resume).", ""]
+             f"CoSpaDi CR 0.3, solver='fast', fast_steps=0, sequential=True, {args.threads} thread(s) per process (rss, resume)"
+             f"{MALLOC_NOTE.format(os.environ['MALLOC_MMAP_THRESHOLD_']) if 'MALLOC_MMAP_THRESHOLD_' in os.environ else ''}.", ""]
     if "rss" in results:
         lines += ["| layers | parameters | fp32 weights GiB | RSS after imports GiB | peak RSS GiB | peak / weights | seconds |",
                   "|---|---|---|---|---|---|---|"]
@@ -366,7 +370,8 @@ def write(results: dict, args: argparse.Namespace) -> None:
             lines.append(f"| {r['shape']} | {r['out']}x{r['in']} | {sizes} | {r['solver']} | {gram} | {r['seconds']:.2f} | "
                          f"{r['gram_bytes'] / 2**20:.0f} | {r['peak_rss'] / 2**30:.2f} | {(r['peak_rss'] - r['rss_before_solve']) / 2**30:.2f} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": " ".join(["python", *sys.argv]), **results}, indent=1))
+    malloc = {"MALLOC_MMAP_THRESHOLD_": os.environ["MALLOC_MMAP_THRESHOLD_"]} if "MALLOC_MMAP_THRESHOLD_" in os.environ else {}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "environment": malloc, **results}, indent=1))
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
