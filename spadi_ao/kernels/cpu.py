@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ __all__ = [
     "dense_codes",
     "code_cache_nbytes",
     "clear_code_cache",
+    "forget_cached_codes",
     "code_cache_disabled",
 ]
 
@@ -98,6 +99,15 @@ def code_cache_nbytes() -> int:
 
 def clear_code_cache() -> None:
     _cache.clear()
+
+
+def forget_cached_codes(weights: Iterable[torch.Tensor]) -> None:
+    """Drop the cached codes of these compressed weights (others are left alone): for callers that ran
+    them once, e.g. sequential compression propagating through a finished block."""
+    for weight in weights:
+        bitmask = getattr(weight, "bitmask", None)
+        if bitmask is not None:
+            _cache.pop(bitmask, None)
 
 
 @contextlib.contextmanager
