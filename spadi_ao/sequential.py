@@ -352,8 +352,7 @@ class _Blockwise:
         if self.checkpoint is not None and self.world > 1:
             dist.barrier()
         results.update(solved)
-        for weight_and_report in results.values():
-            report = weight_and_report[1]
+        for _, report in results.values():
             self.measured[(report.out_features, report.in_features)] = report.seconds
         return results, next_inputs
 
