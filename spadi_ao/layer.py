@@ -8,6 +8,7 @@ as it was and the same code serves the one-shot, sequential and distributed driv
 from __future__ import annotations
 
 import time
+from itertools import accumulate
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -28,6 +29,9 @@ from spadi_ao.tensor import DictionaryTensor, LowRankTensor, stored_bytes
 __all__ = ["LayerReport", "compress_weight", "compress_group", "whiten_group", "solve_dictionary", "whitening_for"]
 
 SOLVE_DTYPE = torch.float32
+BLOCK_ELEMENTS = 1 << 22
+"""Elements per block of the blockwise float64 passes (32 MiB of scratch), which keep a wide layer's
+temporaries at a block instead of a full-size float64 copy."""
 
 
 @dataclass
@@ -109,7 +113,7 @@ def _whitened_weight(whitening: Whitening, weight: torch.Tensor) -> torch.Tensor
     wide weight is made next to the solve-dtype result.
     """
     out_features, in_features = weight.shape
-    rows = max(1, (1 << 22) // in_features)
+    rows = max(1, BLOCK_ELEMENTS // in_features)
     whitened = torch.empty(in_features, out_features, dtype=SOLVE_DTYPE, device=weight.device)
     for start in range(0, out_features, rows):
         whitened[:, start : start + rows] = whitening.apply(weight[start : start + rows].to(torch.float64).T)
@@ -159,11 +163,16 @@ def compress_group(
     in_features, dtype = weights[0].shape[1], weights[0].dtype
     budget = dictionary_budget(sum(outs), in_features, config.compression_ratio, config.rho, weights[0].element_size())
     result = solve_dictionary(whitened, budget.k, budget.s, config)
-    approximation = result.dictionary @ codes_to_dense(result.indices, result.coefficients, budget.k)
-    atoms = whitening.apply_inverse(result.dictionary).T.to(dtype).contiguous()  # D~: (k, in)
+    spans = _spans(outs)
+    errors = [
+        _member_error(weight, gram, grams, whitening, whitened[:, span], result, span, config, shrinkage)
+        for weight, gram, span in zip(weights, grams, spans)
+    ]
+    del whitened
+    atoms = _atoms_in_input_space(whitening, result.dictionary, dtype)
     tensors = []
-    for rows in torch.arange(sum(outs)).split(outs):
-        values, bitmask = pack_codes(result.indices[rows], result.coefficients[rows], budget.k)
+    for span in spans:
+        values, bitmask = pack_codes(result.indices[span], result.coefficients[span], budget.k)
         tensors.append(DictionaryTensor(atoms, values.to(dtype), bitmask, dtype))
     shared = quantize_dictionary(tensors[0], config.dictionary_quantization, config.values_dtype)
     tensors = [shared] + [quantize_dictionary(tensor, None, config.values_dtype) for tensor in tensors[1:]]
@@ -173,7 +182,7 @@ def compress_group(
     shares = split_bytes(_dictionary_bytes(shared), outs)
     seconds = (time.perf_counter() - start) / len(names)
     results = []
-    for index, (name, weight, gram, rows) in enumerate(zip(names, weights, grams, torch.arange(sum(outs)).split(outs))):
+    for index, (name, weight, error) in enumerate(zip(names, weights, errors)):
         tensor = tensors[index]
         stored = tensor.stored_bytes() - _dictionary_bytes(tensor) + shares[index]
         dense = weight.shape[0] * in_features * weight.element_size()
@@ -185,7 +194,7 @@ def compress_group(
             dense_bytes=dense,
             stored_bytes=stored,
             compression_ratio=1.0 - stored / dense,
-            whitened_error=_member_error(weight, gram, grams, whitening, whitened[:, rows], approximation[:, rows], config, shrinkage),
+            whitened_error=error,
             seconds=seconds,
             k=budget.k,
             s=budget.s,
@@ -199,20 +208,51 @@ def compress_group(
     return results
 
 
+def _spans(outs: Sequence[int]) -> list[slice]:
+    """Each member's columns of the stacked whitened weight (slices: views, never copies)."""
+    ends = list(accumulate(outs))
+    return [slice(end - out, end) for out, end in zip(outs, ends)]
+
+
+def _atoms_in_input_space(whitening: Whitening, dictionary: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``D~ = U^-1 D`` as ``(k, in)`` rows in ``dtype``, a block of atoms at a time, so the float64 scratch
+    is one block's (32 MiB), not a float64 copy of the whole dictionary and its solution."""
+    in_features, count = dictionary.shape
+    atoms = torch.empty(count, in_features, dtype=dtype, device=dictionary.device)
+    step = max(1, BLOCK_ELEMENTS // in_features)
+    for start in range(0, count, step):
+        atoms[start : start + step] = whitening.apply_inverse(dictionary[:, start : start + step]).T
+    return atoms
+
+
+def _fit_error(target: torch.Tensor, dictionary: torch.Tensor, indices: torch.Tensor, coefficients: torch.Tensor) -> float:
+    """``||A - D C|| / ||A||`` for codes given as (indices, coefficients), a block of columns at a time."""
+    residual = 0.0
+    step = max(1, BLOCK_ELEMENTS // target.shape[0])
+    for start in range(0, target.shape[1], step):
+        stop = start + step
+        codes = codes_to_dense(indices[start:stop], coefficients[start:stop], dictionary.shape[1])
+        residual += float((target[:, start:stop] - dictionary @ codes).pow(2).sum())
+    return residual**0.5 / max(float(target.norm()), 1e-30)
+
+
 def _member_error(
     weight: torch.Tensor,
     gram: Optional[torch.Tensor],
     grams: Sequence[Optional[torch.Tensor]],
     whitening: Whitening,
     target: torch.Tensor,
-    approximation: torch.Tensor,
+    result: KSVDResult,
+    span: slice,
     config: DictionaryConfig,
     shrinkage: float,
 ) -> float:
     """The member's relative output error under its *own* Gram (the group's whitening only averages it)."""
-    if gram is None or all(other is not None and torch.equal(other, gram) for other in grams):
-        return _relative_error(target, approximation)
+    indices, coefficients = result.indices[span], result.coefficients[span]
+    if gram is None or all(other is not None and (other is gram or torch.equal(other, gram)) for other in grams):
+        return _fit_error(target, result.dictionary, indices, coefficients)
     own = whitening_for(gram, weight.shape[1], config.damping, shrinkage, weight.device)
+    approximation = result.dictionary @ codes_to_dense(indices, coefficients, result.dictionary.shape[1])
     reconstructed = whitening.apply_inverse(approximation)  # W_hat^T in input space
     return _relative_error(own.apply(weight.to(torch.float64).T), own.apply(reconstructed))
 
@@ -241,8 +281,8 @@ def compress_weight(
     whitening, whitened, shrinkage = whiten_group([weight], [gram], config, [shrinkage], overwrite_gram)
     budget = low_rank_budget(out_features, in_features, config.compression_ratio, element_size)
     left, right = whitened_low_rank(whitened, budget.rank)
-    down = whitening.apply_inverse(left).T  # (rank, in)
-    tensor = LowRankTensor(down.to(weight.dtype).contiguous(), right.T.to(weight.dtype).contiguous(), weight.dtype)
+    down = _atoms_in_input_space(whitening, left, weight.dtype)  # (rank, in)
+    tensor = LowRankTensor(down, right.T.to(weight.dtype).contiguous(), weight.dtype)
     dense = out_features * in_features * element_size
     report = LayerReport(
         name=name,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from spadi_ao.solvers.ksvd import ksvd
+from spadi_ao.solvers.ksvd import ksvd, leading_left_singular_vectors, svd_dictionary
 from spadi_ao.solvers.omp import codes_to_dense
 
 
@@ -52,3 +52,38 @@ def test_learns_a_planted_dictionary():
     singular = torch.linalg.svdvals(signals)
     low_rank_relative = (singular[rank:].pow(2).sum() / singular.pow(2).sum()).sqrt().item()
     assert relative < 0.3 * low_rank_relative
+
+
+def _planted(n: int, m: int, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 signals with known left singular vectors (float64) and a spectrum spanning four decades."""
+    generator = torch.Generator().manual_seed(seed)
+    left, _ = torch.linalg.qr(torch.randn(n, rank, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(m, rank, generator=generator, dtype=torch.float64))
+    spectrum = torch.logspace(0, -4, rank, dtype=torch.float64)
+    return ((left * spectrum) @ right.T).float(), left
+
+
+@pytest.mark.parametrize("n, m", [(40, 130), (130, 40), (64, 64)])
+def test_leading_left_singular_vectors_match_the_planted_ones(n, m):
+    """Wide, tall and square: the Gram route finds the exact leading vectors (up to sign), orthonormal,
+    at least as accurately as LAPACK's float32 SVD."""
+    signals, exact = _planted(n, m, min(n, m), seed=n + m)
+    count = min(n, m) // 2
+    found = leading_left_singular_vectors(signals, count).double()
+    reference = torch.linalg.svd(signals, full_matrices=False)[0][:, :count].double()
+    alignment = (exact[:, :count].T @ found).diagonal().abs()
+    reference_alignment = (exact[:, :count].T @ reference).diagonal().abs()
+    assert found.shape == (n, count)
+    assert (1 - alignment).max() <= max(1e-5, 2 * (1 - reference_alignment).max())
+    assert torch.allclose(found.T @ found, torch.eye(count, dtype=torch.float64), atol=1e-5)
+
+
+def test_tall_rank_deficient_signals_stop_at_their_rank_and_svd_dictionary_fills_the_rest():
+    signals, exact = _planted(50, 20, 6, seed=5)
+    found = leading_left_singular_vectors(signals, 10)
+    assert found.shape == (50, 6)
+    assert torch.allclose((exact.T @ found.double()).abs(), torch.eye(6, dtype=torch.float64), atol=1e-4)
+    dictionary = svd_dictionary(signals, 10, torch.Generator().manual_seed(0))
+    assert dictionary.shape == (50, 10)
+    assert torch.equal(dictionary[:, :6], found)
+    assert torch.allclose(dictionary.norm(dim=0), torch.ones(10), atol=1e-6)

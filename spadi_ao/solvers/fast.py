@@ -20,9 +20,15 @@ from spadi_ao.solvers.ksvd import KSVDResult, svd_dictionary
 
 __all__ = ["fast_dictionary"]
 
+OBJECTIVE_BLOCK_ELEMENTS = 1 << 22
+
 
 def _objective(signals: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor) -> float:
-    return float((signals - dictionary @ codes).pow(2).sum())
+    """``||A - D C||_F^2``, a block of columns at a time (no ``n x m`` temporary next to the signals)."""
+    step = max(1, OBJECTIVE_BLOCK_ELEMENTS // signals.shape[0])
+    blocks = range(0, signals.shape[1], step)
+    residuals = (torch.addmm(signals[:, i : i + step], dictionary, codes[:, i : i + step], alpha=-1.0) for i in blocks)
+    return sum(float(torch.linalg.vector_norm(residual)) ** 2 for residual in residuals)
 
 
 def _least_squares_dictionary(signals: torch.Tensor, codes: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
