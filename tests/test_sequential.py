@@ -133,18 +133,22 @@ def test_mismatched_or_corrupted_checkpoint_is_refused_and_touches_nothing(tmp_p
     assert not _compressed_state(model)
 
 
-def test_two_gloo_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "torchao-int8-dictionary"])
+def test_two_gloo_processes_equal_one(tmp_path, quantized):
+    """The exchange carries every inner tensor, torchao's nested Int8Tensor and int8 values included."""
+    extra = "dictionary_quantization=Int8DynamicActivationInt8WeightConfig(), values_dtype='int8'" if quantized else ""
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, torch, torch.distributed as dist
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from models import tiny_llama, token_batches
         from spadi_ao import DictionaryConfig, sparsify_dictionary_
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
         torch.set_num_threads(1)
         if os.environ.get("WORLD_SIZE"):
             dist.init_process_group("gloo")
         model = tiny_llama()
-        sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3, iterations=1, atoms_per_step=4),
+        sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3, iterations=1, atoms_per_step=4, {extra}),
                              calibration=token_batches(3, 16), sequential=True, progress=False)
         rank = dist.get_rank() if dist.is_initialized() else "single"
         state = {{n: m.weight.dequantize() for n, m in model.named_modules() if type(getattr(m, "weight", None)).__name__ == "DictionaryTensor"}}
