@@ -168,7 +168,8 @@ def child(args: argparse.Namespace) -> None:
 
 LAYER_SHAPES = {
     "SmolLM2 q/o": (576, 576), "SmolLM2 k/v": (192, 576), "SmolLM2 gate/up": (1536, 576), "SmolLM2 down": (576, 1536),
-    "Llama-3-8B q/o": (4096, 4096), "Llama-3-8B gate/up": (14336, 4096), "Llama-3-8B down": (4096, 14336),
+    "Llama-3-8B q/o": (4096, 4096), "Llama-3-8B k/v": (1024, 4096), "Llama-3-8B gate/up": (14336, 4096),
+    "Llama-3-8B down": (4096, 14336),
 }
 WHITENING = "Gram + whitening"
 SOLVERS = {
