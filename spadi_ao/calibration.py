@@ -9,6 +9,7 @@ share one Gram, which is both exact and 3x / 2x cheaper.
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -36,6 +37,7 @@ class GramCollector:
     def __init__(self, modules: dict[str, nn.Linear], exact: bool = False) -> None:
         self.exact = exact
         self._grams: dict[str, torch.Tensor] = {}
+        self._parked: dict[str, Path] = {}
         self._tokens: dict[str, int] = {}
         self._moments: dict[str, SequenceMoments] = {}
         self._owner: dict[str, str] = {}
@@ -102,12 +104,38 @@ class GramCollector:
     def owner(self, name: str) -> str:
         return self._owner.get(name, name)
 
+    def park(self, directory: str | Path, keep: str) -> None:
+        """Move every running sum but ``keep``'s into a file in ``directory``; its readers load it back.
+
+        Sequential mode solves a block's widest Linear first, and its Gram (512 MiB at 8192 inputs) and solve
+        scratch are the block's peak: parked, the other Grams are not beside them (96 MiB less at the 1B
+        benchmark shape, 384 MiB at Llama-3-8B's).
+        """
+        kept = self.owner(keep)
+        for owner in [owner for owner in self._grams if owner != kept]:
+            path = Path(directory) / f"gram-{len(self._parked)}-{owner}.pt"
+            torch.save(self._grams.pop(owner), path)
+            self._parked[owner] = path
+
+    def _has(self, owner: str) -> bool:
+        return owner in self._grams or owner in self._parked
+
+    def _sum(self, owner: str, pop: bool = False) -> torch.Tensor:
+        """``owner``'s running sum, from memory or read back from where :meth:`park` put it."""
+        if owner not in self._parked:
+            return self._grams.pop(owner) if pop else self._grams[owner]
+        path = self._parked.pop(owner) if pop else self._parked[owner]
+        total = torch.load(path, weights_only=True)
+        if pop:
+            path.unlink()
+        return total
+
     def gram(self, name: str) -> Optional[torch.Tensor]:
         """The mean Gram ``X^T X / tokens`` (float64) of ``name``'s input, or None if it never ran."""
         owner = self.owner(name)
-        if owner not in self._grams:
+        if not self._has(owner):
             return None
-        return self._grams[owner] / self._tokens[owner]
+        return self._sum(owner) / self._tokens[owner]
 
     def take(self, name: str) -> Optional[torch.Tensor]:
         """:meth:`gram` for a reader that needs it no more afterwards (a :meth:`release` too).
@@ -117,9 +145,9 @@ class GramCollector:
         """
         owner = self.owner(name)
         self._released.add(name)
-        if owner not in self._grams or not self._all_released(owner):
+        if not self._has(owner) or not self._all_released(owner):
             return self.gram(name)
-        return self._grams.pop(owner).div_(self._tokens[owner])
+        return self._sum(owner, pop=True).div_(self._tokens[owner])
 
     def release(self, name: str) -> None:
         """``name`` needs its Gram no more: it is freed once every Linear sharing it is released."""
@@ -127,6 +155,9 @@ class GramCollector:
         owner = self.owner(name)
         if self._all_released(owner):
             self._grams.pop(owner, None)
+            parked = self._parked.pop(owner, None)
+            if parked is not None:
+                parked.unlink(missing_ok=True)
 
     def _all_released(self, owner: str) -> bool:
         return all(name in self._released for name in self.module_names if self.owner(name) == owner)
@@ -141,9 +172,9 @@ class GramCollector:
     def shrinkage(self, name: str) -> float:
         """Data-only shrinkage intensity of ``name``'s Gram toward its diagonal (``gram_shrinkage="auto"``)."""
         owner = self.owner(name)
-        if owner not in self._grams:
+        if not self._has(owner):
             return 0.0
-        return diagonal_shrinkage_intensity(self._grams[owner], self._moments[owner], divisor=self._tokens[owner])
+        return diagonal_shrinkage_intensity(self._sum(owner), self._moments[owner], divisor=self._tokens[owner])
 
     @property
     def groups(self) -> dict[str, list[str]]:
@@ -155,6 +186,7 @@ class GramCollector:
 
     @property
     def memory_bytes(self) -> int:
+        """Bytes of the Grams held in memory (parked ones excluded)."""
         return sum(g.numel() * g.element_size() for g in self._grams.values())
 
 

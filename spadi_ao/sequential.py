@@ -13,8 +13,9 @@ loads finished layers instead of solving them and ends bit-identical. Inside an 
 compressed model.
 
 Memory stays near the model's own: block inputs wait on the CPU between blocks, one block's Grams exist
-at a time (each freed, widest first, once its last reader is solved, and whitened in its own memory),
-and a block's dense weights go once the block is done. ``device`` moves one block at a time to an
+at a time (each freed, widest first, once its last reader is solved, and whitened in its own memory; the
+rest wait in temporary files while the widest is solved), and a block's dense weights go once the block
+is done. ``device`` moves one block at a time to an
 accelerator and back; a model dispatched by accelerate (CPU or disk offload included) is compressed
 where its hooks run it, through ``spadi_ao.offload``.
 """
@@ -362,11 +363,15 @@ class _Blockwise:
                 collector.release(name)
         solved = {}
         owners = deal_solves(solve_costs([self.targets[name] for name in pending], self.measured), self.world)
-        for name, owner in zip(pending, owners):
-            if owner == self.rank:
-                solved[name] = self.solve(name, dense_weight(self.targets[name]).to(compute), collector)
-            else:
+        mine = [name for name, owner in zip(pending, owners) if owner == self.rank]
+        for name in pending:
+            if name not in mine:
                 collector.release(name)
+        with tempfile.TemporaryDirectory(prefix="spadi-ao-grams-") as parking:
+            if mine:
+                collector.park(parking, keep=mine[0])  # the widest solve runs beside no other Gram
+            for name in mine:
+                solved[name] = self.solve(name, dense_weight(self.targets[name]).to(compute), collector)
         del collector
         solved = _exchange(solved, pending)
         if self.checkpoint is not None and self.rank == 0:

@@ -292,3 +292,28 @@ def test_collector_frees_each_gram_once_its_last_reader_is_done():
     for name in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
         assert torch.equal(collector.take(name), expected[name])
     assert collector.memory_bytes == 0 and collector.tokens("mlp.down_proj") == 32
+
+
+def test_parked_grams_read_back_identical_and_leave_no_files(tmp_path):
+    """What sequential mode does during a block's widest solve: every other Gram waits in a file."""
+    model = tiny_llama()
+    linears = {name: m for name, m in model.model.layers[0].named_modules() if isinstance(m, nn.Linear)}
+    with GramCollector(linears) as collector, torch.no_grad():
+        for batch in token_batches(3, 16):
+            model(batch)
+    expected = {name: collector.gram(name) for name in linears}
+    shrinkages = {name: collector.shrinkage(name) for name in linears}
+    total = collector.memory_bytes
+    collector.park(tmp_path, keep="mlp.down_proj")
+    assert collector.memory_bytes == collector.gram("mlp.down_proj").numel() * 8 < total
+    assert len(list(tmp_path.iterdir())) == 3  # q/k/v share one Gram, gate/up another, o its own
+    assert {name: collector.shrinkage(name) for name in linears} == shrinkages
+    assert torch.equal(collector.take("mlp.down_proj"), expected["mlp.down_proj"])
+    assert torch.equal(collector.gram("self_attn.q_proj"), expected["self_attn.q_proj"])
+    collector.release("self_attn.q_proj")
+    collector.release("self_attn.k_proj")
+    assert torch.equal(collector.take("self_attn.v_proj"), expected["self_attn.v_proj"])
+    collector.release("self_attn.o_proj")
+    assert torch.equal(collector.take("mlp.gate_proj"), expected["mlp.gate_proj"])
+    assert torch.equal(collector.take("mlp.up_proj"), expected["mlp.up_proj"])
+    assert collector.memory_bytes == 0 and not list(tmp_path.iterdir())
