@@ -276,12 +276,18 @@ def test_offloaded_model_is_refused_where_it_cannot_work(tmp_path):
     assert model.model.layers[0].self_attn.q_proj.weight.is_meta  # untouched
 
 
-def test_collector_frees_each_gram_once_its_last_reader_is_done():
+def _first_block_collector(sequences: int) -> tuple[GramCollector, list[str]]:
+    """A collector that has seen ``sequences`` x 16 tokens through the first block's Linears."""
     model = tiny_llama()
     linears = {name: m for name, m in model.model.layers[0].named_modules() if isinstance(m, nn.Linear)}
     with GramCollector(linears) as collector, torch.no_grad():
-        for batch in token_batches(2, 16):
+        for batch in token_batches(sequences, 16):
             model(batch)
+    return collector, list(linears)
+
+
+def test_collector_frees_each_gram_once_its_last_reader_is_done():
+    collector, linears = _first_block_collector(2)
     expected = {name: collector.gram(name) for name in linears}
     total = collector.memory_bytes
     assert torch.equal(collector.take("self_attn.q_proj"), expected["self_attn.q_proj"])
@@ -296,11 +302,7 @@ def test_collector_frees_each_gram_once_its_last_reader_is_done():
 
 def test_parked_grams_read_back_identical_and_leave_no_files(tmp_path):
     """What sequential mode does during a block's widest solve: every other Gram waits in a file."""
-    model = tiny_llama()
-    linears = {name: m for name, m in model.model.layers[0].named_modules() if isinstance(m, nn.Linear)}
-    with GramCollector(linears) as collector, torch.no_grad():
-        for batch in token_batches(3, 16):
-            model(batch)
+    collector, linears = _first_block_collector(3)
     expected = {name: collector.gram(name) for name in linears}
     shrinkages = {name: collector.shrinkage(name) for name in linears}
     total = collector.memory_bytes
