@@ -8,8 +8,8 @@ as it was and the same code serves the one-shot, sequential and distributed driv
 from __future__ import annotations
 
 import time
-from itertools import accumulate
 from dataclasses import asdict, dataclass
+from itertools import accumulate
 from typing import Optional, Sequence
 
 import torch

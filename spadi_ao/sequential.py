@@ -355,8 +355,8 @@ class _Blockwise:
             with GramCollector({name: self.targets[name] for name in names}) as collector:
                 dense_outputs = _run_block(block, inputs, compute)
             self.gram_bytes = max(self.gram_bytes, collector.memory_bytes)
-            # Compressed propagation recomputes them after the solves: not kept through them (a block's
-            # outputs are N x hidden floats, 256 MiB at 8B and 32 x 512 tokens).
+            # Compressed propagation runs the compressed block after the solves instead: the dense outputs
+            # (N x hidden floats, 256 MiB at 8B and 32 x 512 tokens) are not kept through them.
             next_inputs = dense_outputs if self.propagate == "dense" else None
             del dense_outputs
             for name in results:
