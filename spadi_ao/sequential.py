@@ -12,12 +12,12 @@ loads finished layers instead of solving them and ends bit-identical. Inside an 
 (longest first, to the least-loaded rank) and the results exchanged, so every rank ends with the full
 compressed model.
 
-Memory stays near the model's own: block inputs wait on the CPU between blocks, one block's Grams exist
-at a time (each freed, widest first, once its last reader is solved, and whitened in its own memory; the
-rest wait in temporary files while the widest is solved), and a block's dense weights go once the block
-is done. ``device`` moves one block at a time to an
-accelerator and back; a model dispatched by accelerate (CPU or disk offload included) is compressed
-where its hooks run it, through ``spadi_ao.offload``.
+Memory stays near the model's own: block inputs wait on the host between blocks (in memory-mapped
+temporary files when they would not fit, see ``_InputStore``), one block's Grams exist at a time (each
+freed, widest first, once its last reader is solved, and whitened in its own memory; the rest wait in
+temporary files while the widest is solved), and a block's dense weights go once the block is done.
+``device`` moves one block at a time to an accelerator and back; a model dispatched by accelerate (CPU
+or disk offload included) is compressed where its hooks run it, through ``spadi_ao.offload``.
 """
 
 from __future__ import annotations
@@ -77,12 +77,68 @@ def _input_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
 
-def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[Any]) -> list[tuple[tuple, dict]]:
-    """Run the model up to the first block for each batch; keep that block's (args, kwargs) on CPU."""
+def _available_memory_bytes() -> int:
+    """Host memory available to this process now (Linux ``MemAvailable``; elsewhere the free pages)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+class _InputStore:
+    """Where the calibration samples' hidden states wait between blocks: on the host while one block's worth
+    fits in a quarter of the memory available at the start, in temporary files past that.
+
+    A spilled tensor is written, memory-mapped back and its file unlinked at once (the mapping keeps the
+    data): the OS pages it in while a block reads it and can drop it again, and nothing is left on disk
+    when the run ends or dies. Two blocks' worth (inputs and outputs) exist at a time, so the host holds
+    at most half the memory that was available.
+    """
+
+    def __init__(self, directory: Optional[str | os.PathLike] = None) -> None:
+        """``directory``: where spilled inputs go (sequential mode passes ``checkpoint_dir``; default: the
+        system's temporary directory)."""
+        self.budget = _available_memory_bytes() // 4
+        self.directory = directory
+        self.held = 0
+        self.spilled = 0
+
+    def next_block(self) -> None:
+        """The block in flight starts producing the next block's inputs."""
+        self.held = 0
+
+    def keep(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.to("cpu")
+        size = hidden.numel() * hidden.element_size()
+        if self.held + size <= self.budget:
+            self.held += size
+            return hidden
+        if self.directory is not None:
+            os.makedirs(self.directory, exist_ok=True)
+        handle, path = tempfile.mkstemp(prefix="spadi-ao-inputs-", suffix=".pt", dir=self.directory)
+        os.close(handle)
+        try:
+            torch.save(hidden, path)
+            mapped = torch.load(path, mmap=True, weights_only=True)
+        finally:
+            os.unlink(path)
+        self.spilled += 1
+        return mapped
+
+
+def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[Any], store: _InputStore) -> list[tuple[tuple, dict]]:
+    """Run the model up to the first block for each batch; keep that block's (args, kwargs) on the host."""
     captured: list[tuple[tuple, dict]] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict):
-        captured.append((_to(args, "cpu"), _to(kwargs, "cpu")))
+        captured.append(((store.keep(args[0]),) + _to(args[1:], "cpu"), _to(kwargs, "cpu")))
         raise _StopForward
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -117,13 +173,21 @@ def _to(value: Any, device: Any) -> Any:
     return value
 
 
-def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]], device: torch.device) -> list[tuple[tuple, dict]]:
-    outputs = []
+def _run_block(
+    block: nn.Module, inputs: list[tuple[tuple, dict]], device: torch.device, store: Optional[_InputStore]
+) -> Optional[list[tuple[tuple, dict]]]:
+    """The block's outputs for every sample, kept by ``store`` as the next block's inputs; with no store the
+    block runs for its hooks only (the Gram pass of compressed propagation) and nothing is kept."""
+    outputs: Optional[list[tuple[tuple, dict]]] = None
+    if store is not None:
+        store.next_block()
+        outputs = []
     with torch.no_grad():
         for args, kwargs in inputs:
             result = block(*_to(args, device), **_to(kwargs, device))
-            hidden = result[0] if isinstance(result, tuple) else result
-            outputs.append(((hidden.to("cpu"),) + tuple(args[1:]), kwargs))
+            if outputs is not None:
+                hidden = result[0] if isinstance(result, tuple) else result
+                outputs.append(((store.keep(hidden),) + tuple(args[1:]), kwargs))
     return outputs
 
 
@@ -294,13 +358,16 @@ class _Blockwise:
     dispatched: bool
     rank: int = 0
     world: int = 1
+    store: _InputStore = field(default_factory=_InputStore)
     measured: dict[tuple[int, int], float] = field(default_factory=dict)
     """Solve seconds per ``(out, in)`` shape, from the exchanged reports: the same on every rank."""
     gram_bytes: int = 0
     """The most bytes of Grams held at once (one block's)."""
 
-    def compress_block(self, block: nn.Module, names: list[str], inputs: list[tuple[tuple, dict]]) -> tuple[list[LayerReport], list[tuple[tuple, dict]]]:
-        """Compress ``block``'s Linears and return their reports and the next block's inputs.
+    def compress_block(
+        self, block: nn.Module, names: list[str], inputs: list[tuple[tuple, dict]], last: bool = False
+    ) -> tuple[list[LayerReport], Optional[list[tuple[tuple, dict]]]]:
+        """Compress ``block``'s Linears and return their reports and the next block's inputs (none after the last).
 
         On the compute device only while it runs; on failure its dense weights are put back before it leaves.
         """
@@ -310,11 +377,11 @@ class _Blockwise:
         try:
             if home is not None:
                 block.to(compute)
-            results, next_inputs = self._solve_block(block, names, inputs, compute)
+            results, next_inputs = self._solve_block(block, names, inputs, compute, keep_outputs=not last)
             for name in names:
                 swaps.append(install_weight(self.targets[name], results[name][0], name))
-            if next_inputs is None:
-                next_inputs = _run_block(block, inputs, compute)
+            if self.propagate == "compressed" and not last:
+                next_inputs = _run_block(block, inputs, compute, self.store)
                 # The CPU kernel cached each layer's decompressed codes (~2x the values' bytes); kept for
                 # every finished block they grew the host memory with depth (measured, benchmarks/scale.py).
                 forget_cached_codes(self.targets[name].weight for name in names)
@@ -335,10 +402,11 @@ class _Blockwise:
         return self.device or next(block.parameters()).device
 
     def _solve_block(
-        self, block: nn.Module, names: list[str], inputs: list[tuple[tuple, dict]], compute: torch.device
+        self, block: nn.Module, names: list[str], inputs: list[tuple[tuple, dict]], compute: torch.device, keep_outputs: bool
     ) -> tuple[dict[str, tuple[torch.Tensor, LayerReport]], Optional[list[tuple[tuple, dict]]]]:
         """Each Linear's compressed weight (from the checkpoint, or solved on this rank or another) and, with
-        dense propagation, the next block's inputs. Each Gram is freed as soon as its last reader is done."""
+        dense propagation and ``keep_outputs``, the next block's inputs. Each Gram is freed as soon as its
+        last reader is done."""
         results: dict[str, tuple[torch.Tensor, LayerReport]] = {}
         pending = []
         for name in names:
@@ -351,14 +419,13 @@ class _Blockwise:
         pending.sort(key=lambda name: -self.targets[name].in_features)
         collector = None
         next_inputs = None
-        if pending or self.propagate == "dense":
+        # Compressed propagation runs the compressed block after the solves instead: the dense outputs
+        # (N x hidden floats, 256 MiB at 8B and 32 x 512 tokens) are not kept through them.
+        keep = self.store if self.propagate == "dense" and keep_outputs else None
+        if pending or keep is not None:
             with GramCollector({name: self.targets[name] for name in names}) as collector:
-                dense_outputs = _run_block(block, inputs, compute)
+                next_inputs = _run_block(block, inputs, compute, keep)
             self.gram_bytes = max(self.gram_bytes, collector.memory_bytes)
-            # Compressed propagation runs the compressed block after the solves instead: the dense outputs
-            # (N x hidden floats, 256 MiB at 8B and 32 x 512 tokens) are not kept through them.
-            next_inputs = dense_outputs if self.propagate == "dense" else None
-            del dense_outputs
             for name in results:
                 collector.release(name)
         solved = {}
@@ -419,16 +486,18 @@ def run_sequential(
             "disk_offload), whose hooks decide where each block runs: pass device=None"
         )
     block_prefix, blocks = decoder_blocks(model, targets)
-    inputs = _capture_block_inputs(model, blocks[0], batches)
+    store = _InputStore(checkpoint_dir)
+    inputs = _capture_block_inputs(model, blocks[0], batches, store)
     checkpoint = _Checkpoint(Path(checkpoint_dir), run_fingerprint(model, config, targets, inputs, propagate)) if checkpoint_dir else None
     rank, world = _rank_and_world()
-    run = _Blockwise(targets, solve, propagate, checkpoint, torch.device(device) if device is not None else None, dispatched, rank, world)
+    compute = torch.device(device) if device is not None else None
+    run = _Blockwise(targets, solve, propagate, checkpoint, compute, dispatched, rank, world, store)
     reports: list[LayerReport] = []
     finished = 0
     try:
         for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
             names = [name for name in targets if name.startswith(f"{block_prefix}.{index}.")]
-            block_reports, inputs = run.compress_block(block, names, inputs)
+            block_reports, inputs = run.compress_block(block, names, inputs, last=index == len(blocks) - 1)
             reports.extend(block_reports)
             finished += 1
     except BaseException as exc:

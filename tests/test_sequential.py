@@ -319,3 +319,26 @@ def test_parked_grams_read_back_identical_and_leave_no_files(tmp_path):
     assert torch.equal(collector.take("mlp.gate_proj"), expected["mlp.gate_proj"])
     assert torch.equal(collector.take("mlp.up_proj"), expected["mlp.up_proj"])
     assert collector.memory_bytes == 0 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("propagate", ["dense", "compressed"])
+def test_block_inputs_that_do_not_fit_are_spilled_and_change_nothing(propagate, tmp_path, monkeypatch):
+    """With (as if) no memory to spare every block input goes to a memory-mapped file: same bytes, no files left."""
+    batches = token_batches(3, 16)
+    in_memory = tiny_llama()
+    sparsify_dictionary_(in_memory, CONFIG, calibration=batches, sequential=True, propagate=propagate, progress=False)
+    stores = []
+    original = spadi_ao.sequential._InputStore.__init__
+
+    def record(self, directory=None):
+        original(self, directory)
+        stores.append(self)
+
+    monkeypatch.setattr(spadi_ao.sequential, "_available_memory_bytes", lambda: 0)
+    monkeypatch.setattr(spadi_ao.sequential._InputStore, "__init__", record)
+    spilled = tiny_llama()
+    sparsify_dictionary_(spilled, CONFIG, calibration=batches, sequential=True, propagate=propagate,
+                         checkpoint_dir=tmp_path / "run", progress=False)
+    _assert_identical(_compressed_state(in_memory), _compressed_state(spilled))
+    assert stores[0].spilled == 3 * 2  # the two blocks' inputs, three samples each (the last block's outputs are not kept)
+    assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("spadi-ao-inputs-")] == []
