@@ -18,7 +18,11 @@ not depend on what the weights say.
 * ``layers``: per layer shape (SmolLM2, Llama-3-8B), one thread: Gram accumulation over 8 x 256 tokens
   and whitening, then whitening + solve per solver, each with its time and peak RSS;
 * ``resume``: a run SIGKILLed at a random layer, restarted and killed again at another, then finished,
-  against an uninterrupted run, byte for byte.
+  against an uninterrupted run, byte for byte;
+* ``spill``: the same run with block inputs kept in memory and spilled to memory-mapped files (as on a
+  machine with no memory to spare: the child reports none available), peak RSS and time of each,
+  outputs compared byte for byte. ``--shape quick --layers 4 --samples 256 --seq-len 512`` makes the
+  inputs (128 MiB a block) the largest thing in memory.
 
 Writes benchmarks/results/scale.{json,md}.
 """
@@ -134,6 +138,10 @@ def child(args: argparse.Namespace) -> None:
         torch.distributed.init_process_group("gloo")
     from spadi_ao import DictionaryConfig, sparsify_dictionary_
 
+    if args.force_spill:
+        import spadi_ao.sequential
+
+        spadi_ao.sequential._available_memory_bytes = lambda: 0
     baseline = _current_rss_bytes()
     model = build_model(args.shape, args.layers)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -251,12 +259,15 @@ def part_layers(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _child_command(args: argparse.Namespace, layers: int, threads: int | None = None, checkpoint_dir: str | None = None, digest: bool = False) -> list[str]:
+def _child_command(
+    args: argparse.Namespace, layers: int, threads: int | None = None, checkpoint_dir: str | None = None, digest: bool = False,
+    force_spill: bool = False,
+) -> list[str]:
     command = [__file__, "--child", "--shape", args.shape, "--layers", str(layers), "--threads", str(threads or args.threads),
                "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
     if checkpoint_dir:
         command += ["--checkpoint-dir", checkpoint_dir]
-    return command + (["--digest"] if digest else [])
+    return command + (["--digest"] if digest else []) + (["--force-spill"] if force_spill else [])
 
 
 def _run(command: list[str], launcher: list[str] | None = None) -> dict:
@@ -293,6 +304,18 @@ def part_speedup(args: argparse.Namespace) -> dict:
               "two_ranks_total_seconds": double["seconds"], "identical": single["digest"] == double["digest"]}
     print(f"speedup: solve phase 1 rank {single['solve_seconds']:.1f}s, 2 ranks {double['solve_seconds']:.1f}s -> {result['speedup']:.2f}x "
           f"(whole run {single['seconds']:.1f}s vs {double['seconds']:.1f}s), identical output: {result['identical']}", flush=True)
+    return result
+
+
+def part_spill(args: argparse.Namespace) -> dict:
+    layers = args.layers[0]
+    kept = _run(_child_command(args, layers, digest=True))
+    spilled = _run(_child_command(args, layers, digest=True, force_spill=True))
+    result = {"layers": layers, "in_memory_peak_rss": kept["peak_rss"], "spilled_peak_rss": spilled["peak_rss"],
+              "in_memory_seconds": kept["seconds"], "spilled_seconds": spilled["seconds"], "identical": kept["digest"] == spilled["digest"],
+              "input_bytes_per_block": args.samples * args.seq_len * SHAPES[args.shape]["hidden_size"] * 4}
+    print(f"spill: peak RSS {kept['peak_rss'] / 2**30:.2f} GiB in memory, {spilled['peak_rss'] / 2**30:.2f} GiB spilled; "
+          f"{kept['seconds']:.1f} s vs {spilled['seconds']:.1f} s; identical output: {result['identical']}", flush=True)
     return result
 
 
@@ -359,6 +382,11 @@ def write(results: dict, args: argparse.Namespace) -> None:
         r = results["resume"]
         lines += ["", f"Kill and resume ({r['linears']} Linears): killed twice with {r['layers_done_at_kills']} Linears checkpointed; "
                       f"final model bit-identical to an uninterrupted run: {r['identical']}."]
+    if "spill" in results:
+        r = results["spill"]
+        lines += ["", f"Block inputs ({r['layers']} layers, {r['input_bytes_per_block'] / 2**20:.0f} MiB a block): peak RSS "
+                      f"{r['in_memory_peak_rss'] / 2**30:.2f} GiB kept in memory, {r['spilled_peak_rss'] / 2**30:.2f} GiB spilled to "
+                      f"memory-mapped files; {r['in_memory_seconds']:.1f} s vs {r['spilled_seconds']:.1f} s; identical output: {r['identical']}."]
     if "layers" in results:
         lines += ["", f"Per layer, CR 0.3, 1 thread, a fresh process per row (peak RSS of the whole process; 'added' is what the "
                       f"step added to the weight and Gram already in memory). '{WHITENING}': Gram accumulation over "
@@ -379,7 +407,7 @@ def write(results: dict, args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["rss", "speedup", "resume"], choices=["rss", "speedup", "resume", "layers"])
+    parser.add_argument("--parts", nargs="+", default=["rss", "speedup", "resume"], choices=["rss", "speedup", "resume", "layers", "spill"])
     parser.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     parser.add_argument("--layers", type=int, nargs="+", default=[16, 32], help="rss: decoder layers of each run")
     parser.add_argument("--speedup-layers", type=int, default=2)
@@ -398,6 +426,7 @@ def main() -> None:
     parser.add_argument("--solver-name", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--digest", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--force-spill", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         if args.layer_shape:
@@ -411,7 +440,8 @@ def main() -> None:
         args.threads, args.layer_shapes, args.solvers = 1, ["SmolLM2 q/o", "SmolLM2 down"], ["fast, 0 steps"]
     results = {}
     for part in args.parts:
-        results[part] = {"rss": part_rss, "speedup": part_speedup, "resume": part_resume, "layers": part_layers}[part](args)
+        parts = {"rss": part_rss, "speedup": part_speedup, "resume": part_resume, "layers": part_layers, "spill": part_spill}
+        results[part] = parts[part](args)
     write(results, args)
 
 
