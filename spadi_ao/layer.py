@@ -20,7 +20,8 @@ from spadi_ao.format import pack_codes
 from spadi_ao.grouping import average_gram, split_bytes
 from spadi_ao.integrations.torchao import quantize_dictionary
 from spadi_ao.solvers.fast import fast_dictionary
-from spadi_ao.solvers.ksvd import KSVDResult, ksvd
+from spadi_ao.solvers import BLOCK_ELEMENTS
+from spadi_ao.solvers.ksvd import KSVDResult, ksvd, squared_error
 from spadi_ao.solvers.lowrank import whitened_low_rank
 from spadi_ao.solvers.omp import codes_to_dense
 from spadi_ao.solvers.whitening import Whitening, whiten
@@ -29,9 +30,6 @@ from spadi_ao.tensor import DictionaryTensor, LowRankTensor, stored_bytes
 __all__ = ["LayerReport", "compress_weight", "compress_group", "whiten_group", "solve_dictionary", "whitening_for"]
 
 SOLVE_DTYPE = torch.float32
-BLOCK_ELEMENTS = 1 << 22
-"""Elements per block of the blockwise float64 passes (32 MiB of scratch), which keep a wide layer's
-temporaries at a block instead of a full-size float64 copy."""
 
 
 @dataclass
@@ -226,14 +224,9 @@ def _atoms_in_input_space(whitening: Whitening, dictionary: torch.Tensor, dtype:
 
 
 def _fit_error(target: torch.Tensor, dictionary: torch.Tensor, indices: torch.Tensor, coefficients: torch.Tensor) -> float:
-    """``||A - D C|| / ||A||`` for codes given as (indices, coefficients), a block of columns at a time."""
-    residual = 0.0
-    step = max(1, BLOCK_ELEMENTS // target.shape[0])
-    for start in range(0, target.shape[1], step):
-        stop = start + step
-        codes = codes_to_dense(indices[start:stop], coefficients[start:stop], dictionary.shape[1])
-        residual += float((target[:, start:stop] - dictionary @ codes).pow(2).sum())
-    return residual**0.5 / max(float(target.norm()), 1e-30)
+    """``||A - D C|| / ||A||`` for codes given as (indices, coefficients)."""
+    codes = codes_to_dense(indices, coefficients, dictionary.shape[1])
+    return squared_error(target, dictionary, codes) ** 0.5 / max(float(target.norm()), 1e-30)
 
 
 def _member_error(

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import spadi_ao.layer as layer
+import spadi_ao.solvers.ksvd
 from spadi_ao.configs import DictionaryConfig, LowRankConfig
 
 
@@ -39,6 +40,7 @@ def test_blockwise_passes_change_nothing(monkeypatch):
     config = DictionaryConfig(compression_ratio=0.3, solver="fast", gram_shrinkage=0.0)
     whole, whole_report = layer.compress_weight("layer", weight, gram.clone(), config)
     monkeypatch.setattr(layer, "BLOCK_ELEMENTS", 24 * 3)
+    monkeypatch.setattr(spadi_ao.solvers.ksvd, "BLOCK_ELEMENTS", 24 * 3)
     blocked, blocked_report = layer.compress_weight("layer", weight, gram.clone(), config)
     assert torch.allclose(blocked.dictionary, whole.dictionary, rtol=1e-6, atol=1e-7)
     assert torch.equal(blocked.bitmask, whole.bitmask)

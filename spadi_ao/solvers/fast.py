@@ -16,19 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from spadi_ao.solvers.ksvd import KSVDResult, svd_dictionary
+from spadi_ao.solvers.ksvd import KSVDResult, squared_error, svd_dictionary
 
 __all__ = ["fast_dictionary"]
-
-OBJECTIVE_BLOCK_ELEMENTS = 1 << 22
-
-
-def _objective(signals: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor) -> float:
-    """``||A - D C||_F^2``, a block of columns at a time (no ``n x m`` temporary next to the signals)."""
-    step = max(1, OBJECTIVE_BLOCK_ELEMENTS // signals.shape[0])
-    blocks = range(0, signals.shape[1], step)
-    residuals = (torch.addmm(signals[:, i : i + step], dictionary, codes[:, i : i + step], alpha=-1.0) for i in blocks)
-    return sum(float(torch.linalg.vector_norm(residual)) ** 2 for residual in residuals)
 
 
 def _least_squares_dictionary(signals: torch.Tensor, codes: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
@@ -78,11 +68,11 @@ def fast_dictionary(signals: torch.Tensor, k: int, s: int, steps: int = 8, cg_it
     indices = correlations.abs().topk(s, dim=0).indices  # (s, m)
     mask = torch.zeros_like(correlations).scatter_(0, indices, 1.0)
     codes = correlations * mask
-    objective = [_objective(signals, dictionary, codes)]
+    objective = [squared_error(signals, dictionary, codes)]
     for _ in range(steps):
         dictionary = _least_squares_dictionary(signals, codes, dictionary)
         codes = _refit_codes(signals, dictionary, codes, mask, cg_iterations)
-        objective.append(_objective(signals, dictionary, codes))
+        objective.append(squared_error(signals, dictionary, codes))
     norms = dictionary.norm(dim=0).clamp_min(torch.finfo(signals.dtype).tiny)
     dictionary, codes = dictionary / norms, codes * norms.unsqueeze(1)
     indices = indices.T.contiguous()

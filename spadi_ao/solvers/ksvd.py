@@ -14,9 +14,10 @@ from typing import Callable, Optional
 
 import torch
 
+from spadi_ao.solvers import BLOCK_ELEMENTS
 from spadi_ao.solvers.omp import batched_omp, codes_to_dense, least_squares_codes
 
-__all__ = ["KSVDResult", "ksvd", "initial_dictionary", "leading_left_singular_vectors", "svd_dictionary"]
+__all__ = ["KSVDResult", "ksvd", "initial_dictionary", "leading_left_singular_vectors", "squared_error", "svd_dictionary"]
 
 
 @dataclass
@@ -48,8 +49,13 @@ def initial_dictionary(signals: torch.Tensor, k: int, generator: torch.Generator
     return atoms / norms
 
 
-GRAM_CHUNK_ELEMENTS = 1 << 22
-"""Elements of ``signals`` promoted to float64 at a time while forming its Gram (32 MiB of scratch)."""
+def squared_error(signals: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor) -> float:
+    """``||A - D C||_F^2`` for dense codes ``C`` (k x m), a block of columns at a time (no ``n x m``
+    temporary next to the signals)."""
+    step = max(1, BLOCK_ELEMENTS // signals.shape[0])
+    blocks = range(0, signals.shape[1], step)
+    residuals = (torch.addmm(signals[:, i : i + step], dictionary, codes[:, i : i + step], alpha=-1.0) for i in blocks)
+    return sum(float(torch.linalg.vector_norm(residual)) ** 2 for residual in residuals)
 
 
 def _small_gram(signals: torch.Tensor) -> torch.Tensor:
@@ -58,7 +64,7 @@ def _small_gram(signals: torch.Tensor) -> torch.Tensor:
     wide = n <= m
     side = n if wide else m
     gram = torch.zeros(side, side, dtype=torch.float64, device=signals.device)
-    step = max(1, GRAM_CHUNK_ELEMENTS // side)
+    step = max(1, BLOCK_ELEMENTS // side)
     for start in range(0, m if wide else n, step):
         chunk = (signals[:, start : start + step] if wide else signals[start : start + step].T).to(torch.float64)
         gram.addmm_(chunk, chunk.T)
