@@ -6,20 +6,27 @@ rank in the same bytes (``spadi_ao.budget``). Codes are random: latency does not
 
 CPU: a median over interleaved rounds (dense, low-rank, dictionary in turn, so background load hits all
 three alike) under ``torch.inference_mode``, after waiting (``--max-wait``) for other processes to idle;
-each row records the cores other processes used while it was timed (``bg cores``). The CPU dictionary route caches the decompressed codes; its
-extra resident bytes are reported as ``cache_bytes`` and, at M=1, the uncached latency too.
+each row records the cores other processes used while it was timed (``bg cores``). ``kernel`` is what
+``select_kernel`` picks: on the CPU, float32 decode (M <= 8) reads the packed codes with the native kernel,
+larger M multiplies by decompressed codes that the torch route caches; their extra resident bytes are
+reported as ``cache_bytes`` and, if M=1 takes that route, the uncached latency too.
 The dictionary column is what a compressed layer runs, ``F.linear`` on its ``DictionaryTensor`` weight
 (eager CPU inference calls the CPU kernel directly); ``op us`` calls ``spadi_ao::dictionary_linear``
 itself, the route ``torch.compile`` and autograd take, and shows its dispatch cost.
+With ``--cold`` every variant cycles through enough copies of its weights to overflow the last-level
+cache, so each call reads its weights from memory as in a real decode step (``weights`` says how many
+copies); without it the same weights are called again and again and stay in cache.
 GPU: ``triton.testing.do_bench_cudagraph`` (CUDA-graph replay, no Python launch overhead).
 
     python benchmarks/kernels.py --quick                      # SmolLM2-135M shapes only
     python benchmarks/kernels.py --json benchmarks/results/kernels_cpu.json
+    python benchmarks/kernels.py --cold --json benchmarks/results/kernels_cpu_cold.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -70,6 +77,7 @@ class Row:
     dictionary_uncached_us: float | None
     op_us: float
     background_cores: float  # CPU: cores other processes used while this row was timed
+    weight_copies: int  # 1: hot caches; more: cycled through to read the weights from memory
 
     @property
     def dictionary_ratio(self) -> float:
@@ -135,6 +143,19 @@ def cuda_median_us(fns: dict[str, Callable[[], object]], budget_s: float) -> dic
     return results
 
 
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache from sysfs (64 MiB if unknown)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1))
+    return max(sizes, default=64 * 2**20)
+
+
+def cycling(items: list) -> Callable[[], object]:
+    return itertools.cycle(items).__next__
+
+
 def random_dictionary(out_features: int, in_features: int, k: int, s: int, dtype: torch.dtype, device: str) -> tuple:
     indices = torch.rand(out_features, k).topk(s, dim=1).indices
     values, bitmask = pack_codes(indices, torch.randn(out_features, s), k)
@@ -143,26 +164,31 @@ def random_dictionary(out_features: int, in_features: int, k: int, s: int, dtype
 
 
 def bench_layer(
-    model: str, layer: str, out_f: int, in_f: int, cr: float, tokens_list, dtype, device, budget_s, max_wait_s
+    model: str, layer: str, out_f: int, in_f: int, cr: float, tokens_list, dtype, device, budget_s, max_wait_s, cold: bool
 ) -> list[Row]:
     size = torch.finfo(dtype).bits // 8
     d_budget = dictionary_budget(out_f, in_f, cr, 2.0, size)
     rank = low_rank_budget(out_f, in_f, cr, size).rank
     k, s = d_budget.k, d_budget.s
-    weight = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5
-    down = torch.randn(rank, in_f, device=device, dtype=dtype) / in_f**0.5
-    up = torch.randn(out_f, rank, device=device, dtype=dtype) / rank**0.5
-    dictionary, values, bitmask = random_dictionary(out_f, in_f, k, s, dtype, device)
-    layer_weight = DictionaryTensor(dictionary, values, bitmask, dtype)
+    copies = max(2, math.ceil(2 * last_level_cache_bytes() / (out_f * in_f * size))) if cold else 1
+    dense_weights, low_rank_pairs, packed = [], [], []
+    for _ in range(copies):
+        dense_weights.append(torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5)
+        low_rank_pairs.append((torch.randn(rank, in_f, device=device, dtype=dtype) / in_f**0.5,
+                               torch.randn(out_f, rank, device=device, dtype=dtype) / rank**0.5))  # fmt: skip
+        packed.append(random_dictionary(out_f, in_f, k, s, dtype, device))
+    layer_weights = [DictionaryTensor(dictionary, values, bitmask, dtype) for dictionary, values, bitmask in packed]
+    next_dense, next_pair, next_layer, next_packed = map(cycling, (dense_weights, low_rank_pairs, layer_weights, packed))
     measure = cuda_median_us if device == "cuda" else cpu_median_us
     rows = []
     for tokens in tokens_list:
         x = torch.randn(tokens, in_f, device=device, dtype=dtype)
+        kernel = select_kernel(x.device, dtype, tokens)
         fns = {
-            "dense": lambda: F.linear(x, weight),
-            "low_rank": lambda: F.linear(F.linear(x, down), up),
-            "dictionary": lambda: F.linear(x, layer_weight),
-            "op": lambda: torch.ops.spadi_ao.dictionary_linear(x, dictionary, None, values, None, bitmask, None),
+            "dense": lambda: F.linear(x, next_dense()),
+            "low_rank": lambda: (lambda down, up: F.linear(F.linear(x, down), up))(*next_pair()),
+            "dictionary": lambda: F.linear(x, next_layer()),
+            "op": lambda: (lambda d, v, b: torch.ops.spadi_ao.dictionary_linear(x, d, None, v, None, b, None))(*next_packed()),
         }
         background = 0.0
         if device == "cpu":
@@ -171,15 +197,15 @@ def bench_layer(
         else:
             times = measure(fns, budget_s)
         uncached = None
-        if device == "cpu" and tokens == 1:
+        if device == "cpu" and tokens == 1 and kernel == "torch":
             with cpu.code_cache_disabled():
                 uncached = measure({"dictionary": fns["dictionary"]}, budget_s / 3)["dictionary"]
         rows.append(
             Row(
-                model, layer, out_f, in_f, cr, tokens, k, s, rank, select_kernel(x.device, dtype, tokens),
+                model, layer, out_f, in_f, cr, tokens, k, s, rank, kernel,
                 out_f * in_f * size, dictionary_bytes(out_f, in_f, k, s, size), low_rank_bytes(out_f, in_f, rank, size),
-                out_f * k * size if device == "cpu" else 0,
-                times["dense"], times["low_rank"], times["dictionary"], uncached, times["op"], round(background, 2),
+                out_f * k * size if device == "cpu" and kernel == "torch" else 0,
+                times["dense"], times["low_rank"], times["dictionary"], uncached, times["op"], round(background, 2), copies,
             )
         )  # fmt: skip
         print(format_row(rows[-1]), flush=True)
@@ -188,7 +214,7 @@ def bench_layer(
 
 HEADER = (
     "| model | layer | out x in | CR | M | k / s | rank | kernel | dense us | low-rank us | dictionary us "
-    "| dict/dense | low-rank/dense | op us | uncached us | cache MiB | bg cores |"
+    "| dict/dense | low-rank/dense | op us | uncached us | cache MiB | bg cores | weights |"
 )
 
 SEPARATOR = "|" + "---|" * (HEADER.count("|") - 1)
@@ -199,7 +225,8 @@ def format_row(r: Row) -> str:
     return (
         f"| {r.model} | {r.layer} | {r.out_features}x{r.in_features} | {r.cr} | {r.tokens} | {r.k} / {r.s} | {r.rank} "
         f"| {r.kernel} | {r.dense_us:.1f} | {r.low_rank_us:.1f} | {r.dictionary_us:.1f} | {r.dictionary_ratio:.2f} "
-        f"| {r.low_rank_ratio:.2f} | {r.op_us:.1f} | {uncached} | {r.cache_bytes / 2**20:.1f} | {r.background_cores:.2f} |"
+        f"| {r.low_rank_ratio:.2f} | {r.op_us:.1f} | {uncached} | {r.cache_bytes / 2**20:.1f} | {r.background_cores:.2f} "
+        f"| {'hot' if r.weight_copies == 1 else f'cold x{r.weight_copies}'} |"
     )
 
 
@@ -236,6 +263,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument("--budget", type=float, default=1.5, help="seconds of timing per (shape, CR, M)")
     parser.add_argument("--max-wait", type=float, default=20.0, help="CPU: seconds to wait for other processes to idle")
+    parser.add_argument("--cold", action="store_true", help="cycle through weight copies that overflow the last-level cache")
     args = parser.parse_args()
     device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
@@ -251,7 +279,7 @@ def main() -> None:
                 for cr in RATIOS:
                     # Big layers get less timing: a 14336x4096 GEMM at M=512 takes ~0.4 s on 2 cores.
                     budget = args.budget if out_f * in_f <= 2**22 or device == "cuda" else args.budget / 2
-                    rows += bench_layer(model, layer, out_f, in_f, cr, TOKENS, dtype, device, budget, args.max_wait)
+                    rows += bench_layer(model, layer, out_f, in_f, cr, TOKENS, dtype, device, budget, args.max_wait, args.cold)
                     cpu.clear_code_cache()
     summary = target_summary(rows)
     print("\n".join(["", *summary]))
@@ -270,7 +298,7 @@ def main() -> None:
     records = [asdict(r) | {"dictionary_ratio": r.dictionary_ratio, "low_rank_ratio": r.low_rank_ratio} for r in rows]
     path.write_text(json.dumps({"meta": meta, "targets": summary, "rows": records}, indent=1))
     table = [HEADER, SEPARATOR, *map(format_row, rows)]
-    markdown = [f"# Kernel latency ({device}, {dtype}, {meta['threads']} threads)", "", f"`{meta}`", "", *table, "", *summary]
+    markdown = [f"# Kernel latency ({device}, {dtype}, {meta['threads']} threads, {'cold' if args.cold else 'hot'} weights)", "", f"`{meta}`", "", *table, "", *summary]
     path.with_suffix(".md").write_text("\n".join(markdown) + "\n")
     print(f"\nwrote {path} and {path.with_suffix('.md')}")
 

@@ -18,7 +18,6 @@ from torchao.utils import TorchAOBaseTensor
 
 from spadi_ao.format import unpack_codes
 from spadi_ao.kernels import cpu
-from spadi_ao.kernels.cpu import dense_codes
 from spadi_ao.kernels.op import dequantize_dictionary, dequantize_values
 
 __all__ = ["DictionaryTensor", "LowRankTensor", "stored_bytes", "is_compressed_weight"]
@@ -143,15 +142,13 @@ def _traced_codes(weight: DictionaryTensor, dtype: torch.dtype) -> torch.Tensor:
 def _torchao_dictionary_linear(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``z = x D~^T`` on torchao's kernels, then the codes as a dense GEMM in plain torch ops.
 
-    Eager calls reuse the decompressed-codes cache of ``spadi_ao.kernels.cpu``; a compiled graph decompresses
-    the codes itself, since the cache lives in Python and cannot be traced.
+    Eager calls run ``spadi_ao.kernels.cpu.multiply_codes`` (native decode kernel or cached dense codes); a
+    compiled graph decompresses the codes itself, since neither can be traced.
     """
     atoms = F.linear(x, weight.dictionary)
     if torch.compiler.is_compiling():
-        codes = _traced_codes(weight, atoms.dtype)
-    else:
-        codes = dense_codes(weight.values, weight.value_scale, weight.bitmask, weight.num_atoms, atoms.dtype)
-    return F.linear(atoms, codes, bias)
+        return F.linear(atoms, _traced_codes(weight, atoms.dtype), bias)
+    return cpu.multiply_codes(atoms, weight.values, weight.value_scale, weight.bitmask, bias)
 
 
 def _direct_cpu_call(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[torch.Tensor]) -> bool:
@@ -164,7 +161,7 @@ def _direct_cpu_call(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[t
     """
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
-    if type(x) is not torch.Tensor or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+    if type(x) is not torch.Tensor or not x.is_cpu or torch.is_autocast_enabled("cpu"):
         return False
     if not torch.is_grad_enabled():
         return True
@@ -176,12 +173,13 @@ def _direct_cpu_call(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[t
 @DictionaryTensor.implements_torch_function(F.linear)
 def _(func, types, args, kwargs):
     x, weight, bias = _linear_args(args)
-    if is_traceable_wrapper_subclass(weight.dictionary):
+    dictionary = weight.dictionary
+    if type(dictionary) is not torch.Tensor and is_traceable_wrapper_subclass(dictionary):
         return _torchao_dictionary_linear(x, weight, bias)
     if _direct_cpu_call(x, weight, bias):
-        return cpu.dictionary_linear(x, weight.dictionary, weight.dictionary_scale, weight.values, weight.value_scale, weight.bitmask, bias)
+        return cpu.dictionary_linear(x, dictionary, weight.dictionary_scale, weight.values, weight.value_scale, weight.bitmask, bias)
     return torch.ops.spadi_ao.dictionary_linear(
-        x, weight.dictionary, weight.dictionary_scale, weight.values, weight.value_scale, weight.bitmask, bias
+        x, dictionary, weight.dictionary_scale, weight.values, weight.value_scale, weight.bitmask, bias
     )
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from spadi_ao.format import pack_codes, unpack_codes
-from spadi_ao.kernels import cpu, reference_dictionary_linear, select_kernel
+from spadi_ao.kernels import cpu, native, reference_dictionary_linear, select_kernel
 from spadi_ao.kernels.reference import dequantize_dictionary, dequantize_values
 from spadi_ao.kernels.selector import HAS_TRITON
 
@@ -223,7 +223,9 @@ def test_compile_with_grad_matches_eager():
 
 
 def test_select_kernel():
-    assert select_kernel(torch.device("cpu"), torch.float32, 1) == "torch"
+    assert select_kernel(torch.device("cpu"), torch.float32, 1) == ("native_decode" if native.available() else "torch")
+    assert select_kernel(torch.device("cpu"), torch.float32, 17) == "torch"
+    assert select_kernel(torch.device("cpu"), torch.float16, 1) == "torch"
     assert select_kernel(torch.device("cuda"), torch.float64, 1) == "torch"
     if HAS_TRITON:
         assert select_kernel(torch.device("cuda"), torch.bfloat16, 16) == "triton_decode"

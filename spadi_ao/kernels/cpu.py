@@ -1,4 +1,8 @@
-"""Torch-ops route for the dictionary linear: CPU, and any device without Triton.
+"""CPU route for the dictionary linear (and the torch-ops route of any device without Triton).
+
+Float32 decode (at most ``selector.NATIVE_MAX_TOKENS`` tokens) runs both stages in the native C kernel
+(``spadi_ao.kernels.native``), which reads the packed codes themselves and needs no cache. Everything
+else, and machines where that kernel cannot be built, takes the torch ops below.
 
 Stage 1 is one BLAS call, ``z = x @ D~^T``. Stage 2 multiplies ``z`` by the codes, and on CPU the only
 fast way to do that with stock torch ops is a GEMM against the codes decompressed to a dense ``(out, k)``
@@ -10,8 +14,8 @@ matrix. Measured on 2 Xeon (Sapphire Rapids) cores, fp32, a 4096x4096 layer at 5
   indexing 4-12 ms, an Inductor-compiled gather-sum 2.3 ms; MKL CSR ``mv`` with int32 indices 0.9 ms;
 * decompressing the bitmask on every call: ~40-80 ms, against 2.4 ms for the whole dense layer at M=1.
 
-So the decompressed codes are cached, which is what makes the compressed layer faster than the dense one
-at all. **The cache costs memory**: ``out * k * dtype_size`` bytes per layer and compute dtype, kept next
+So the torch route caches the decompressed codes, which is what makes it faster than the dense layer at
+all. **The cache costs memory**: ``out * k * dtype_size`` bytes per layer and compute dtype, kept next
 to the stored ``out * s`` values, i.e. ``2x`` the values' bytes at ``k / s = 2`` in the same dtype (more
 for int8 values, which are cached dequantised). :func:`code_cache_nbytes` reports the total,
 :func:`clear_code_cache` frees it and :func:`code_cache_disabled` runs without it (decompressing every
@@ -33,10 +37,13 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from spadi_ao.format import unpack_mask
+from spadi_ao.kernels import native
 from spadi_ao.kernels.reference import dequantize_dictionary, dequantize_values
+from spadi_ao.kernels.selector import select_kernel
 
 __all__ = [
     "dictionary_linear",
+    "multiply_codes",
     "decompress_codes",
     "dense_codes",
     "code_cache_nbytes",
@@ -128,6 +135,23 @@ def _project(x: torch.Tensor, dictionary: torch.Tensor, dictionary_scale: Option
     return F.linear(x, dictionary.to(x.dtype)) * dictionary_scale.to(x.dtype)
 
 
+def _native_decode(x: torch.Tensor, values: torch.Tensor, value_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
+    """Whether ``select_kernel`` sends these ``x`` to the native kernel and the codes are float32 as it needs."""
+    float32 = torch.float32
+    if x.dtype != float32 or values.dtype != float32 or value_scale is not None or (bias is not None and bias.dtype != float32):
+        return False
+    return select_kernel(x.device, float32, x.numel() // x.shape[-1]) == "native_decode"
+
+
+def multiply_codes(
+    z: torch.Tensor, values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """``z @ C^T + b``: the native kernel on the packed codes for float32 decode, else the cached dense codes."""
+    if _native_decode(z, values, value_scale, bias):
+        return native.codes_gemv(z, values, bitmask, bias)
+    return F.linear(z, dense_codes(values, value_scale, bitmask, z.shape[-1], z.dtype), bias)
+
+
 def dictionary_linear(
     x: torch.Tensor,
     dictionary: torch.Tensor,
@@ -137,6 +161,8 @@ def dictionary_linear(
     bitmask: torch.Tensor,
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``y = (x @ D~^T) @ C^T + b`` with BLAS for both products (see the module docstring)."""
-    codes = dense_codes(values, value_scale, bitmask, dictionary.shape[0], x.dtype)
-    return F.linear(_project(x, dictionary, dictionary_scale), codes, bias)
+    """``y = (x @ D~^T) @ C^T + b``: both stages in the native kernel for float32 decode, else BLAS for the
+    first product and :func:`multiply_codes` for the second."""
+    if dictionary_scale is None and dictionary.dtype == torch.float32 and _native_decode(x, values, value_scale, bias):
+        return native.dictionary_decode(x, dictionary, values, bitmask, bias)
+    return multiply_codes(_project(x, dictionary, dictionary_scale), values, value_scale, bitmask, bias)

@@ -3,7 +3,7 @@
 It is a ``torch.library.triton_op``: on CUDA, ``torch.compile`` decomposes it into its Triton kernels
 (``wrap_triton``) so Inductor schedules them itself; eager CUDA launches them directly. Every other
 device goes through ``select_kernel`` to ``spadi_ao::dictionary_linear_torch``, an opaque custom op over
-``spadi_ao.kernels.cpu`` (its code cache must stay out of traced graphs). Eager CPU calls skip that hop:
+``spadi_ao.kernels.cpu`` (its code cache and the native decode kernel must stay out of traced graphs). Eager CPU calls skip that hop:
 the CPU kernel is registered on the public op as well.
 """
 
@@ -59,7 +59,7 @@ def dictionary_linear(
     ``x`` is ``(..., in)``; the result is ``(..., out)``. This body is also the fake implementation.
     """
     kernel = select_kernel(x.device, x.dtype, math.prod(x.shape[:-1]))
-    if kernel == "torch":
+    if not kernel.startswith("triton"):
         return _dictionary_linear_torch(x, dictionary, dictionary_scale, values, value_scale, bitmask, bias)
     return triton_dictionary.dictionary_linear(x, dictionary, dictionary_scale, values, value_scale, bitmask, bias, kernel)
 

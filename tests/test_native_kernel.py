@@ -1,0 +1,200 @@
+"""The native CPU decode kernel (``spadi_ao.kernels.native``) against an independent float64 product.
+
+It needs Linux x86-64 with AVX-512 and a C compiler; elsewhere these tests skip (saying why) and the
+fallback tests check that the torch-ops route takes over.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from spadi_ao import DictionaryTensor
+from spadi_ao.format import pack_codes, unpack_codes
+from spadi_ao.kernels import cpu, native, select_kernel
+from spadi_ao.kernels.selector import NATIVE_MAX_TOKENS
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.unavailable_reason()}")
+
+
+def packed_codes(out_features: int, k: int, s: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.rand(out_features, k, generator=g).argsort(dim=1)[:, :s]
+    return pack_codes(indices, torch.randn(out_features, s, generator=g), k)
+
+
+def dense_product(z: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, bias) -> torch.Tensor:
+    y = z.double() @ unpack_codes(values.double(), bitmask, z.shape[-1]).T
+    return y if bias is None else y + bias.double()
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """A kernel built from scratch into a private cache, forgotten again afterwards."""
+    monkeypatch.setenv("SPADI_AO_CACHE", str(tmp_path))
+    native._kernels.cache_clear()
+    yield tmp_path
+    native._kernels.cache_clear()
+
+
+@needs_native
+@given(
+    out_features=st.integers(1, 48),
+    k=st.integers(1, 80),  # across the 16-slot chunks, the odd last byte and the two-chunk unrolling
+    density=st.floats(0.0, 1.0),
+    lead=st.sampled_from([(), (1,), (3,)]),
+    tokens=st.integers(1, 9),
+    bias=st.booleans(),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=120, deadline=None)
+def test_codes_gemv_matches_dense_product(out_features, k, density, lead, tokens, bias, threads, seed):
+    s = max(1, round(density * k))
+    values, bitmask = packed_codes(out_features, k, s, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    z = torch.randn(*lead, tokens, k, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = native.codes_gemv(z, values, bitmask, b)
+    finally:
+        torch.set_num_threads(previous)
+    expected = dense_product(z, values, bitmask, b)
+    assert y.shape == expected.shape and y.dtype == torch.float32
+    scale = (z.double().abs() @ unpack_codes(values.double().abs(), bitmask, k).T).max().item() + 1.0
+    assert (y.double() - expected).abs().max().item() <= 2e-6 * scale
+
+
+@needs_native
+@given(
+    out_features=st.integers(1, 40),
+    in_features=st.integers(1, 70),  # whole and partial 16-float chunks of the dictionary rows
+    k=st.integers(1, 70),
+    density=st.floats(0.0, 1.0),
+    lead=st.sampled_from([(), (1,), (2,)]),
+    tokens=st.integers(1, 6),
+    bias=st.booleans(),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=120, deadline=None)
+def test_dictionary_decode_matches_dense_layer(out_features, in_features, k, density, lead, tokens, bias, threads, seed):
+    s = max(1, round(density * k))
+    values, bitmask = packed_codes(out_features, k, s, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    dictionary = torch.randn(k, in_features, generator=g)
+    x = torch.randn(*lead, tokens, in_features, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = native.dictionary_decode(x, dictionary, values, bitmask, b)
+    finally:
+        torch.set_num_threads(previous)
+    w_hat = unpack_codes(values.double(), bitmask, k) @ dictionary.double()  # the dense weight, built independently
+    expected = x.double() @ w_hat.T + (0 if b is None else b.double())
+    assert y.shape == expected.shape and y.dtype == torch.float32
+    scale = (x.double().abs() @ (unpack_codes(values.double().abs(), bitmask, k) @ dictionary.double().abs()).T).max().item() + 1.0
+    assert (y.double() - expected).abs().max().item() <= 2e-6 * scale
+
+
+@needs_native
+def test_non_contiguous_inputs():
+    values, bitmask = packed_codes(10, 24, 9, seed=4)
+    dictionary = torch.randn(16, 24).T  # (24, 16) seen as k=24 atoms of 16 inputs, column-major
+    x = torch.randn(16, 3).T  # 3 tokens, strided
+    expected = (x.double() @ dictionary.double().T) @ unpack_codes(values.double(), bitmask, 24).T
+    torch.testing.assert_close(native.dictionary_decode(x, dictionary, values, bitmask, None).double(), expected, rtol=1e-5, atol=1e-5)
+    z = (x @ dictionary.T).T.contiguous().T
+    torch.testing.assert_close(native.codes_gemv(z, values, bitmask, None).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_threads_split_rows_without_changing_them():
+    values, bitmask = packed_codes(300, 70, 33, seed=3)
+    z = torch.randn(5, 70)
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(native.codes_gemv(z, values, bitmask, None))
+            results.append(native.dictionary_decode(torch.randn(5, 30, generator=torch.Generator().manual_seed(0)), torch.ones(70, 30), values, bitmask, None))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(results[0], results[2]) and torch.equal(results[1], results[3])
+
+
+@needs_native
+def test_malformed_bitmask_is_refused():
+    values, bitmask = packed_codes(6, 20, 5, seed=0)
+    z = torch.randn(2, 20)
+    extra = bitmask.clone()
+    extra[2, 0] |= ~extra[2, 0]  # row 2 now sets more than s bits
+    with pytest.raises(ValueError, match=r"bitmask: 1 of 6 rows .* s=5 .* k=20"):
+        native.codes_gemv(z, values, extra, None)
+    past_k = bitmask.clone()
+    past_k[4, -1] |= 0x80  # slot 23 >= k = 20
+    with pytest.raises(ValueError, match="bitmask"):
+        native.codes_gemv(z, values, past_k, None)
+    with pytest.raises(ValueError, match="bitmask"):
+        native.dictionary_decode(torch.randn(2, 5), torch.randn(20, 5), values, extra, None)
+
+
+@needs_native
+def test_layers_take_the_native_route_for_float32_decode():
+    assert select_kernel(torch.device("cpu"), torch.float32, NATIVE_MAX_TOKENS) == "native_decode"
+    assert select_kernel(torch.device("cpu"), torch.float32, NATIVE_MAX_TOKENS + 1) == "torch"
+    assert select_kernel(torch.device("cpu"), torch.bfloat16, 1) == "torch"
+    g = torch.Generator().manual_seed(0)
+    dictionary = torch.randn(40, 24, generator=g)
+    values, bitmask = packed_codes(30, 40, 13, seed=1)
+    weight = DictionaryTensor(dictionary, values, bitmask, torch.float32)
+    bias = torch.randn(30, generator=g)
+    cpu.clear_code_cache()
+    for tokens in (1, NATIVE_MAX_TOKENS):
+        x = torch.randn(1, tokens, 24, generator=g)
+        expected = dense_product(x.double() @ dictionary.double().T, values, bitmask, bias)
+        with torch.inference_mode():
+            y = F.linear(x, weight, bias)
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.ops.spadi_ao.dictionary_linear(x, dictionary, None, values, None, bitmask, bias), y)
+    assert cpu.code_cache_nbytes() == 0  # decode never decompressed the codes
+
+
+def test_switched_off_falls_back_to_torch_ops(monkeypatch, fresh_native):
+    monkeypatch.setenv(native.SWITCH_ENV, "0")
+    assert not native.available() and "SPADI_AO_NATIVE_KERNELS=0" in native.unavailable_reason()
+    assert select_kernel(torch.device("cpu"), torch.float32, 1) == "torch"
+    values, bitmask = packed_codes(8, 12, 4, seed=2)
+    z = torch.randn(1, 12)
+    torch.testing.assert_close(cpu.multiply_codes(z, values, None, bitmask, None).double(), dense_product(z, values, bitmask, None))
+    assert not list(fresh_native.glob("kernels/*.so"))
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch, fresh_native):
+    if native.unavailable_reason() is not None:
+        pytest.skip(f"no build is attempted here: {native.unavailable_reason()}")
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.warns(UserWarning, match="could not be built"):
+        assert not native.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select_kernel(torch.device("cpu"), torch.float32, 1) == "torch"
+
+
+@needs_native
+def test_build_is_cached_per_source_and_compiler(fresh_native):
+    assert native.available()
+    (built,) = fresh_native.glob("kernels/dictionary_decode-*.so")
+    stamp = built.stat().st_mtime_ns
+    native._kernels.cache_clear()
+    assert native.available()
+    assert [p.name for p in fresh_native.glob("kernels/*")] == [built.name]  # reused, no temporary left
+    assert built.stat().st_mtime_ns == stamp
