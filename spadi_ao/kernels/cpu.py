@@ -61,6 +61,7 @@ class _Entry:
     codes: torch.Tensor
 
 
+_CPU = torch.device("cpu")
 _cache: WeakIdKeyDictionary = WeakIdKeyDictionary()  # bitmask -> {dtype: _Entry}
 _cache_enabled = True
 
@@ -140,7 +141,8 @@ def _native_decode(x: torch.Tensor, values: torch.Tensor, value_scale: Optional[
     float32 = torch.float32
     if x.dtype != float32 or values.dtype != float32 or value_scale is not None or (bias is not None and bias.dtype != float32):
         return False
-    return select_kernel(x.device, float32, x.numel() // x.shape[-1]) == "native_decode"
+    device = _CPU if x.is_cpu else x.device  # x.device builds a new object per call, a measurable cost here
+    return select_kernel(device, float32, x.numel() // x.shape[-1]) == "native_decode"
 
 
 def multiply_codes(

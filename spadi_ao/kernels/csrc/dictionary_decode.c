@@ -156,10 +156,44 @@ ATOM_TILE(1)
 ATOM_TILE(2)
 ATOM_TILE(4)
 
+
+/* Stage 1 for one token (decode proper): four dictionary rows at once, four independent accumulator chains
+   (2-3 % faster than one row at a time on cold SmolLM2 layers). */
+static void atom_quad(const float *x, int64_t in, const float *row, float *sums) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    int64_t i = 0;
+    for (; i + 16 <= in; i += 16) {
+        __m512 xv = _mm512_loadu_ps(x + i);
+        _mm_prefetch((const char *)(row + i + PREFETCH_FLOATS), _MM_HINT_T0);
+        _mm_prefetch((const char *)(row + in + i + PREFETCH_FLOATS), _MM_HINT_T0);
+        _mm_prefetch((const char *)(row + 2 * in + i + PREFETCH_FLOATS), _MM_HINT_T0);
+        _mm_prefetch((const char *)(row + 3 * in + i + PREFETCH_FLOATS), _MM_HINT_T0);
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(row + i), xv, acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(row + in + i), xv, acc1);
+        acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(row + 2 * in + i), xv, acc2);
+        acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(row + 3 * in + i), xv, acc3);
+    }
+    if (i < in) {
+        __mmask16 rest = (__mmask16)((1u << (in - i)) - 1u);
+        __m512 xv = _mm512_maskz_loadu_ps(rest, x + i);
+        acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rest, row + i), xv, acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rest, row + in + i), xv, acc1);
+        acc2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rest, row + 2 * in + i), xv, acc2);
+        acc3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rest, row + 3 * in + i), xv, acc3);
+    }
+    sums[0] = _mm512_reduce_add_ps(acc0);
+    sums[1] = _mm512_reduce_add_ps(acc1);
+    sums[2] = _mm512_reduce_add_ps(acc2);
+    sums[3] = _mm512_reduce_add_ps(acc3);
+}
+
 static void atoms(const float *x, int64_t tokens, int64_t in, const float *dictionary, int64_t k, float *z,
                   int64_t begin, int64_t end) {
     float sums[4];
-    for (int64_t a = begin; a < end; ++a) {
+    int64_t a = begin;
+    if (tokens == 1)
+        for (; a + 4 <= end; a += 4) atom_quad(x, in, dictionary + a * in, z + a);
+    for (; a < end; ++a) {
         const float *row = dictionary + a * in;
         int64_t t = 0;
         for (; t + 4 <= tokens; t += 4) {
