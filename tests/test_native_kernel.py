@@ -168,6 +168,17 @@ def test_layers_take_the_native_route_for_float32_decode():
     assert cpu.code_cache_nbytes() == 0  # decode never decompressed the codes
 
 
+@needs_native
+def test_gradients_bypass_the_native_kernel():
+    """Called outside the op (a torchao-quantised dictionary's eager path), stage 2 must keep autograd."""
+    values, bitmask = packed_codes(6, 16, 5, seed=5)
+    z = torch.randn(1, 16, requires_grad=True)
+    y = cpu.multiply_codes(z, values, None, bitmask, None)
+    (grad,) = torch.autograd.grad(y.square().sum(), z)
+    codes = unpack_codes(values, bitmask, 16)
+    torch.testing.assert_close(grad, 2 * (z.detach() @ codes.T) @ codes)
+
+
 def test_switched_off_falls_back_to_torch_ops(monkeypatch, fresh_native):
     monkeypatch.setenv(native.SWITCH_ENV, "0")
     assert not native.available() and "SPADI_AO_NATIVE_KERNELS=0" in native.unavailable_reason()

@@ -137,9 +137,12 @@ def _project(x: torch.Tensor, dictionary: torch.Tensor, dictionary_scale: Option
 
 
 def _native_decode(x: torch.Tensor, values: torch.Tensor, value_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
-    """Whether ``select_kernel`` sends these ``x`` to the native kernel and the codes are float32 as it needs."""
+    """Whether ``select_kernel`` sends these ``x`` to the native kernel, the codes are float32 as it needs, and
+    no gradient has to flow through it (it has no autograd formula; the op's own wraps this whole module)."""
     float32 = torch.float32
     if x.dtype != float32 or values.dtype != float32 or value_scale is not None or (bias is not None and bias.dtype != float32):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)):
         return False
     device = _CPU if x.is_cpu else x.device  # x.device builds a new object per call, a measurable cost here
     return select_kernel(device, float32, x.numel() // x.shape[-1]) == "native_decode"
