@@ -4,8 +4,9 @@
     python benchmarks/calibration.py --sizes 8 32 128         # also a calibration-size sweep
     python benchmarks/calibration.py --sources blend --allocation knapsack --solver fast --name calibration-best
 
-Calibration sources: WikiText-2 validation and the stdlib corpus (its calibration part); evaluation:
-WikiText-2 test and the stdlib held-out part. Methods: CoSpaDi and SVD-LLM, each with
+Calibration sources: WikiText-2 validation and the stdlib corpus (its calibration part), "blend" (half
+of each), "generated" (the model's own text, see ``generated_batches``) and "stdlib+generated" (half
+stdlib, half generated); evaluation: WikiText-2 test and the stdlib held-out part. Methods: CoSpaDi and SVD-LLM, each with
 ``gram_shrinkage`` 0 and "auto". Writes benchmarks/results/calibration.{json,md,png}.
 """
 
@@ -28,6 +29,7 @@ from common import RESULTS, environment, evaluate, fresh_copy, load_default, wri
 SOURCES = {"wikitext2-valid": lambda: load_text("wikitext2-valid"), "stdlib": lambda: split_text(load_text("stdlib"))[0]}
 BLEND = {"stdlib": 0.5, "wikitext2-valid": 0.5}
 """The 'blend' source: half the sequences from each (``mix_calibration``), what a user mixing their own text with a generic one gets."""
+GENERATED = ("generated", "stdlib+generated")
 EVALUATIONS = {"wikitext2-test": lambda: load_text("wikitext2-test"), "stdlib-held-out": lambda: split_text(load_text("stdlib"))[1]}
 
 
@@ -40,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shrinkage", nargs="+", default=["0", "auto"])
     parser.add_argument("--methods", nargs="+", default=["cospadi", "svd-llm"])
     parser.add_argument("--sizes", type=int, nargs="*", default=[], help="calibration-size sweep (stdlib source, auto shrinkage)")
-    parser.add_argument("--sources", nargs="*", default=list(SOURCES), choices=[*SOURCES, "blend"])
+    parser.add_argument("--sources", nargs="*", default=list(SOURCES), choices=[*SOURCES, "blend", *GENERATED])
     parser.add_argument("--allocation", choices=["uniform", "knapsack"], default="uniform", help="both methods")
     parser.add_argument("--solver", choices=["ksvd", "fast"], default="ksvd", help="cospadi")
     parser.add_argument("--grouping", choices=["paper", "inputs"], default=None, help="cospadi")
@@ -57,9 +59,32 @@ def config_for(method: str, shrinkage: str, args: argparse.Namespace):
     return DictionaryConfig(**common, iterations=0, atoms_per_step=8, solver=args.solver, grouping=args.grouping)
 
 
-def batches_for(source: str, tokenizer, n_samples: int, seq_len: int) -> list[torch.Tensor]:
+def generated_batches(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0, batch: int = 16) -> list[torch.Tensor]:
+    """The model's own text: each sequence starts from a random non-special token and is sampled on
+    (temperature 1, top-p 0.95), the data-free calibration of e.g. LLM-QAT. Needs no text at all."""
+    generator = torch.Generator().manual_seed(seed)
+    special = set(tokenizer.all_special_ids)
+    vocabulary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    sequences = []
+    for start in range(0, n_samples, batch):
+        first = vocabulary[torch.randint(len(vocabulary), (min(batch, n_samples - start), 1), generator=generator)]
+        torch.manual_seed(seed + start)
+        with torch.inference_mode():
+            ids = model.generate(first, attention_mask=torch.ones_like(first), max_new_tokens=seq_len - 1,
+                                 min_new_tokens=seq_len - 1, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
+                                 pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+        sequences += [row.view(1, -1) for row in ids]
+    return sequences
+
+
+def batches_for(source: str, tokenizer, n_samples: int, seq_len: int, model) -> list[torch.Tensor]:
     if source == "blend":
         return mix_calibration(list(BLEND.items()), tokenizer, n_samples, seq_len, load=lambda name: SOURCES[name]())
+    if source == "generated":
+        return generated_batches(model, tokenizer, n_samples, seq_len)
+    if source == "stdlib+generated":
+        half = n_samples // 2
+        return calibration_batches(tokenizer, SOURCES["stdlib"](), half, seq_len) + generated_batches(model, tokenizer, n_samples - half, seq_len)
     return calibration_batches(tokenizer, SOURCES[source](), n_samples, seq_len)
 
 
@@ -91,7 +116,7 @@ def run(model, tokenizer, calibration, method, shrinkage, eval_texts, args) -> d
 
 
 def calibrate(model, tokenizer, source: str, n_samples: int, args: argparse.Namespace):
-    batches = batches_for(source, tokenizer, n_samples, args.seq_len)
+    batches = batches_for(source, tokenizer, n_samples, args.seq_len, model)
     sensitivity = None
     if args.allocation == "knapsack":  # interleaved so the sensitivity sees every source of a blend
         sample = batches[:: max(1, len(batches) // args.sensitivity_samples)][: args.sensitivity_samples]
