@@ -6,6 +6,7 @@ fallback tests check that the torch-ops route takes over.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -30,6 +31,16 @@ def packed_codes(out_features: int, k: int, s: int, seed: int) -> tuple[torch.Te
 def dense_product(z: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, bias) -> torch.Tensor:
     y = z.double() @ unpack_codes(values.double(), bitmask, z.shape[-1]).T
     return y if bias is None else y + bias.double()
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.fixture
@@ -59,12 +70,8 @@ def test_codes_gemv_matches_dense_product(out_features, k, density, lead, tokens
     g = torch.Generator().manual_seed(seed + 1)
     z = torch.randn(*lead, tokens, k, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         y = native.codes_gemv(z, values, bitmask, b)
-    finally:
-        torch.set_num_threads(previous)
     expected = dense_product(z, values, bitmask, b)
     assert y.shape == expected.shape and y.dtype == torch.float32
     scale = (z.double().abs() @ unpack_codes(values.double().abs(), bitmask, k).T).max().item() + 1.0
@@ -91,12 +98,8 @@ def test_dictionary_decode_matches_dense_layer(out_features, in_features, k, den
     dictionary = torch.randn(k, in_features, generator=g)
     x = torch.randn(*lead, tokens, in_features, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         y = native.dictionary_decode(x, dictionary, values, bitmask, b)
-    finally:
-        torch.set_num_threads(previous)
     w_hat = unpack_codes(values.double(), bitmask, k) @ dictionary.double()  # the dense weight, built independently
     expected = x.double() @ w_hat.T + (0 if b is None else b.double())
     assert y.shape == expected.shape and y.dtype == torch.float32
@@ -119,15 +122,11 @@ def test_non_contiguous_inputs():
 def test_threads_split_rows_without_changing_them():
     values, bitmask = packed_codes(300, 70, 33, seed=3)
     z = torch.randn(5, 70)
-    previous = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(native.codes_gemv(z, values, bitmask, None))
-            results.append(native.dictionary_decode(torch.randn(5, 30, generator=torch.Generator().manual_seed(0)), torch.ones(70, 30), values, bitmask, None))
-    finally:
-        torch.set_num_threads(previous)
+    x = torch.randn(5, 30, generator=torch.Generator().manual_seed(0))
+    results = []
+    for threads in (1, 2):
+        with torch_threads(threads):
+            results += [native.codes_gemv(z, values, bitmask, None), native.dictionary_decode(x, torch.ones(70, 30), values, bitmask, None)]
     assert torch.equal(results[0], results[2]) and torch.equal(results[1], results[3])
 
 
