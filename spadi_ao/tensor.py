@@ -17,12 +17,15 @@ from torchao.quantization.quantize_.workflows import QuantizeTensorToInt8Kwargs
 from torchao.utils import TorchAOBaseTensor
 
 from spadi_ao.format import unpack_codes
-from spadi_ao.kernels import cpu
+from spadi_ao.kernels import cpu, native
 from spadi_ao.kernels.op import dequantize_dictionary, dequantize_values
+from spadi_ao.kernels.selector import select_kernel
 
 __all__ = ["DictionaryTensor", "LowRankTensor", "stored_bytes", "is_compressed_weight"]
 
 aten = torch.ops.aten
+_CPU = torch.device("cpu")
+_FLOAT32 = torch.float32
 
 
 def _nbytes(tensor: Optional[torch.Tensor]) -> int:
@@ -169,9 +172,37 @@ def _direct_cpu_call(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[t
     return not any(t is not None and t.requires_grad for t in tensors)
 
 
+def _inference_decode(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Eager float32 CPU decode with nothing to trace or differentiate: the native kernel at once, else None.
+
+    The decision ``_direct_cpu_call``, ``cpu.dictionary_linear`` and ``select_kernel`` would reach, made inline
+    and cheapest check first: SmolLM2 decodes through 210 Linears a token, and the general route's dozen
+    Python calls cost 3 % of end-to-end decode speed (``benchmarks/decode.py``, CR 0.3, measured).
+    """
+    dictionary, values, bitmask = weight.dictionary, weight.values, weight.bitmask
+    if torch.is_grad_enabled() or type(x) is not torch.Tensor or type(dictionary) is not torch.Tensor or not x.is_cpu:
+        return None
+    if x.dtype != _FLOAT32 or dictionary.dtype != _FLOAT32 or values.dtype != _FLOAT32:
+        return None
+    if weight.dictionary_scale is not None or weight.value_scale is not None:
+        return None
+    if bias is not None and (bias.dtype != _FLOAT32 or not bias.is_contiguous()):
+        return None
+    if not (x.is_contiguous() and dictionary.is_contiguous() and values.is_contiguous() and bitmask.is_contiguous()):
+        return None
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu"):
+        return None
+    if select_kernel(_CPU, _FLOAT32, x.numel() // x.shape[-1]) != "native_decode":
+        return None
+    return native.contiguous_dictionary_decode(x, dictionary, values, bitmask, bias)
+
+
 @DictionaryTensor.implements(aten.linear.default)
 @DictionaryTensor.implements_torch_function(F.linear)
 def _(func, types, args, kwargs):
+    decoded = _inference_decode(args[0], args[1], args[2] if len(args) > 2 else None)
+    if decoded is not None:
+        return decoded
     x, weight, bias = _linear_args(args)
     dictionary = weight.dictionary
     if type(dictionary) is not torch.Tensor and is_traceable_wrapper_subclass(dictionary):

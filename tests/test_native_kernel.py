@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from spadi_ao import DictionaryTensor
+from spadi_ao import tensor as tensor_module
 from spadi_ao.format import pack_codes, unpack_codes
 from spadi_ao.kernels import cpu, native, select_kernel
 from spadi_ao.kernels.selector import NATIVE_MAX_TOKENS
@@ -165,6 +166,30 @@ def test_layers_take_the_native_route_for_float32_decode():
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(torch.ops.spadi_ao.dictionary_linear(x, dictionary, None, values, None, bitmask, bias), y)
     assert cpu.code_cache_nbytes() == 0  # decode never decompressed the codes
+
+
+@needs_native
+def test_inference_decode_takes_the_short_route(monkeypatch):
+    """Eager float32 decode under inference mode goes straight to the kernel; anything unusual takes the
+    general route, and both give the op's result bit for bit."""
+    calls = []
+    short_route = tensor_module._inference_decode
+    monkeypatch.setattr(tensor_module, "_inference_decode", lambda *args: calls.append(short_route(*args)) or calls[-1])
+    g = torch.Generator().manual_seed(6)
+    dictionary = torch.randn(33, 20, generator=g)
+    values, bitmask = packed_codes(17, 33, 11, seed=6)
+    weight = DictionaryTensor(dictionary, values, bitmask, torch.float32)
+    bias = torch.randn(17, generator=g)
+    x = torch.randn(1, 3, 20, generator=g)
+    strided = torch.randn(20, 3, generator=g).T  # not contiguous
+    with torch.inference_mode():
+        for inputs, short in ((x, True), (strided, False)):
+            calls.clear()
+            y = F.linear(inputs, weight, bias)
+            assert (calls[-1] is not None) == short
+            assert torch.equal(y, torch.ops.spadi_ao.dictionary_linear(inputs, dictionary, None, values, None, bitmask, bias))
+            expected = (inputs.double() @ dictionary.double().T) @ unpack_codes(values.double(), bitmask, 33).T + bias.double()
+            torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @needs_native

@@ -35,7 +35,7 @@ import torch
 
 from spadi_ao.cache import cache_root
 
-__all__ = ["SWITCH_ENV", "available", "unavailable_reason", "codes_gemv", "dictionary_decode"]
+__all__ = ["SWITCH_ENV", "available", "unavailable_reason", "codes_gemv", "dictionary_decode", "contiguous_dictionary_decode"]
 
 SWITCH_ENV = "SPADI_AO_NATIVE_KERNELS"
 SOURCE = Path(__file__).with_name("csrc") / "dictionary_decode.c"
@@ -155,15 +155,21 @@ def dictionary_decode(
 
     All float tensors are float32 on the CPU; call only when :func:`available`.
     """
+    bias = None if bias is None else _contiguous(bias)
+    return contiguous_dictionary_decode(_contiguous(x), _contiguous(dictionary), _contiguous(values), _contiguous(bitmask), bias)
+
+
+def contiguous_dictionary_decode(
+    x: torch.Tensor, dictionary: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """:func:`dictionary_decode` for callers that have checked every tensor is contiguous."""
     k, in_features = dictionary.shape
     out, s = values.shape
     tokens = x.numel() // in_features
-    x, dictionary, values, bitmask = _contiguous(x), _contiguous(dictionary), _contiguous(values), _contiguous(bitmask)
-    bias = None if bias is None else _contiguous(bias)
     y = x.new_empty(tokens * out)
     invalid = _kernels().dictionary_decode(
         x.data_ptr(), tokens, in_features, dictionary.data_ptr(), k, values.data_ptr(), s, bitmask.data_ptr(),
-        _pointer(bias), y.data_ptr(), out, torch.get_num_threads(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), out, torch.get_num_threads(),
     )
     if invalid:
         _refuse(invalid, out, s, k)
