@@ -15,6 +15,7 @@ shapes (``k``, ``s``) are those the honest budget gives at each ratio, exactly a
 
     python benchmarks/decode.py                        # writes benchmarks/results/decode_cpu.{json,md}
     python benchmarks/decode.py --modes eager --new-tokens 16 --rounds 2
+    python benchmarks/decode.py --int8 --modes eager --name decode_cpu_int8   # also int8 dictionary + values
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ import time
 from pathlib import Path
 
 import torch
+from torchao.quantization import Int8WeightOnlyConfig
 from transformers import CompileConfig
 
-from spadi_ao import DictionaryConfig, sparsify_dictionary_
+from spadi_ao import DictionaryConfig, quantize_dictionary_, sparsify_dictionary_
 from spadi_ao.pipeline.data import calibration_batches, load_text
+from spadi_ao.tensor import is_compressed_weight, stored_bytes
 
 from common import RESULTS, environment, fresh_copy, load_default, write_json
 
@@ -42,6 +45,12 @@ def compressed(model, tokenizer, ratio: float):
     config = DictionaryConfig(compression_ratio=ratio, solver="fast", fast_steps=0, gram_shrinkage=0.0)
     report = sparsify_dictionary_(copy, config, calibration=batches, progress=False)
     return copy, report.compression_ratio
+
+
+def stored_ratio(model) -> float:
+    """1 - stored / dense bytes over the compressed Linears (int8 parts count one byte per element)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and is_compressed_weight(m.weight)]
+    return 1 - sum(stored_bytes(w) for w in weights) / sum(w.numel() * w.element_size() for w in weights)
 
 
 def generate_kwargs(mode: str, new_tokens: int, pad_token_id: int) -> dict:
@@ -74,6 +83,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per model and mode")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds (compilation happens here)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--int8", action="store_true", help="also each ratio with int8 dictionaries and code values")
     parser.add_argument("--name", default=f"decode_{'cuda' if torch.cuda.is_available() else 'cpu'}")
     args = parser.parse_args()
     if args.threads:
@@ -84,6 +94,10 @@ def main() -> None:
     models = {"dense": (model, 0.0)}
     for ratio in args.ratios:
         models[f"cospadi CR {ratio}"] = compressed(model, tokenizer, ratio)
+        if args.int8:  # the same compression with int8 parts (spadi_ao.integrations.torchao)
+            int8_model = fresh_copy(models[f"cospadi CR {ratio}"][0])
+            quantize_dictionary_(int8_model, Int8WeightOnlyConfig(set_inductor_config=False), values_dtype="int8")
+            models[f"cospadi CR {ratio} + int8"] = (int8_model, stored_ratio(int8_model))
     prompt = calibration_batches(tokenizer, load_text(None), 1, PROMPT_TOKENS, seed=7)[0].reshape(1, -1)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

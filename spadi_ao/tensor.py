@@ -180,21 +180,22 @@ def _inference_decode(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[
     Python calls cost 3 % of end-to-end decode speed (``benchmarks/decode.py``, CR 0.3, measured).
     """
     dictionary, values, bitmask = weight.dictionary, weight.values, weight.bitmask
+    dictionary_scale, value_scale = weight.dictionary_scale, weight.value_scale
     if torch.is_grad_enabled() or type(x) is not torch.Tensor or type(dictionary) is not torch.Tensor or not x.is_cpu:
         return None
-    if x.dtype != _FLOAT32 or dictionary.dtype != _FLOAT32 or values.dtype != _FLOAT32:
-        return None
-    if weight.dictionary_scale is not None or weight.value_scale is not None:
+    if x.dtype != _FLOAT32 or not (native.readable(dictionary, dictionary_scale) and native.readable(values, value_scale)):
         return None
     if bias is not None and (bias.dtype != _FLOAT32 or not bias.is_contiguous()):
         return None
     if not (x.is_contiguous() and dictionary.is_contiguous() and values.is_contiguous() and bitmask.is_contiguous()):
         return None
+    if not ((dictionary_scale is None or dictionary_scale.is_contiguous()) and (value_scale is None or value_scale.is_contiguous())):
+        return None
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu"):
         return None
     if select_kernel(_CPU, _FLOAT32, x.numel() // x.shape[-1]) != "native_decode":
         return None
-    return native.contiguous_dictionary_decode(x, dictionary, values, bitmask, bias)
+    return native.contiguous_dictionary_decode(x, dictionary, dictionary_scale, values, value_scale, bitmask, bias)
 
 
 @DictionaryTensor.implements(aten.linear.default)

@@ -135,7 +135,7 @@ def test_cpu_matches_reference_and_dense(case):
 def test_code_cache_reuses_and_invalidates():
     cpu.clear_code_cache()
     layer = make_layer(24, 16, 20, 7, torch.float32, int8_values=True)
-    x = torch.randn(3, 16)
+    x = torch.randn(12, 16)  # prefill-sized: decode reads the packed codes and caches nothing
     y = torch.ops.spadi_ao.dictionary_linear(*args(x, layer))
     assert cpu.code_cache_nbytes() == 24 * 20 * 4  # dense (out, k) codes in the compute dtype
     cached = cpu.dense_codes(layer["values"], layer["value_scale"], layer["bitmask"], 20, torch.float32)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import Optional
 
 import pytest
 import torch
@@ -32,6 +33,18 @@ def packed_codes(out_features: int, k: int, s: int, seed: int) -> tuple[torch.Te
 def dense_product(z: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, bias) -> torch.Tensor:
     y = z.double() @ unpack_codes(values.double(), bitmask, z.shape[-1]).T
     return y if bias is None else y + bias.double()
+
+
+def stored(rows: torch.Tensor, int8: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Rows as the library stores them: float32, or symmetric int8 with a float32 scale per row."""
+    if not int8:
+        return rows, None
+    scale = rows.abs().amax(dim=1).clamp_min(1e-8) / 127
+    return (rows / scale.unsqueeze(1)).round().to(torch.int8), scale
+
+
+def floats(rows: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    return rows.double() if scale is None else rows.double() * scale.double().unsqueeze(1)
 
 
 @contextlib.contextmanager
@@ -60,22 +73,24 @@ def fresh_native(monkeypatch, tmp_path):
     density=st.floats(0.0, 1.0),
     lead=st.sampled_from([(), (1,), (3,)]),
     tokens=st.integers(1, 9),
+    int8_values=st.booleans(),
     bias=st.booleans(),
     threads=st.sampled_from([1, 2]),
     seed=st.integers(0, 2**16),
 )
 @settings(max_examples=120, deadline=None)
-def test_codes_gemv_matches_dense_product(out_features, k, density, lead, tokens, bias, threads, seed):
+def test_codes_gemv_matches_dense_product(out_features, k, density, lead, tokens, int8_values, bias, threads, seed):
     s = max(1, round(density * k))
     values, bitmask = packed_codes(out_features, k, s, seed)
+    values, value_scale = stored(values, int8_values)
     g = torch.Generator().manual_seed(seed + 1)
     z = torch.randn(*lead, tokens, k, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
     with torch_threads(threads):
-        y = native.codes_gemv(z, values, bitmask, b)
-    expected = dense_product(z, values, bitmask, b)
+        y = native.codes_gemv(z, values, value_scale, bitmask, b)
+    expected = dense_product(z, floats(values, value_scale), bitmask, b)
     assert y.shape == expected.shape and y.dtype == torch.float32
-    scale = (z.double().abs() @ unpack_codes(values.double().abs(), bitmask, k).T).max().item() + 1.0
+    scale = (z.double().abs() @ unpack_codes(floats(values, value_scale).abs(), bitmask, k).T).max().item() + 1.0
     assert (y.double() - expected).abs().max().item() <= 2e-6 * scale
 
 
@@ -87,24 +102,29 @@ def test_codes_gemv_matches_dense_product(out_features, k, density, lead, tokens
     density=st.floats(0.0, 1.0),
     lead=st.sampled_from([(), (1,), (2,)]),
     tokens=st.integers(1, 6),
+    int8_dictionary=st.booleans(),
+    int8_values=st.booleans(),
     bias=st.booleans(),
     threads=st.sampled_from([1, 2]),
     seed=st.integers(0, 2**16),
 )
-@settings(max_examples=120, deadline=None)
-def test_dictionary_decode_matches_dense_layer(out_features, in_features, k, density, lead, tokens, bias, threads, seed):
+@settings(max_examples=150, deadline=None)
+def test_dictionary_decode_matches_dense_layer(
+    out_features, in_features, k, density, lead, tokens, int8_dictionary, int8_values, bias, threads, seed
+):
     s = max(1, round(density * k))
     values, bitmask = packed_codes(out_features, k, s, seed)
+    values, value_scale = stored(values, int8_values)
     g = torch.Generator().manual_seed(seed + 1)
-    dictionary = torch.randn(k, in_features, generator=g)
+    dictionary, dictionary_scale = stored(torch.randn(k, in_features, generator=g), int8_dictionary)
     x = torch.randn(*lead, tokens, in_features, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
     with torch_threads(threads):
-        y = native.dictionary_decode(x, dictionary, values, bitmask, b)
-    w_hat = unpack_codes(values.double(), bitmask, k) @ dictionary.double()  # the dense weight, built independently
-    expected = x.double() @ w_hat.T + (0 if b is None else b.double())
+        y = native.dictionary_decode(x, dictionary, dictionary_scale, values, value_scale, bitmask, b)
+    codes, atoms = unpack_codes(floats(values, value_scale), bitmask, k), floats(dictionary, dictionary_scale)
+    expected = x.double() @ (codes @ atoms).T + (0 if b is None else b.double())  # the dense weight, built independently
     assert y.shape == expected.shape and y.dtype == torch.float32
-    scale = (x.double().abs() @ (unpack_codes(values.double().abs(), bitmask, k) @ dictionary.double().abs()).T).max().item() + 1.0
+    scale = (x.double().abs() @ (codes.abs() @ atoms.abs()).T).max().item() + 1.0
     assert (y.double() - expected).abs().max().item() <= 2e-6 * scale
 
 
@@ -114,9 +134,9 @@ def test_non_contiguous_inputs():
     dictionary = torch.randn(16, 24).T  # (24, 16) seen as k=24 atoms of 16 inputs, column-major
     x = torch.randn(16, 3).T  # 3 tokens, strided
     expected = (x.double() @ dictionary.double().T) @ unpack_codes(values.double(), bitmask, 24).T
-    torch.testing.assert_close(native.dictionary_decode(x, dictionary, values, bitmask, None).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native.dictionary_decode(x, dictionary, None, values, None, bitmask, None).double(), expected, rtol=1e-5, atol=1e-5)
     z = (x @ dictionary.T).T.contiguous().T
-    torch.testing.assert_close(native.codes_gemv(z, values, bitmask, None).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native.codes_gemv(z, values, None, bitmask, None).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @needs_native
@@ -127,7 +147,7 @@ def test_threads_split_rows_without_changing_them():
     results = []
     for threads in (1, 2):
         with torch_threads(threads):
-            results += [native.codes_gemv(z, values, bitmask, None), native.dictionary_decode(x, torch.ones(70, 30), values, bitmask, None)]
+            results += [native.codes_gemv(z, values, None, bitmask, None), native.dictionary_decode(x, torch.ones(70, 30), None, values, None, bitmask, None)]
     assert torch.equal(results[0], results[2]) and torch.equal(results[1], results[3])
 
 
@@ -138,13 +158,13 @@ def test_malformed_bitmask_is_refused():
     extra = bitmask.clone()
     extra[2, 0] |= ~extra[2, 0]  # row 2 now sets more than s bits
     with pytest.raises(ValueError, match=r"bitmask: 1 of 6 rows .* s=5 .* k=20"):
-        native.codes_gemv(z, values, extra, None)
+        native.codes_gemv(z, values, None, extra, None)
     past_k = bitmask.clone()
     past_k[4, -1] |= 0x80  # slot 23 >= k = 20
     with pytest.raises(ValueError, match="bitmask"):
-        native.codes_gemv(z, values, past_k, None)
+        native.codes_gemv(z, values, None, past_k, None)
     with pytest.raises(ValueError, match="bitmask"):
-        native.dictionary_decode(torch.randn(2, 5), torch.randn(20, 5), values, extra, None)
+        native.dictionary_decode(torch.randn(2, 5), torch.randn(20, 5), None, values, None, extra, None)
 
 
 @needs_native
@@ -169,16 +189,19 @@ def test_layers_take_the_native_route_for_float32_decode():
 
 
 @needs_native
-def test_inference_decode_takes_the_short_route(monkeypatch):
-    """Eager float32 decode under inference mode goes straight to the kernel; anything unusual takes the
-    general route, and both give the op's result bit for bit."""
+@pytest.mark.parametrize("int8", [False, True])
+def test_inference_decode_takes_the_short_route(monkeypatch, int8):
+    """Eager float32 decode under inference mode goes straight to the kernel, also with the int8 storage of
+    ``spadi_ao.integrations.torchao``; anything unusual takes the general route, and both give the op's
+    result bit for bit."""
     calls = []
     short_route = tensor_module._inference_decode
     monkeypatch.setattr(tensor_module, "_inference_decode", lambda *args: calls.append(short_route(*args)) or calls[-1])
     g = torch.Generator().manual_seed(6)
-    dictionary = torch.randn(33, 20, generator=g)
+    dictionary, dictionary_scale = stored(torch.randn(33, 20, generator=g), int8)
     values, bitmask = packed_codes(17, 33, 11, seed=6)
-    weight = DictionaryTensor(dictionary, values, bitmask, torch.float32)
+    values, value_scale = stored(values, int8)
+    weight = DictionaryTensor(dictionary, values, bitmask, torch.float32, dictionary_scale, value_scale)
     bias = torch.randn(17, generator=g)
     x = torch.randn(1, 3, 20, generator=g)
     strided = torch.randn(20, 3, generator=g).T  # not contiguous
@@ -187,8 +210,9 @@ def test_inference_decode_takes_the_short_route(monkeypatch):
             calls.clear()
             y = F.linear(inputs, weight, bias)
             assert (calls[-1] is not None) == short
-            assert torch.equal(y, torch.ops.spadi_ao.dictionary_linear(inputs, dictionary, None, values, None, bitmask, bias))
-            expected = (inputs.double() @ dictionary.double().T) @ unpack_codes(values.double(), bitmask, 33).T + bias.double()
+            assert torch.equal(y, torch.ops.spadi_ao.dictionary_linear(inputs, dictionary, dictionary_scale, values, value_scale, bitmask, bias))
+            atoms, codes = floats(dictionary, dictionary_scale), unpack_codes(floats(values, value_scale), bitmask, 33)
+            expected = (inputs.double() @ atoms.T) @ codes.T + bias.double()
             torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -1,7 +1,8 @@
 """CPU route for the dictionary linear (and the torch-ops route of any device without Triton).
 
 Float32 decode (at most ``selector.NATIVE_MAX_TOKENS`` tokens) runs both stages in the native C kernel
-(``spadi_ao.kernels.native``), which reads the packed codes themselves and needs no cache. Everything
+(``spadi_ao.kernels.native``), which reads the packed codes themselves (float32, or int8 with row scales)
+and needs no cache. Everything
 else, and machines where that kernel cannot be built, takes the torch ops below.
 
 Stage 1 is one BLAS call, ``z = x @ D~^T``. Stage 2 multiplies ``z`` by the codes, and on CPU the only
@@ -137,10 +138,10 @@ def _project(x: torch.Tensor, dictionary: torch.Tensor, dictionary_scale: Option
 
 
 def _native_decode(x: torch.Tensor, values: torch.Tensor, value_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
-    """Whether ``select_kernel`` sends these ``x`` to the native kernel, the codes are float32 as it needs, and
-    no gradient has to flow through it (it has no autograd formula; the op's own wraps this whole module)."""
+    """Whether ``select_kernel`` sends these ``x`` to the native kernel, it reads the stored values as they
+    are, and no gradient has to flow through it (it has no autograd formula; the op's own wraps this module)."""
     float32 = torch.float32
-    if x.dtype != float32 or values.dtype != float32 or value_scale is not None or (bias is not None and bias.dtype != float32):
+    if x.dtype != float32 or not native.readable(values, value_scale) or (bias is not None and bias.dtype != float32):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)):
         return False
@@ -153,7 +154,7 @@ def multiply_codes(
 ) -> torch.Tensor:
     """``z @ C^T + b``: the native kernel on the packed codes for float32 decode, else the cached dense codes."""
     if _native_decode(z, values, value_scale, bias):
-        return native.codes_gemv(z, values, bitmask, bias)
+        return native.codes_gemv(z, values, value_scale, bitmask, bias)
     return F.linear(z, dense_codes(values, value_scale, bitmask, z.shape[-1], z.dtype), bias)
 
 
@@ -168,6 +169,6 @@ def dictionary_linear(
 ) -> torch.Tensor:
     """``y = (x @ D~^T) @ C^T + b``: both stages in the native kernel for float32 decode, else BLAS for the
     first product and :func:`multiply_codes` for the second."""
-    if dictionary_scale is None and dictionary.dtype == torch.float32 and _native_decode(x, values, value_scale, bias):
-        return native.dictionary_decode(x, dictionary, values, bitmask, bias)
+    if native.readable(dictionary, dictionary_scale) and _native_decode(x, values, value_scale, bias):
+        return native.dictionary_decode(x, dictionary, dictionary_scale, values, value_scale, bitmask, bias)
     return multiply_codes(_project(x, dictionary, dictionary_scale), values, value_scale, bitmask, bias)

@@ -35,11 +35,19 @@ import torch
 
 from spadi_ao.cache import cache_root
 
-__all__ = ["SWITCH_ENV", "available", "unavailable_reason", "codes_gemv", "dictionary_decode", "contiguous_dictionary_decode"]
+__all__ = [
+    "SWITCH_ENV",
+    "available",
+    "unavailable_reason",
+    "readable",
+    "codes_gemv",
+    "dictionary_decode",
+    "contiguous_dictionary_decode",
+]
 
 SWITCH_ENV = "SPADI_AO_NATIVE_KERNELS"
 SOURCE = Path(__file__).with_name("csrc") / "dictionary_decode.c"
-FLAGS = ("-O3", "-mavx512f", "-mpopcnt", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mpopcnt", "-fopenmp", "-shared", "-fPIC")
 
 
 def unavailable_reason() -> Optional[str]:
@@ -95,10 +103,12 @@ def _kernels() -> Optional[_Kernels]:
         detail = getattr(error, "stderr", None) or error
         warnings.warn(f"spadi_ao: the native CPU decode kernel could not be built ({detail}); using torch ops", stacklevel=3)
         return None
-    pointer, int64, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    codes_tail = [int64, pointer, int64, pointer, pointer, pointer, int64, threads]  # k, values, s, bitmask, bias, y, out, threads
-    library.spadi_codes_gemv.argtypes = [pointer, int64, *codes_tail]  # z, tokens
-    library.spadi_dictionary_decode.argtypes = [pointer, int64, int64, pointer, *codes_tail]  # x, tokens, in, dictionary
+    pointer, int64, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    # values, values_int8, value_scale, s, bitmask, bias, y, out, threads
+    codes_tail = [pointer, flag, pointer, int64, pointer, pointer, pointer, int64, flag]
+    library.spadi_codes_gemv.argtypes = [pointer, int64, int64, *codes_tail]  # z, tokens, k
+    # x, tokens, in, dictionary, dictionary_int8, dictionary_scale, k
+    library.spadi_dictionary_decode.argtypes = [pointer, int64, int64, pointer, flag, pointer, int64, *codes_tail]
     for function in (library.spadi_codes_gemv, library.spadi_dictionary_decode):
         function.restype = int64
     return _Kernels(library.spadi_codes_gemv, library.spadi_dictionary_decode)
@@ -115,8 +125,16 @@ def _refuse(invalid: int, out: int, s: int, k: int) -> None:
     raise ValueError(f"bitmask: {invalid} of {out} rows do not set exactly s={s} bits below k={k}")
 
 
-def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.is_contiguous() else tensor.contiguous()
+def readable(stored: torch.Tensor, scale: Optional[torch.Tensor]) -> bool:
+    """Whether the kernels read a stored dictionary or value tensor as it is: float32 without a scale, or
+    int8 with a float32 scale per row (``spadi_ao.integrations.torchao``)."""
+    if scale is None:
+        return stored.dtype == torch.float32
+    return stored.dtype == torch.int8 and scale.dtype == torch.float32
+
+
+def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return tensor if tensor is None or tensor.is_contiguous() else tensor.contiguous()
 
 
 def _pointer(tensor: Optional[torch.Tensor]) -> Optional[int]:
@@ -125,23 +143,24 @@ def _pointer(tensor: Optional[torch.Tensor]) -> Optional[int]:
 
 # The wrappers below run once per layer and decoded token, so they avoid every tensor op they can (each
 # costs ~0.5-2 us against kernels of 5-100 us). Contiguous copies, if any, stay referenced until the kernel
-# returns; the output is allocated flat and viewed to shape.
+# returns; the output is allocated flat and viewed to shape. Callers check ``readable`` first.
 
 
-def codes_gemv(z: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``z @ C^T + bias`` for ``z`` ``(..., k)`` and codes packed as ``values`` ``(out, s)`` + ``bitmask``.
+def codes_gemv(
+    z: torch.Tensor, values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """``z @ C^T + bias`` for float32 ``z`` ``(..., k)`` and codes packed as ``values`` ``(out, s)`` + ``bitmask``.
 
-    All float tensors are float32 on the CPU; call only when :func:`available`.
+    Call only when :func:`available`, on CPU tensors.
     """
     k = z.shape[-1]
     out, s = values.shape
     tokens = z.numel() // k
-    z, values, bitmask = _contiguous(z), _contiguous(values), _contiguous(bitmask)
-    bias = None if bias is None else _contiguous(bias)
+    z, values, value_scale, bitmask, bias = map(_contiguous, (z, values, value_scale, bitmask, bias))
     y = z.new_empty(tokens * out)
     invalid = _kernels().codes_gemv(
-        z.data_ptr(), tokens, k, values.data_ptr(), s, bitmask.data_ptr(), _pointer(bias), y.data_ptr(), out,
-        torch.get_num_threads(),
+        z.data_ptr(), tokens, k, values.data_ptr(), value_scale is not None, _pointer(value_scale), s, bitmask.data_ptr(),
+        _pointer(bias), y.data_ptr(), out, torch.get_num_threads(),
     )
     if invalid:
         _refuse(invalid, out, s, k)
@@ -149,18 +168,29 @@ def codes_gemv(z: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, bia
 
 
 def dictionary_decode(
-    x: torch.Tensor, dictionary: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, bias: Optional[torch.Tensor]
+    x: torch.Tensor,
+    dictionary: torch.Tensor,
+    dictionary_scale: Optional[torch.Tensor],
+    values: torch.Tensor,
+    value_scale: Optional[torch.Tensor],
+    bitmask: torch.Tensor,
+    bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``(x @ D~^T) @ C^T + bias`` in one call: ``x`` ``(..., in)``, ``dictionary`` ``(k, in)``, packed codes.
+    """``(x @ D~^T) @ C^T + bias`` in one call, for float32 ``x`` ``(..., in)`` and the stored format.
 
-    All float tensors are float32 on the CPU; call only when :func:`available`.
+    Call only when :func:`available`, on CPU tensors.
     """
-    bias = None if bias is None else _contiguous(bias)
-    return contiguous_dictionary_decode(_contiguous(x), _contiguous(dictionary), _contiguous(values), _contiguous(bitmask), bias)
+    return contiguous_dictionary_decode(*map(_contiguous, (x, dictionary, dictionary_scale, values, value_scale, bitmask, bias)))
 
 
 def contiguous_dictionary_decode(
-    x: torch.Tensor, dictionary: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, bias: Optional[torch.Tensor]
+    x: torch.Tensor,
+    dictionary: torch.Tensor,
+    dictionary_scale: Optional[torch.Tensor],
+    values: torch.Tensor,
+    value_scale: Optional[torch.Tensor],
+    bitmask: torch.Tensor,
+    bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """:func:`dictionary_decode` for callers that have checked every tensor is contiguous."""
     k, in_features = dictionary.shape
@@ -168,7 +198,9 @@ def contiguous_dictionary_decode(
     tokens = x.numel() // in_features
     y = x.new_empty(tokens * out)
     invalid = _kernels().dictionary_decode(
-        x.data_ptr(), tokens, in_features, dictionary.data_ptr(), k, values.data_ptr(), s, bitmask.data_ptr(),
+        x.data_ptr(), tokens, in_features, dictionary.data_ptr(), dictionary_scale is not None,
+        None if dictionary_scale is None else dictionary_scale.data_ptr(), k, values.data_ptr(), value_scale is not None,
+        None if value_scale is None else value_scale.data_ptr(), s, bitmask.data_ptr(),
         None if bias is None else bias.data_ptr(), y.data_ptr(), out, torch.get_num_threads(),
     )
     if invalid:
