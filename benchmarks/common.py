@@ -16,6 +16,7 @@ from spadi_ao.calibration import GramCollector, run_calibration
 from spadi_ao.pipeline.data import calibration_batches, load_text
 from spadi_ao.pipeline.evaluate import perplexity
 from spadi_ao.pipeline.models import load_model
+from spadi_ao.tensor import stored_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -42,6 +43,11 @@ def calibration_grams(model, tokenizer, source: str, n_samples: int, seq_len: in
 def evaluate(model, tokenizer, text: str, seq_len: int, windows: int) -> dict[str, Any]:
     result = perplexity(model, tokenizer, text, seq_len=seq_len, max_windows=windows, batch_size=4, word_level=True)
     return result.to_dict()
+
+
+def linear_bytes(model: torch.nn.Module, names: list[str]) -> int:
+    """Bytes the named Linears' weights really hold (compressed and quantised parts at their storage size)."""
+    return sum(stored_bytes(model.get_submodule(name).weight) for name in names)
 
 
 def fresh_copy(model):

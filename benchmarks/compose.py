@@ -23,9 +23,8 @@ from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, Per
 from spadi_ao import DictionaryConfig, quantize_dictionary_, sparsify_dictionary_
 from spadi_ao.api import select_linears
 from spadi_ao.pipeline.data import load_text
-from spadi_ao.tensor import stored_bytes
 
-from common import RESULTS, calibration_grams, environment, evaluate, fresh_copy, load_default, write_json
+from common import RESULTS, calibration_grams, environment, evaluate, fresh_copy, linear_bytes, load_default, write_json
 
 GROUP = 32
 
@@ -50,10 +49,6 @@ def int8_config() -> Int8WeightOnlyConfig:
 
 def int4_config() -> IntxWeightOnlyConfig:
     return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP))
-
-
-def linear_bytes(model: torch.nn.Module, names: list[str]) -> int:
-    return sum(stored_bytes(model.get_submodule(name).weight) for name in names)
 
 
 def plot(rows: list[dict], path) -> None:

@@ -32,9 +32,9 @@ from transformers import CompileConfig
 
 from spadi_ao import DictionaryConfig, quantize_dictionary_, sparsify_dictionary_
 from spadi_ao.pipeline.data import calibration_batches, load_text
-from spadi_ao.tensor import is_compressed_weight, stored_bytes
+from spadi_ao.api import select_linears
 
-from common import RESULTS, environment, fresh_copy, load_default, write_json
+from common import RESULTS, environment, fresh_copy, linear_bytes, load_default, write_json
 
 PROMPT_TOKENS = 32
 
@@ -45,12 +45,6 @@ def compressed(model, tokenizer, ratio: float):
     config = DictionaryConfig(compression_ratio=ratio, solver="fast", fast_steps=0, gram_shrinkage=0.0)
     report = sparsify_dictionary_(copy, config, calibration=batches, progress=False)
     return copy, report.compression_ratio
-
-
-def stored_ratio(model) -> float:
-    """1 - stored / dense bytes over the compressed Linears (int8 parts count one byte per element)."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and is_compressed_weight(m.weight)]
-    return 1 - sum(stored_bytes(w) for w in weights) / sum(w.numel() * w.element_size() for w in weights)
 
 
 def generate_kwargs(mode: str, new_tokens: int, pad_token_id: int) -> dict:
@@ -92,12 +86,13 @@ def main() -> None:
     model, tokenizer = load_default()
     model.eval()
     models = {"dense": (model, 0.0)}
+    names = list(select_linears(model))
     for ratio in args.ratios:
         models[f"cospadi CR {ratio}"] = compressed(model, tokenizer, ratio)
         if args.int8:  # the same compression with int8 parts (spadi_ao.integrations.torchao)
             int8_model = fresh_copy(models[f"cospadi CR {ratio}"][0])
             quantize_dictionary_(int8_model, Int8WeightOnlyConfig(set_inductor_config=False), values_dtype="int8")
-            models[f"cospadi CR {ratio} + int8"] = (int8_model, stored_ratio(int8_model))
+            models[f"cospadi CR {ratio} + int8"] = (int8_model, 1 - linear_bytes(int8_model, names) / linear_bytes(model, names))
     prompt = calibration_batches(tokenizer, load_text(None), 1, PROMPT_TOKENS, seed=7)[0].reshape(1, -1)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

@@ -195,7 +195,7 @@ def _inference_decode(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[
         return None
     if select_kernel(_CPU, _FLOAT32, x.numel() // x.shape[-1]) != "native_decode":
         return None
-    return native.contiguous_dictionary_decode(x, dictionary, dictionary_scale, values, value_scale, bitmask, bias)
+    return native.dictionary_decode(x, dictionary, dictionary_scale, values, value_scale, bitmask, bias)
 
 
 @DictionaryTensor.implements(aten.linear.default)

@@ -2,8 +2,8 @@
 
 Float32 decode (at most ``selector.NATIVE_MAX_TOKENS`` tokens) runs both stages in the native C kernel
 (``spadi_ao.kernels.native``), which reads the packed codes themselves (float32, or int8 with row scales)
-and needs no cache. Everything
-else, and machines where that kernel cannot be built, takes the torch ops below.
+and needs no cache. Everything else, and machines where that kernel cannot be built, takes the torch ops
+below.
 
 Stage 1 is one BLAS call, ``z = x @ D~^T``. Stage 2 multiplies ``z`` by the codes, and on CPU the only
 fast way to do that with stock torch ops is a GEMM against the codes decompressed to a dense ``(out, k)``
@@ -137,6 +137,10 @@ def _project(x: torch.Tensor, dictionary: torch.Tensor, dictionary_scale: Option
     return F.linear(x, dictionary.to(x.dtype)) * dictionary_scale.to(x.dtype)
 
 
+def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor.contiguous()  # the tensor itself when it already is
+
+
 def _native_decode(x: torch.Tensor, values: torch.Tensor, value_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
     """Whether ``select_kernel`` sends these ``x`` to the native kernel, it reads the stored values as they
     are, and no gradient has to flow through it (it has no autograd formula; the op's own wraps this module)."""
@@ -154,7 +158,7 @@ def multiply_codes(
 ) -> torch.Tensor:
     """``z @ C^T + b``: the native kernel on the packed codes for float32 decode, else the cached dense codes."""
     if _native_decode(z, values, value_scale, bias):
-        return native.codes_gemv(z, values, value_scale, bitmask, bias)
+        return native.codes_gemv(*map(_contiguous, (z, values, value_scale, bitmask, bias)))
     return F.linear(z, dense_codes(values, value_scale, bitmask, z.shape[-1], z.dtype), bias)
 
 
@@ -170,5 +174,5 @@ def dictionary_linear(
     """``y = (x @ D~^T) @ C^T + b``: both stages in the native kernel for float32 decode, else BLAS for the
     first product and :func:`multiply_codes` for the second."""
     if native.readable(dictionary, dictionary_scale) and _native_decode(x, values, value_scale, bias):
-        return native.dictionary_decode(x, dictionary, dictionary_scale, values, value_scale, bitmask, bias)
+        return native.dictionary_decode(*map(_contiguous, (x, dictionary, dictionary_scale, values, value_scale, bitmask, bias)))
     return multiply_codes(_project(x, dictionary, dictionary_scale), values, value_scale, bitmask, bias)

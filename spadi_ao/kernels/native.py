@@ -45,7 +45,6 @@ __all__ = [
     "readable",
     "codes_gemv",
     "dictionary_decode",
-    "contiguous_dictionary_decode",
 ]
 
 SWITCH_ENV = "SPADI_AO_NATIVE_KERNELS"
@@ -136,17 +135,9 @@ def readable(stored: torch.Tensor, scale: Optional[torch.Tensor]) -> bool:
     return stored.dtype == torch.int8 and scale.dtype == torch.float32
 
 
-def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return tensor if tensor is None or tensor.is_contiguous() else tensor.contiguous()
-
-
-def _pointer(tensor: Optional[torch.Tensor]) -> Optional[int]:
-    return None if tensor is None else tensor.data_ptr()
-
-
 # The wrappers below run once per layer and decoded token, so they avoid every tensor op they can (each
-# costs ~0.5-2 us against kernels of 5-100 us). Contiguous copies, if any, stay referenced until the kernel
-# returns; the output is allocated flat and viewed to shape. Callers check ``readable`` first.
+# costs ~0.5-2 us against kernels of 5-100 us): the output is allocated flat and viewed to shape. Callers
+# check ``readable`` and pass contiguous tensors (``spadi_ao.kernels.cpu`` makes them so).
 
 
 def codes_gemv(
@@ -154,16 +145,16 @@ def codes_gemv(
 ) -> torch.Tensor:
     """``z @ C^T + bias`` for float32 ``z`` ``(..., k)`` and codes packed as ``values`` ``(out, s)`` + ``bitmask``.
 
-    Call only when :func:`available`, on CPU tensors.
+    Call only when :func:`available`, on contiguous CPU tensors.
     """
     k = z.shape[-1]
     out, s = values.shape
     tokens = z.numel() // k
-    z, values, value_scale, bitmask, bias = map(_contiguous, (z, values, value_scale, bitmask, bias))
     y = z.new_empty(tokens * out)
     invalid = _kernels().codes_gemv(
-        z.data_ptr(), tokens, k, values.data_ptr(), value_scale is not None, _pointer(value_scale), s, bitmask.data_ptr(),
-        _pointer(bias), y.data_ptr(), out, torch.get_num_threads(),
+        z.data_ptr(), tokens, k, values.data_ptr(), value_scale is not None,
+        None if value_scale is None else value_scale.data_ptr(), s, bitmask.data_ptr(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), out, torch.get_num_threads(),
     )
     if invalid:
         _refuse(invalid, out, s, k)
@@ -181,21 +172,8 @@ def dictionary_decode(
 ) -> torch.Tensor:
     """``(x @ D~^T) @ C^T + bias`` in one call, for float32 ``x`` ``(..., in)`` and the stored format.
 
-    Call only when :func:`available`, on CPU tensors.
+    Call only when :func:`available`, on contiguous CPU tensors.
     """
-    return contiguous_dictionary_decode(*map(_contiguous, (x, dictionary, dictionary_scale, values, value_scale, bitmask, bias)))
-
-
-def contiguous_dictionary_decode(
-    x: torch.Tensor,
-    dictionary: torch.Tensor,
-    dictionary_scale: Optional[torch.Tensor],
-    values: torch.Tensor,
-    value_scale: Optional[torch.Tensor],
-    bitmask: torch.Tensor,
-    bias: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """:func:`dictionary_decode` for callers that have checked every tensor is contiguous."""
     k, in_features = dictionary.shape
     out, s = values.shape
     tokens = x.numel() // in_features

@@ -2,9 +2,9 @@
 
 It is a ``torch.library.triton_op``: on CUDA, ``torch.compile`` decomposes it into its Triton kernels
 (``wrap_triton``) so Inductor schedules them itself; eager CUDA launches them directly. Every other
-device goes through ``select_kernel`` to ``spadi_ao::dictionary_linear_torch``, an opaque custom op over
-``spadi_ao.kernels.cpu`` (its code cache and the native decode kernel must stay out of traced graphs). Eager CPU calls skip that hop:
-the CPU kernel is registered on the public op as well.
+device goes through ``select_kernel`` to ``spadi_ao::dictionary_linear_torch``, an opaque op over
+``spadi_ao.kernels.cpu`` (its code cache and the native decode kernel must stay out of traced graphs).
+Eager CPU calls skip that hop: the CPU kernel is registered on the public op as well.
 """
 
 from __future__ import annotations
