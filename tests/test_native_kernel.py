@@ -87,7 +87,7 @@ def test_codes_gemv_matches_dense_product(out_features, k, density, lead, tokens
     z = torch.randn(*lead, tokens, k, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
     with torch_threads(threads):
-        y = native.codes_gemv(z, values, value_scale, bitmask, b)
+        y = native.codes_gemv(native.codes_plan(values, value_scale, bitmask, k), z, b)
     expected = dense_product(z, floats(values, value_scale), bitmask, b)
     assert y.shape == expected.shape and y.dtype == torch.float32
     scale = (z.double().abs() @ unpack_codes(floats(values, value_scale).abs(), bitmask, k).T).max().item() + 1.0
@@ -120,7 +120,7 @@ def test_dictionary_decode_matches_dense_layer(
     x = torch.randn(*lead, tokens, in_features, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
     with torch_threads(threads):
-        y = native.dictionary_decode(x, dictionary, dictionary_scale, values, value_scale, bitmask, b)
+        y = native.dictionary_decode(native.dictionary_plan(dictionary, dictionary_scale, values, value_scale, bitmask), x, b)
     codes, atoms = unpack_codes(floats(values, value_scale), bitmask, k), floats(dictionary, dictionary_scale)
     expected = x.double() @ (codes @ atoms).T + (0 if b is None else b.double())  # the dense weight, built independently
     assert y.shape == expected.shape and y.dtype == torch.float32
@@ -145,10 +145,12 @@ def test_threads_split_rows_without_changing_them():
     values, bitmask = packed_codes(300, 70, 33, seed=3)
     z = torch.randn(5, 70)
     x = torch.randn(5, 30, generator=torch.Generator().manual_seed(0))
+    dictionary = torch.ones(70, 30)
     results = []
     for threads in (1, 2):
         with torch_threads(threads):
-            results += [native.codes_gemv(z, values, None, bitmask, None), native.dictionary_decode(x, torch.ones(70, 30), None, values, None, bitmask, None)]
+            codes_plan = native.codes_plan(values, None, bitmask, 70)
+            results += [native.codes_gemv(codes_plan, z, None), native.dictionary_decode(native.dictionary_plan(dictionary, None, values, None, bitmask), x, None)]
     assert torch.equal(results[0], results[2]) and torch.equal(results[1], results[3])
 
 
@@ -159,13 +161,64 @@ def test_malformed_bitmask_is_refused():
     extra = bitmask.clone()
     extra[2, 0] |= ~extra[2, 0]  # row 2 now sets more than s bits
     with pytest.raises(ValueError, match=r"bitmask: 1 of 6 rows .* s=5 .* k=20"):
-        native.codes_gemv(z, values, None, extra, None)
+        native.codes_gemv(native.codes_plan(values, None, extra, 20), z, None)
     past_k = bitmask.clone()
     past_k[4, -1] |= 0x80  # slot 23 >= k = 20
     with pytest.raises(ValueError, match="bitmask"):
-        native.codes_gemv(z, values, None, past_k, None)
+        native.codes_gemv(native.codes_plan(values, None, past_k, 20), z, None)
     with pytest.raises(ValueError, match="bitmask"):
-        native.dictionary_decode(torch.randn(2, 5), torch.randn(20, 5), None, values, None, extra, None)
+        native.dictionary_decode(native.dictionary_plan(torch.randn(20, 5), None, values, None, extra), torch.randn(2, 5), None)
+    # rows validated on every call, not when the plan was made: a bitmask edited in place is refused too
+    plan = native.codes_plan(values, None, bitmask, 20)
+    native.codes_gemv(plan, z, None)
+    bitmask.copy_(extra)
+    with pytest.raises(ValueError, match="bitmask"):
+        native.codes_gemv(plan, z, None)
+
+
+@needs_native
+def test_plans_are_reused_while_the_weight_holds_the_same_tensors():
+    values, bitmask = packed_codes(12, 20, 6, seed=7)
+    dictionary = torch.randn(20, 9)
+    plan = native.dictionary_plan(dictionary, None, values, None, bitmask)
+    assert native.dictionary_plan(dictionary, None, values, None, bitmask) is plan
+    other = torch.randn(20, 9)  # a weight given a new dictionary object gets a new plan, pointing at it
+    replaced = native.dictionary_plan(other, None, values, None, bitmask)
+    assert replaced is not plan and replaced.stored.dictionary == other.data_ptr()
+    x = torch.randn(2, 9)
+    expected = dense_product(x.double() @ other.double().T, values, bitmask, None)
+    torch.testing.assert_close(native.dictionary_decode(replaced, x, None).double(), expected, rtol=1e-5, atol=1e-5)
+    key = id(values)
+    del values, replaced, plan
+    assert key not in native._plans  # dropped with its values tensor
+
+
+@needs_native
+def test_plans_refuse_what_the_kernel_cannot_read():
+    values, bitmask = packed_codes(12, 20, 6, seed=8)
+    dictionary = torch.randn(20, 9)
+    assert native.dictionary_plan(dictionary.T.contiguous().T, None, values, None, bitmask) is None  # strided
+    assert native.dictionary_plan(dictionary.double(), None, values, None, bitmask) is None
+    assert native.dictionary_plan(torch.randn(30, 9), None, values, None, bitmask) is None  # k too wide for the bitmask
+    assert native.codes_plan(values, torch.ones(12), bitmask, 20) is None  # a scale needs int8 values
+    assert native.codes_plan(values, None, bitmask[:, :2], 20) is None  # bitmask too narrow for k
+    plan = native.dictionary_plan(dictionary, None, values, None, bitmask)
+    assert native.dictionary_decode(plan, torch.randn(1, 10), None) is None  # x of the wrong width
+    assert native.dictionary_decode(plan, torch.randn(1, 9).double(), None) is None
+    assert native.dictionary_decode(plan, torch.randn(1, 9), torch.randn(11)) is None  # bias of the wrong length
+
+
+@needs_native
+def test_wrong_input_width_raises_like_a_dense_layer():
+    """Decode once read the first ``in`` floats of a wider input and answered: it must fail as F.linear does."""
+    values, bitmask = packed_codes(16, 8, 4, seed=9)
+    weight = DictionaryTensor(torch.randn(8, 16), values, bitmask, torch.float32)
+    with torch.inference_mode():
+        for width in (20, 10):
+            with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+                F.linear(torch.randn(1, width), weight)
+            with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+                F.linear(torch.randn(1, width), weight.dequantize())
 
 
 @needs_native

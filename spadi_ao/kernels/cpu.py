@@ -141,24 +141,27 @@ def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if tensor is None else tensor.contiguous()  # the tensor itself when it already is
 
 
-def _native_decode(x: torch.Tensor, values: torch.Tensor, value_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
-    """Whether ``select_kernel`` sends these ``x`` to the native kernel, it reads the stored values as they
-    are, and no gradient has to flow through it (it has no autograd formula; the op's own wraps this module)."""
-    float32 = torch.float32
-    if x.dtype != float32 or not native.readable(values, value_scale) or (bias is not None and bias.dtype != float32):
+def _native_decode(x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether ``select_kernel`` sends these ``x`` to the native kernel and no gradient has to flow through
+    it (it has no autograd formula; the op's own wraps this module)."""
+    if x.dtype != torch.float32:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)):
         return False
     device = _CPU if x.is_cpu else x.device  # x.device builds a new object per call, a measurable cost here
-    return select_kernel(device, float32, x.numel() // x.shape[-1]) == "native_decode"
+    return select_kernel(device, torch.float32, x.numel() // max(x.shape[-1], 1)) == "native_decode"
 
 
 def multiply_codes(
     z: torch.Tensor, values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
     """``z @ C^T + b``: the native kernel on the packed codes for float32 decode, else the cached dense codes."""
-    if _native_decode(z, values, value_scale, bias):
-        return native.codes_gemv(*map(_contiguous, (z, values, value_scale, bitmask, bias)))
+    if _native_decode(z, values, bias):
+        k = z.shape[-1]
+        plan = native.codes_plan(values, value_scale, bitmask, k) or native.codes_plan(*map(_contiguous, (values, value_scale, bitmask)), k)
+        y = None if plan is None else native.codes_gemv(plan, z.contiguous(), _contiguous(bias))
+        if y is not None:
+            return y
     return F.linear(z, dense_codes(values, value_scale, bitmask, z.shape[-1], z.dtype), bias)
 
 
@@ -173,6 +176,10 @@ def dictionary_linear(
 ) -> torch.Tensor:
     """``y = (x @ D~^T) @ C^T + b``: both stages in the native kernel for float32 decode, else BLAS for the
     first product and :func:`multiply_codes` for the second."""
-    if native.readable(dictionary, dictionary_scale) and _native_decode(x, values, value_scale, bias):
-        return native.dictionary_decode(*map(_contiguous, (x, dictionary, dictionary_scale, values, value_scale, bitmask, bias)))
+    if _native_decode(x, values, bias):
+        stored = (dictionary, dictionary_scale, values, value_scale, bitmask)
+        plan = native.dictionary_plan(*stored) or native.dictionary_plan(*map(_contiguous, stored))
+        y = None if plan is None else native.dictionary_decode(plan, x.contiguous(), _contiguous(bias))
+        if y is not None:
+            return y
     return multiply_codes(_project(x, dictionary, dictionary_scale), values, value_scale, bitmask, bias)

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -40,11 +41,14 @@ from spadi_ao.cache import cache_root
 
 __all__ = [
     "SWITCH_ENV",
+    "Plan",
     "available",
     "unavailable_reason",
     "readable",
-    "codes_gemv",
+    "dictionary_plan",
+    "codes_plan",
     "dictionary_decode",
+    "codes_gemv",
 ]
 
 SWITCH_ENV = "SPADI_AO_NATIVE_KERNELS"
@@ -89,6 +93,22 @@ def _build(compiler: str) -> Path:
     return target
 
 
+class _StoredWeight(ctypes.Structure):
+    """``spadi_weight`` in ``csrc/dictionary_decode.c``."""
+
+    _fields_ = [
+        ("dictionary", ctypes.c_void_p),
+        ("dictionary_scale", ctypes.c_void_p),
+        ("values", ctypes.c_void_p),
+        ("value_scale", ctypes.c_void_p),
+        ("bitmask", ctypes.c_void_p),
+        ("in_features", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("s", ctypes.c_int64),
+        ("out", ctypes.c_int64),
+    ]
+
+
 @dataclass(frozen=True)
 class _Kernels:
     codes_gemv: ctypes._CFuncPtr
@@ -105,26 +125,16 @@ def _kernels() -> Optional[_Kernels]:
         detail = getattr(error, "stderr", None) or error
         warnings.warn(f"spadi_ao: the native CPU decode kernel could not be built ({detail}); using torch ops", stacklevel=3)
         return None
-    pointer, int64, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    # values, values_int8, value_scale, s, bitmask, bias, y, out, threads
-    codes_tail = [pointer, flag, pointer, int64, pointer, pointer, pointer, int64, flag]
-    library.spadi_codes_gemv.argtypes = [pointer, int64, int64, *codes_tail]  # z, tokens, k
-    # x, tokens, in, dictionary, dictionary_int8, dictionary_scale, k
-    library.spadi_dictionary_decode.argtypes = [pointer, int64, int64, pointer, flag, pointer, int64, *codes_tail]
+    pointer = ctypes.c_void_p
     for function in (library.spadi_codes_gemv, library.spadi_dictionary_decode):
-        function.restype = int64
+        function.argtypes = [pointer, pointer, ctypes.c_int64, pointer, pointer, ctypes.c_int]  # weight, x or z, tokens, bias, y, threads
+        function.restype = ctypes.c_int64
     return _Kernels(library.spadi_codes_gemv, library.spadi_dictionary_decode)
 
 
 def available() -> bool:
     """Whether the kernels can run here (builds them on the first call)."""
     return _kernels() is not None
-
-
-def _refuse(invalid: int, out: int, s: int, k: int) -> None:
-    if invalid < 0:
-        raise MemoryError("the native decode kernel could not allocate its scratch")
-    raise ValueError(f"bitmask: {invalid} of {out} rows do not set exactly s={s} bits below k={k}")
 
 
 def readable(stored: torch.Tensor, scale: Optional[torch.Tensor]) -> bool:
@@ -135,55 +145,124 @@ def readable(stored: torch.Tensor, scale: Optional[torch.Tensor]) -> bool:
     return stored.dtype == torch.int8 and scale.dtype == torch.float32
 
 
-# The wrappers below run once per layer and decoded token, so they avoid every tensor op they can (each
-# costs ~0.5-2 us against kernels of 5-100 us): the output is allocated flat and viewed to shape. Callers
-# check ``readable`` and pass contiguous tensors (``spadi_ao.kernels.cpu`` makes them so).
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A stored weight laid out for the kernels once, so that each call passes one address.
 
-
-def codes_gemv(
-    z: torch.Tensor, values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, bias: Optional[torch.Tensor]
-) -> torch.Tensor:
-    """``z @ C^T + bias`` for float32 ``z`` ``(..., k)`` and codes packed as ``values`` ``(out, s)`` + ``bitmask``.
-
-    Call only when :func:`available`, on contiguous CPU tensors.
+    It keeps the tensors it points into alive (``values`` weakly: the plan is dropped with it) and is
+    reused while a weight presents the very same tensor objects. The stored tensors of a weight are never
+    resized or restrided in place (nothing in the library does; nothing else should).
     """
-    k = z.shape[-1]
+
+    values: weakref.ref
+    dictionary: Optional[torch.Tensor]
+    dictionary_scale: Optional[torch.Tensor]
+    value_scale: Optional[torch.Tensor]
+    bitmask: torch.Tensor
+    stored: _StoredWeight
+    address: int
+    in_features: int
+    k: int
+    out: int
+
+    def holds(self, dictionary, dictionary_scale, values, value_scale, bitmask) -> bool:
+        return (
+            self.values() is values
+            and self.bitmask is bitmask
+            and self.dictionary is dictionary
+            and self.value_scale is value_scale
+            and self.dictionary_scale is dictionary_scale
+        )
+
+
+_plans: dict[int, Plan] = {}  # id(values) -> its plan; an entry leaves with its values tensor
+
+
+def _fits(tensor: Optional[torch.Tensor], shape: tuple[int, ...]) -> bool:
+    return tensor is None or (type(tensor) is torch.Tensor and tensor.is_cpu and tensor.is_contiguous() and tensor.shape == shape)
+
+
+def _address(tensor: Optional[torch.Tensor]) -> Optional[int]:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _new_plan(dictionary, dictionary_scale, values, value_scale, bitmask, k: int) -> Optional[Plan]:
+    if _kernels() is None or values.dim() != 2 or not readable(values, value_scale) or bitmask.dtype != torch.uint8:
+        return None
     out, s = values.shape
-    tokens = z.numel() // k
-    y = z.new_empty(tokens * out)
-    invalid = _kernels().codes_gemv(
-        z.data_ptr(), tokens, k, values.data_ptr(), value_scale is not None,
-        None if value_scale is None else value_scale.data_ptr(), s, bitmask.data_ptr(),
-        None if bias is None else bias.data_ptr(), y.data_ptr(), out, torch.get_num_threads(),
+    in_features = 0 if dictionary is None else dictionary.shape[-1]
+    if dictionary is not None and (dictionary.dim() != 2 or not readable(dictionary, dictionary_scale)):
+        return None
+    shapes = ((dictionary, (k, in_features)), (dictionary_scale, (k,)), (values, (out, s)), (value_scale, (out,)), (bitmask, (out, (k + 7) // 8)))
+    if not all(_fits(tensor, shape) for tensor, shape in shapes):
+        return None
+    stored = _StoredWeight(
+        _address(dictionary), _address(dictionary_scale), values.data_ptr(), _address(value_scale), bitmask.data_ptr(), in_features, k, s, out
     )
-    if invalid:
-        _refuse(invalid, out, s, k)
-    return y.view(*z.shape[:-1], out)
+    key = id(values)
+    if key not in _plans:
+        weakref.finalize(values, _plans.pop, key, None)
+    plan = Plan(weakref.ref(values), dictionary, dictionary_scale, value_scale, bitmask, stored, ctypes.addressof(stored), in_features, k, out)
+    _plans[key] = plan
+    return plan
 
 
-def dictionary_decode(
-    x: torch.Tensor,
+def dictionary_plan(
     dictionary: torch.Tensor,
     dictionary_scale: Optional[torch.Tensor],
     values: torch.Tensor,
     value_scale: Optional[torch.Tensor],
     bitmask: torch.Tensor,
-    bias: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """``(x @ D~^T) @ C^T + bias`` in one call, for float32 ``x`` ``(..., in)`` and the stored format.
+) -> Optional[Plan]:
+    """The plan for both stages, or ``None`` where the kernels cannot read these tensors as they are
+    (not contiguous float32 / int8-with-scales CPU tensors of matching shapes, or no kernels here)."""
+    plan = _plans.get(id(values))
+    if plan is not None and plan.holds(dictionary, dictionary_scale, values, value_scale, bitmask):
+        return plan
+    if type(dictionary) is not torch.Tensor or dictionary.dim() != 2:
+        return None
+    return _new_plan(dictionary, dictionary_scale, values, value_scale, bitmask, dictionary.shape[0])
 
-    Call only when :func:`available`, on contiguous CPU tensors.
-    """
-    k, in_features = dictionary.shape
-    out, s = values.shape
-    tokens = x.numel() // in_features
-    y = x.new_empty(tokens * out)
-    invalid = _kernels().dictionary_decode(
-        x.data_ptr(), tokens, in_features, dictionary.data_ptr(), dictionary_scale is not None,
-        None if dictionary_scale is None else dictionary_scale.data_ptr(), k, values.data_ptr(), value_scale is not None,
-        None if value_scale is None else value_scale.data_ptr(), s, bitmask.data_ptr(),
-        None if bias is None else bias.data_ptr(), y.data_ptr(), out, torch.get_num_threads(),
-    )
+
+def codes_plan(values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, k: int) -> Optional[Plan]:
+    """The plan for stage 2 alone (codes over ``k`` atoms), or ``None`` as :func:`dictionary_plan`."""
+    plan = _plans.get(id(values))
+    if plan is not None and plan.k == k and plan.holds(None, None, values, value_scale, bitmask):
+        return plan
+    return _new_plan(None, None, values, value_scale, bitmask, k)
+
+
+def _refuse(invalid: int, plan: Plan) -> None:
+    if invalid < 0:
+        raise MemoryError("the native decode kernel could not allocate its scratch")
+    stored = plan.stored
+    raise ValueError(f"bitmask: {invalid} of {stored.out} rows do not set exactly s={stored.s} bits below k={stored.k}")
+
+
+# The calls below run once per layer and decoded token, so they avoid every tensor op they can (each costs
+# ~0.5-2 us against kernels of 5-100 us).
+
+
+def _run(kernel, plan: Plan, x: torch.Tensor, width: int, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if x.shape[-1] != width or x.dtype != torch.float32 or not (x.is_cpu and x.is_contiguous()):
+        return None
+    if bias is not None and not (bias.dtype == torch.float32 and bias.shape == (plan.out,) and bias.is_cpu and bias.is_contiguous()):
+        return None
+    y = x.new_empty((*x.shape[:-1], plan.out))
+    tokens = x.numel() // width if width else 0
+    invalid = kernel(plan.address, x.data_ptr(), tokens, None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
     if invalid:
-        _refuse(invalid, out, s, k)
-    return y.view(*x.shape[:-1], out)
+        _refuse(invalid, plan)
+    return y
+
+
+def dictionary_decode(plan: Plan, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``(x @ D~^T) @ C^T + bias`` for ``x`` ``(..., in)``, or ``None`` when ``x`` or ``bias`` is not what the
+    kernel reads (contiguous float32 CPU tensors of the plan's widths): the caller then takes torch ops,
+    which also raise the usual errors for mismatched shapes."""
+    return _run(_kernels().dictionary_decode, plan, x, plan.in_features, bias)
+
+
+def codes_gemv(plan: Plan, z: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``z @ C^T + bias`` for ``z`` ``(..., k)``, or ``None`` as :func:`dictionary_decode`."""
+    return _run(_kernels().codes_gemv, plan, z, plan.k, bias)
