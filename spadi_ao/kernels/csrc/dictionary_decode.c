@@ -53,14 +53,21 @@ static void share(int64_t n, int64_t *begin, int64_t *end) {
 
 /* ------------------------------------------------------------------------------------------- stage 2 */
 
-/* The next popcount(bits) values, expanded into the set lanes. */
-#define EXPAND(NAME, ELEMENT, LOAD)                                                                       \
-    static inline __m512 expand_##NAME(const ELEMENT **values, __mmask16 bits) {                          \
-        int count = __builtin_popcount(bits);                                                             \
-        __m512 packed = LOAD(*values, (__mmask16)((1u << count) - 1u));                                   \
-        *values += count;                                                                                 \
-        return _mm512_maskz_expand_ps(bits, packed);                                                      \
-    }
+/* The next popcount(bits) values, expanded into the set lanes. Float32 values expand straight from memory
+   (vexpandps with a memory operand: stage 2 of a hot 1536 x 445 layer 17 % faster than a masked load and a
+   register expand, the same with cold weights); int8 values are loaded, widened, then expanded. */
+static inline __m512 expand_F32(const float **values, __mmask16 bits) {
+    __m512 expanded = _mm512_maskz_expandloadu_ps(bits, *values);
+    *values += __builtin_popcount(bits);
+    return expanded;
+}
+
+static inline __m512 expand_I8(const int8_t **values, __mmask16 bits) {
+    int count = __builtin_popcount(bits);
+    __m512 packed = LOAD_I8(*values, (__mmask16)((1u << count) - 1u));
+    *values += count;
+    return _mm512_maskz_expand_ps(bits, packed);
+}
 
 /* One output row for T tokens at once; two accumulators per token hide the FMA latency. z rows have
    stride k. Chunks that lie wholly inside the row load z unmasked; the last partial one is masked. */
@@ -101,7 +108,6 @@ static void share(int64_t n, int64_t *begin, int64_t *end) {
 /* Output rows [begin, end) for all tokens; returns how many bitmask rows were malformed (left unwritten).
    Not inlined into the dispatcher: inlined side by side, the two element types' loops ran 3-8 % slower. */
 #define ROWS(NAME, ELEMENT)                                                                               \
-    EXPAND(NAME, ELEMENT, LOAD_##NAME)                                                                    \
     ROW_TILE(NAME, ELEMENT, 1)                                                                            \
     ROW_TILE(NAME, ELEMENT, 2)                                                                            \
     ROW_TILE(NAME, ELEMENT, 4)                                                                            \
