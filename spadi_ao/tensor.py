@@ -138,8 +138,11 @@ class LowRankTensor(TorchAOBaseTensor):
         return _nbytes(self.down) + _nbytes(self.up)
 
 
-def _linear_args(args: tuple) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    return args[0], args[1], args[2] if len(args) > 2 else None
+def _linear_args(args: tuple, kwargs: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(input, weight, bias)`` of a linear call, each given by position or by name."""
+    given = dict(zip(("input", "weight", "bias"), args))
+    given.update(kwargs or {})
+    return given["input"], given["weight"], given.get("bias")
 
 
 def _traced_codes(weight: DictionaryTensor, dtype: torch.dtype) -> torch.Tensor:
@@ -201,7 +204,7 @@ def _inference_decode(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[
 @DictionaryTensor.implements(aten.linear.default)
 @DictionaryTensor.implements_torch_function(F.linear)
 def _(func, types, args, kwargs):
-    x, weight, bias = _linear_args(args)
+    x, weight, bias = _linear_args(args, kwargs)
     dictionary = weight.dictionary
     if type(dictionary) is not torch.Tensor and is_traceable_wrapper_subclass(dictionary):
         return _torchao_dictionary_linear(x, weight, bias)
@@ -215,7 +218,7 @@ def _(func, types, args, kwargs):
 @LowRankTensor.implements(aten.linear.default)
 @LowRankTensor.implements_torch_function(F.linear)
 def _(func, types, args, kwargs):
-    x, weight, bias = _linear_args(args)
+    x, weight, bias = _linear_args(args, kwargs)
     return F.linear(F.linear(x, weight.down), weight.up, bias)
 
 

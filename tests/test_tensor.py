@@ -50,6 +50,18 @@ def test_linear_matches_dense(bias):
     assert torch.allclose(linear(x), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("make", [lambda: _random_dictionary_tensor(12, 10, 8, 3), lambda: LowRankTensor(torch.randn(3, 10), torch.randn(12, 3), torch.float32)])
+@pytest.mark.parametrize("inference", [True, False])
+def test_linear_takes_its_arguments_by_name_too(make, inference):
+    """``F.linear(x, w, bias=b)`` once dropped the bias and ``F.linear(input=x, weight=w)`` raised IndexError."""
+    weight, bias, x = make(), torch.randn(12), torch.randn(2, 10)
+    expected = F.linear(x, weight.dequantize(), bias)
+    with torch.inference_mode(inference):
+        for y in (F.linear(x, weight, bias=bias), F.linear(input=x, weight=weight, bias=bias), F.linear(x, weight=weight, bias=bias)):
+            torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(F.linear(input=x, weight=weight), F.linear(x, weight.dequantize()), rtol=1e-5, atol=1e-5)
+
+
 def test_eager_cpu_inference_skips_the_op_dispatch_with_identical_output(monkeypatch):
     from spadi_ao.kernels import cpu
 
