@@ -16,6 +16,7 @@ shapes (``k``, ``s``) are those the honest budget gives at each ratio, exactly a
     python benchmarks/decode.py                        # writes benchmarks/results/decode_cpu.{json,md}
     python benchmarks/decode.py --modes eager --new-tokens 16 --rounds 2
     python benchmarks/decode.py --int8 --modes eager --name decode_cpu_int8   # also int8 dictionary + values
+    python benchmarks/decode.py --dtype bfloat16 --modes eager --name decode_cpu_bf16   # a bfloat16 model
 """
 
 from __future__ import annotations
@@ -78,13 +79,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds (compilation happens here)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--int8", action="store_true", help="also each ratio with int8 dictionaries and code values")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the model's dtype, set before compressing (so the dictionaries are stored in it)")
     parser.add_argument("--name", default=f"decode_{'cuda' if torch.cuda.is_available() else 'cpu'}")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model, tokenizer = load_default()
-    model.eval()
+    model.to(getattr(torch, args.dtype)).eval()
     models = {"dense": (model, 0.0)}
     names = list(select_linears(model))
     for ratio in args.ratios:
@@ -132,10 +135,10 @@ def main() -> None:
             f"{row['tokens_per_s_min']:.1f} - {row['tokens_per_s_max']:.1f} | {row['ms_per_token']:.1f} | "
             f"{row['tokens_per_s'] / dense_speed[row['mode']]:.2f}x |"
         )
-    header = (f"SmolLM2-135M-Instruct, float32, greedy decode of {args.new_tokens} tokens after a {PROMPT_TOKENS}-token prompt, "
+    header = (f"SmolLM2-135M-Instruct, {args.dtype}, greedy decode of {args.new_tokens} tokens after a {PROMPT_TOKENS}-token prompt, "
               f"{torch.get_num_threads()} threads, median of {args.rounds} rounds after {args.warmup} warm-up rounds.")
     print("\n" + header + "\n\n" + "\n".join(table))
-    payload = {"command": " ".join(["python", *sys.argv]), "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS,
+    payload = {"command": " ".join(["python", *sys.argv]), "dtype": args.dtype, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS,
                "rounds": args.rounds, "warmup": args.warmup, "rows": rows, "environment": environment()}
     write_json(RESULTS / f"{args.name}.json", payload)
     (RESULTS / f"{args.name}.md").write_text(header + "\n\n" + "\n".join(table) + "\n")

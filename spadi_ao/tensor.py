@@ -86,7 +86,7 @@ class DictionaryTensor(TorchAOBaseTensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        """``F.linear`` in eager float32 CPU decode goes to the native kernel before the generic dispatch
+        """``F.linear`` in eager CPU decode goes to the native kernel before the generic dispatch
         (1 us less per call, of SmolLM2's ~10 us); everything else dispatches like any torchao tensor."""
         if func is F.linear and not kwargs and len(args) > 1 and type(args[1]) is cls:
             decoded = _inference_decode(args[0], args[1], args[2] if len(args) > 2 else None)
@@ -184,7 +184,7 @@ def _direct_cpu_call(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[t
 
 
 def _inference_decode(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Eager float32 CPU decode with nothing to trace or differentiate: the native kernel at once, else None.
+    """Eager CPU decode with nothing to trace or differentiate: the native kernel at once, else None.
 
     The decision ``_direct_cpu_call``, ``cpu.dictionary_linear`` and ``select_kernel`` would reach, made inline
     and cheapest check first, on the weight's cached ``native.Plan`` (which checked the stored tensors once):

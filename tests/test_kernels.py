@@ -126,7 +126,9 @@ def test_cpu_matches_reference_and_dense(case):
     x, layer = make_case(case)
     y = torch.ops.spadi_ao.dictionary_linear(*args(x, layer))
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], case["out_features"])
-    assert_close(y, reference_dictionary_linear(*args(x, layer)), case["dtype"])
+    # The reference rounds z to the compute dtype, the native decode kernel keeps it in float32: both err
+    # by a rounding of the terms summed, which a cancelled result can fall far below.
+    assert_close(y, reference_dictionary_linear(*args(x, layer)), case["dtype"], magnitude(x, layer))
     assert_close(y, dense_output(x, layer), case["dtype"], magnitude(x, layer))
     with cpu.code_cache_disabled():
         assert torch.equal(cpu.dictionary_linear(*args(x, layer)), y)
@@ -223,9 +225,10 @@ def test_compile_with_grad_matches_eager():
 
 
 def test_select_kernel():
-    assert select_kernel(torch.device("cpu"), torch.float32, 1) == ("native_decode" if native.available() else "torch")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert select_kernel(torch.device("cpu"), dtype, 1) == ("native_decode" if native.available() else "torch")
     assert select_kernel(torch.device("cpu"), torch.float32, 17) == "torch"
-    assert select_kernel(torch.device("cpu"), torch.float16, 1) == "torch"
+    assert select_kernel(torch.device("cpu"), torch.float64, 1) == "torch"
     assert select_kernel(torch.device("cuda"), torch.float64, 1) == "torch"
     if HAS_TRITON:
         assert select_kernel(torch.device("cuda"), torch.bfloat16, 16) == "triton_decode"

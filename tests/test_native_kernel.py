@@ -35,12 +35,27 @@ def dense_product(z: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, 
     return y if bias is None else y + bias.double()
 
 
-def stored(rows: torch.Tensor, int8: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Rows as the library stores them: float32, or symmetric int8 with a float32 scale per row."""
-    if not int8:
-        return rows, None
+STORAGE = ["float32", "bfloat16", "float16", "int8"]
+ACTIVATIONS = [torch.float32, torch.bfloat16, torch.float16]
+# Half the spacing of representable numbers at 1, relative: what rounding the result to its dtype may add.
+ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def stored(rows: torch.Tensor, kind) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Rows as the library stores them: a float dtype, or symmetric int8 with a float32 scale per row
+    (``kind`` True / False mean int8 / float32)."""
+    kind = {True: "int8", False: "float32"}.get(kind, kind)
+    if kind != "int8":
+        return rows.to(getattr(torch, kind)), None
     scale = rows.abs().amax(dim=1).clamp_min(1e-8) / 127
     return (rows / scale.unsqueeze(1)).round().to(torch.int8), scale
+
+
+def within_tolerance(y: torch.Tensor, expected: torch.Tensor, scale: float) -> bool:
+    """float32 accumulation (relative to ``scale``, the sum of the absolute terms) plus one rounding of the
+    result to its dtype."""
+    error = (y.double() - expected).abs()
+    return bool((error <= 2e-6 * scale + ROUNDING[y.dtype] * expected.abs()).all())
 
 
 def floats(rows: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
@@ -73,25 +88,26 @@ def fresh_native(monkeypatch, tmp_path):
     density=st.floats(0.0, 1.0),
     lead=st.sampled_from([(), (1,), (3,)]),
     tokens=st.integers(1, 9),
-    int8_values=st.booleans(),
+    values_kind=st.sampled_from(STORAGE),
+    activation=st.sampled_from(ACTIVATIONS),
     bias=st.booleans(),
     threads=st.sampled_from([1, 2]),
     seed=st.integers(0, 2**16),
 )
-@settings(max_examples=120, deadline=None)
-def test_codes_gemv_matches_dense_product(out_features, k, density, lead, tokens, int8_values, bias, threads, seed):
+@settings(max_examples=150, deadline=None)
+def test_codes_gemv_matches_dense_product(out_features, k, density, lead, tokens, values_kind, activation, bias, threads, seed):
     s = max(1, round(density * k))
     values, bitmask = packed_codes(out_features, k, s, seed)
-    values, value_scale = stored(values, int8_values)
+    values, value_scale = stored(values, values_kind)
     g = torch.Generator().manual_seed(seed + 1)
-    z = torch.randn(*lead, tokens, k, generator=g)
-    b = torch.randn(out_features, generator=g) if bias else None
+    z = torch.randn(*lead, tokens, k, generator=g).to(activation)
+    b = torch.randn(out_features, generator=g).to(activation) if bias else None
     with torch_threads(threads):
         y = native.codes_gemv(native.codes_plan(values, value_scale, bitmask, k), z, b)
     expected = dense_product(z, floats(values, value_scale), bitmask, b)
-    assert y.shape == expected.shape and y.dtype == torch.float32
+    assert y.shape == expected.shape and y.dtype == activation
     scale = (z.double().abs() @ unpack_codes(floats(values, value_scale).abs(), bitmask, k).T).max().item() + 1.0
-    assert (y.double() - expected).abs().max().item() <= 2e-6 * scale
+    assert within_tolerance(y, expected, scale)
 
 
 @needs_native
@@ -102,30 +118,31 @@ def test_codes_gemv_matches_dense_product(out_features, k, density, lead, tokens
     density=st.floats(0.0, 1.0),
     lead=st.sampled_from([(), (1,), (2,)]),
     tokens=st.integers(1, 6),
-    int8_dictionary=st.booleans(),
-    int8_values=st.booleans(),
+    dictionary_kind=st.sampled_from(STORAGE),
+    values_kind=st.sampled_from(STORAGE),
+    activation=st.sampled_from(ACTIVATIONS),
     bias=st.booleans(),
     threads=st.sampled_from([1, 2]),
     seed=st.integers(0, 2**16),
 )
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 def test_dictionary_decode_matches_dense_layer(
-    out_features, in_features, k, density, lead, tokens, int8_dictionary, int8_values, bias, threads, seed
+    out_features, in_features, k, density, lead, tokens, dictionary_kind, values_kind, activation, bias, threads, seed
 ):
     s = max(1, round(density * k))
     values, bitmask = packed_codes(out_features, k, s, seed)
-    values, value_scale = stored(values, int8_values)
+    values, value_scale = stored(values, values_kind)
     g = torch.Generator().manual_seed(seed + 1)
-    dictionary, dictionary_scale = stored(torch.randn(k, in_features, generator=g), int8_dictionary)
-    x = torch.randn(*lead, tokens, in_features, generator=g)
-    b = torch.randn(out_features, generator=g) if bias else None
+    dictionary, dictionary_scale = stored(torch.randn(k, in_features, generator=g), dictionary_kind)
+    x = torch.randn(*lead, tokens, in_features, generator=g).to(activation)
+    b = torch.randn(out_features, generator=g).to(activation) if bias else None
     with torch_threads(threads):
         y = native.dictionary_decode(native.dictionary_plan(dictionary, dictionary_scale, values, value_scale, bitmask), x, b)
     codes, atoms = unpack_codes(floats(values, value_scale), bitmask, k), floats(dictionary, dictionary_scale)
     expected = x.double() @ (codes @ atoms).T + (0 if b is None else b.double())  # the dense weight, built independently
-    assert y.shape == expected.shape and y.dtype == torch.float32
+    assert y.shape == expected.shape and y.dtype == activation
     scale = (x.double().abs() @ (codes.abs() @ atoms.abs()).T).max().item() + 1.0
-    assert (y.double() - expected).abs().max().item() <= 2e-6 * scale
+    assert within_tolerance(y, expected, scale)
 
 
 @needs_native
@@ -222,10 +239,11 @@ def test_wrong_input_width_raises_like_a_dense_layer():
 
 
 @needs_native
-def test_layers_take_the_native_route_for_float32_decode():
-    assert select_kernel(torch.device("cpu"), torch.float32, NATIVE_MAX_TOKENS) == "native_decode"
+def test_layers_take_the_native_route_for_decode():
+    for dtype in native.ACTIVATION_DTYPES:
+        assert select_kernel(torch.device("cpu"), dtype, NATIVE_MAX_TOKENS) == "native_decode"
     assert select_kernel(torch.device("cpu"), torch.float32, NATIVE_MAX_TOKENS + 1) == "torch"
-    assert select_kernel(torch.device("cpu"), torch.bfloat16, 1) == "torch"
+    assert select_kernel(torch.device("cpu"), torch.float64, 1) == "torch"
     g = torch.Generator().manual_seed(0)
     dictionary = torch.randn(40, 24, generator=g)
     values, bitmask = packed_codes(30, 40, 13, seed=1)
@@ -243,31 +261,33 @@ def test_layers_take_the_native_route_for_float32_decode():
 
 
 @needs_native
-@pytest.mark.parametrize("int8", [False, True])
-def test_inference_decode_takes_the_short_route(monkeypatch, int8):
-    """Eager float32 decode under inference mode goes straight to the kernel, also with the int8 storage of
-    ``spadi_ao.integrations.torchao``; anything unusual takes the general route, and both give the op's
-    result bit for bit."""
+@pytest.mark.parametrize("kind", STORAGE)
+def test_inference_decode_takes_the_short_route(monkeypatch, kind):
+    """Eager decode under inference mode goes straight to the kernel: float32, a bfloat16 or float16 model,
+    and the int8 storage of ``spadi_ao.integrations.torchao``; anything unusual takes the general route, and
+    both give the op's result bit for bit."""
     calls = []
     short_route = tensor_module._inference_decode
     monkeypatch.setattr(tensor_module, "_inference_decode", lambda *args: calls.append(short_route(*args)) or calls[-1])
+    dtype = torch.float32 if kind == "int8" else getattr(torch, kind)
     g = torch.Generator().manual_seed(6)
-    dictionary, dictionary_scale = stored(torch.randn(33, 20, generator=g), int8)
+    dictionary, dictionary_scale = stored(torch.randn(33, 20, generator=g), kind)
     values, bitmask = packed_codes(17, 33, 11, seed=6)
-    values, value_scale = stored(values, int8)
-    weight = DictionaryTensor(dictionary, values, bitmask, torch.float32, dictionary_scale, value_scale)
-    bias = torch.randn(17, generator=g)
-    x = torch.randn(1, 3, 20, generator=g)
-    strided = torch.randn(20, 3, generator=g).T  # not contiguous
+    values, value_scale = stored(values, kind)
+    weight = DictionaryTensor(dictionary, values, bitmask, dtype, dictionary_scale, value_scale)
+    bias = torch.randn(17, generator=g).to(dtype)
+    x = torch.randn(1, 3, 20, generator=g).to(dtype)
+    strided = torch.randn(20, 3, generator=g).T.to(dtype)  # not contiguous
     with torch.inference_mode():
         for inputs, short in ((x, True), (strided, False)):
             calls.clear()
             y = F.linear(inputs, weight, bias)
-            assert (calls[-1] is not None) == short
+            assert (calls[-1] is not None) == short and y.dtype == dtype
             assert torch.equal(y, torch.ops.spadi_ao.dictionary_linear(inputs, dictionary, dictionary_scale, values, value_scale, bitmask, bias))
             atoms, codes = floats(dictionary, dictionary_scale), unpack_codes(floats(values, value_scale), bitmask, 33)
             expected = (inputs.double() @ atoms.T) @ codes.T + bias.double()
-            torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+            scale = (inputs.double().abs() @ atoms.abs().T @ codes.abs().T).max().item() + 1.0
+            assert within_tolerance(y, expected, scale)
 
 
 @needs_native

@@ -1,9 +1,9 @@
 """CPU route for the dictionary linear (and the torch-ops route of any device without Triton).
 
-Float32 decode (at most ``selector.NATIVE_MAX_TOKENS`` tokens) runs both stages in the native C kernel
-(``spadi_ao.kernels.native``), which reads the packed codes themselves (float32, or int8 with row scales)
-and needs no cache. Everything else, and machines where that kernel cannot be built, takes the torch ops
-below.
+Decode (at most ``selector.NATIVE_MAX_TOKENS`` tokens of float32, bfloat16 or float16) runs both stages in
+the native C kernel (``spadi_ao.kernels.native``), which reads the packed codes themselves (16- or 32-bit
+floats, or int8 with row scales) and needs no cache. Everything else, and machines where that kernel cannot
+be built, takes the torch ops below.
 
 Stage 1 is one BLAS call, ``z = x @ D~^T``. Stage 2 multiplies ``z`` by the codes, and on CPU the only
 fast way to do that with stock torch ops is a GEMM against the codes decompressed to a dense ``(out, k)``
@@ -144,18 +144,16 @@ def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def _native_decode(x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether ``select_kernel`` sends these ``x`` to the native kernel and no gradient has to flow through
     it (it has no autograd formula; the op's own wraps this module)."""
-    if x.dtype != torch.float32:
-        return False
     if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)):
         return False
     device = _CPU if x.is_cpu else x.device  # x.device builds a new object per call, a measurable cost here
-    return select_kernel(device, torch.float32, x.numel() // max(x.shape[-1], 1)) == "native_decode"
+    return select_kernel(device, x.dtype, x.numel() // max(x.shape[-1], 1)) == "native_decode"
 
 
 def multiply_codes(
     z: torch.Tensor, values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """``z @ C^T + b``: the native kernel on the packed codes for float32 decode, else the cached dense codes."""
+    """``z @ C^T + b``: the native kernel on the packed codes for decode, else the cached dense codes."""
     if _native_decode(z, values, bias):
         k = z.shape[-1]
         plan = native.codes_plan(values, value_scale, bitmask, k) or native.codes_plan(*map(_contiguous, (values, value_scale, bitmask)), k)
@@ -174,7 +172,7 @@ def dictionary_linear(
     bitmask: torch.Tensor,
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``y = (x @ D~^T) @ C^T + b``: both stages in the native kernel for float32 decode, else BLAS for the
+    """``y = (x @ D~^T) @ C^T + b``: both stages in the native kernel for decode, else BLAS for the
     first product and :func:`multiply_codes` for the second."""
     if _native_decode(x, values, bias):
         stored = (dictionary, dictionary_scale, values, value_scale, bitmask)

@@ -1,7 +1,8 @@
-"""Decode (a few float32 tokens) as a small C kernel for x86-64 CPUs with AVX-512 (``csrc/dictionary_decode.c``).
+"""Decode (a few tokens) as a small C kernel for x86-64 CPUs with AVX-512 (``csrc/dictionary_decode.c``).
 
-It reads the stored format as it is: a float32 dictionary and values, or the int8 ones with float32 row
-scales that ``spadi_ao.integrations.torchao`` stores (one byte per element read, 1.5-1.9x faster cold).
+It reads the stored format as it is: a float32, bfloat16 or float16 dictionary and values, or the int8 ones
+with float32 row scales that ``spadi_ao.integrations.torchao`` stores (one byte per element read, 1.5-1.9x
+faster cold). Activations are float32, bfloat16 or float16; products accumulate in float32.
 
 Stock torch ops can multiply by the sparse codes fast only through the codes decompressed to a dense
 ``(out, k)`` matrix (``spadi_ao.kernels.cpu``), which reads ``out * k`` floats: at ``k / s = 2`` that is
@@ -45,6 +46,7 @@ __all__ = [
     "available",
     "unavailable_reason",
     "readable",
+    "ACTIVATION_DTYPES",
     "dictionary_plan",
     "codes_plan",
     "dictionary_decode",
@@ -102,6 +104,8 @@ class _StoredWeight(ctypes.Structure):
         ("values", ctypes.c_void_p),
         ("value_scale", ctypes.c_void_p),
         ("bitmask", ctypes.c_void_p),
+        ("dictionary_type", ctypes.c_int64),
+        ("values_type", ctypes.c_int64),
         ("in_features", ctypes.c_int64),
         ("k", ctypes.c_int64),
         ("s", ctypes.c_int64),
@@ -127,7 +131,8 @@ def _kernels() -> Optional[_Kernels]:
         return None
     pointer = ctypes.c_void_p
     for function in (library.spadi_codes_gemv, library.spadi_dictionary_decode):
-        function.argtypes = [pointer, pointer, ctypes.c_int64, pointer, pointer, ctypes.c_int]  # weight, x or z, tokens, bias, y, threads
+        # weight, x or z, tokens, bias, y, activation type, threads
+        function.argtypes = [pointer, pointer, ctypes.c_int64, pointer, pointer, ctypes.c_int64, ctypes.c_int]
         function.restype = ctypes.c_int64
     return _Kernels(library.spadi_codes_gemv, library.spadi_dictionary_decode)
 
@@ -137,11 +142,18 @@ def available() -> bool:
     return _kernels() is not None
 
 
+# Element type codes of ``csrc/dictionary_decode.c``. Activations (x, bias, output) are float32, bfloat16 or
+# float16; the stored dictionary and values any of those, or int8 with a float32 scale per row.
+_ACTIVATION_TYPES = {torch.float32: 0, torch.bfloat16: 2, torch.float16: 3}
+_ELEMENT_TYPES = {**_ACTIVATION_TYPES, torch.int8: 1}
+ACTIVATION_DTYPES = tuple(_ACTIVATION_TYPES)
+
+
 def readable(stored: torch.Tensor, scale: Optional[torch.Tensor]) -> bool:
-    """Whether the kernels read a stored dictionary or value tensor as it is: float32 without a scale, or
-    int8 with a float32 scale per row (``spadi_ao.integrations.torchao``)."""
+    """Whether the kernels read a stored dictionary or value tensor as it is: float32, bfloat16 or float16
+    without a scale, or int8 with a float32 scale per row (``spadi_ao.integrations.torchao``)."""
     if scale is None:
-        return stored.dtype == torch.float32
+        return stored.dtype in ACTIVATION_DTYPES
     return stored.dtype == torch.int8 and scale.dtype == torch.float32
 
 
@@ -196,8 +208,10 @@ def _new_plan(dictionary, dictionary_scale, values, value_scale, bitmask, k: int
     shapes = ((dictionary, (k, in_features)), (dictionary_scale, (k,)), (values, (out, s)), (value_scale, (out,)), (bitmask, (out, (k + 7) // 8)))
     if not all(_fits(tensor, shape) for tensor, shape in shapes):
         return None
+    dictionary_type = 0 if dictionary is None else _ELEMENT_TYPES[dictionary.dtype]
     stored = _StoredWeight(
-        _address(dictionary), _address(dictionary_scale), values.data_ptr(), _address(value_scale), bitmask.data_ptr(), in_features, k, s, out
+        _address(dictionary), _address(dictionary_scale), values.data_ptr(), _address(value_scale), bitmask.data_ptr(),
+        dictionary_type, _ELEMENT_TYPES[values.dtype], in_features, k, s, out,
     )
     key = id(values)
     if key not in _plans:
@@ -215,7 +229,7 @@ def dictionary_plan(
     bitmask: torch.Tensor,
 ) -> Optional[Plan]:
     """The plan for both stages, or ``None`` where the kernels cannot read these tensors as they are
-    (not contiguous float32 / int8-with-scales CPU tensors of matching shapes, or no kernels here)."""
+    (not contiguous CPU tensors of :func:`readable` dtypes and matching shapes, or no kernels here)."""
     plan = _plans.get(id(values))
     if plan is not None and plan.holds(dictionary, dictionary_scale, values, value_scale, bitmask):
         return plan
@@ -244,13 +258,15 @@ def _refuse(invalid: int, plan: Plan) -> None:
 
 
 def _run(kernel, plan: Plan, x: torch.Tensor, width: int, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if x.shape[-1] != width or x.dtype != torch.float32 or not (x.is_cpu and x.is_contiguous()):
+    activation_type = _ACTIVATION_TYPES.get(x.dtype)
+    if x.shape[-1] != width or activation_type is None or not (x.is_cpu and x.is_contiguous()):
         return None
-    if bias is not None and not (bias.dtype == torch.float32 and bias.shape == (plan.out,) and bias.is_cpu and bias.is_contiguous()):
+    if bias is not None and not (bias.dtype == x.dtype and bias.shape == (plan.out,) and bias.is_cpu and bias.is_contiguous()):
         return None
     y = x.new_empty((*x.shape[:-1], plan.out))
     tokens = x.numel() // width if width else 0
-    invalid = kernel(plan.address, x.data_ptr(), tokens, None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    bias_address = None if bias is None else bias.data_ptr()
+    invalid = kernel(plan.address, x.data_ptr(), tokens, bias_address, y.data_ptr(), activation_type, torch.get_num_threads())
     if invalid:
         _refuse(invalid, plan)
     return y
@@ -258,8 +274,8 @@ def _run(kernel, plan: Plan, x: torch.Tensor, width: int, bias: Optional[torch.T
 
 def dictionary_decode(plan: Plan, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``(x @ D~^T) @ C^T + bias`` for ``x`` ``(..., in)``, or ``None`` when ``x`` or ``bias`` is not what the
-    kernel reads (contiguous float32 CPU tensors of the plan's widths): the caller then takes torch ops,
-    which also raise the usual errors for mismatched shapes."""
+    kernel reads (contiguous CPU tensors of the plan's widths in one of ``ACTIVATION_DTYPES``, ``bias`` in
+    ``x``'s): the caller then takes torch ops, which also raise the usual errors for mismatched shapes."""
     return _run(_kernels().dictionary_decode, plan, x, plan.in_features, bias)
 
 

@@ -26,13 +26,13 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def select_kernel(device: torch.device, dtype: torch.dtype, tokens: int) -> str:
     """``"triton_decode"``, ``"triton_prefill"``, ``"native_decode"`` or ``"torch"`` for ``tokens`` rows of ``x``.
 
-    Triton needs a CUDA (or ROCm) device. On the CPU, float32 decode runs the packed codes through the
-    native kernel (``spadi_ao.kernels.native``) where it is available; everything else takes the torch-ops
+    Triton needs a CUDA (or ROCm) device. On the CPU, float32 / bfloat16 / float16 decode runs the packed codes
+    through the native kernel (``spadi_ao.kernels.native``) where it is available; everything else takes the torch-ops
     route (``spadi_ao.kernels.cpu``), which also serves CUDA when Triton is missing.
     """
     kind = device.type
     if kind == "cuda" and HAS_TRITON and dtype in _TRITON_DTYPES:
         return "triton_decode" if tokens <= DECODE_MAX_TOKENS else "triton_prefill"
-    if kind == "cpu" and dtype == torch.float32 and tokens <= NATIVE_MAX_TOKENS and native.available():
+    if kind == "cpu" and dtype in native.ACTIVATION_DTYPES and tokens <= NATIVE_MAX_TOKENS and native.available():
         return "native_decode"
     return "torch"

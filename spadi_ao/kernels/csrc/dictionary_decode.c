@@ -28,6 +28,14 @@
 #define LOAD_I8(pointer, mask) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((mask), (pointer))))
 #define LOAD_ALL_F32(pointer) _mm512_loadu_ps(pointer)
 #define LOAD_ALL_I8(pointer) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(pointer))))
+#define WIDEN_BF16(halves) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16))
+#define LOAD_BF16(pointer, mask) WIDEN_BF16(_mm256_maskz_loadu_epi16((mask), (pointer)))
+#define LOAD_ALL_BF16(pointer) WIDEN_BF16(_mm256_loadu_si256((const __m256i *)(pointer)))
+#define LOAD_F16(pointer, mask) _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((mask), (pointer)))
+#define LOAD_ALL_F16(pointer) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(pointer)))
+
+/* Element types of the stored tensors and of the activations, as spadi_ao/kernels/native.py numbers them. */
+enum { F32 = 0, I8 = 1, BF16 = 2, F16 = 3 };
 
 static inline void prefetch(const void *pointer) { _mm_prefetch((const char *)pointer + PREFETCH_BYTES, _MM_HINT_T0); }
 
@@ -55,19 +63,23 @@ static void share(int64_t n, int64_t *begin, int64_t *end) {
 
 /* The next popcount(bits) values, expanded into the set lanes. Float32 values expand straight from memory
    (vexpandps with a memory operand: stage 2 of a hot 1536 x 445 layer 17 % faster than a masked load and a
-   register expand, the same with cold weights); int8 values are loaded, widened, then expanded. */
+   register expand, the same with cold weights); int8 and 16-bit values are loaded, widened, then expanded. */
 static inline __m512 expand_F32(const float **values, __mmask16 bits) {
     __m512 expanded = _mm512_maskz_expandloadu_ps(bits, *values);
     *values += __builtin_popcount(bits);
     return expanded;
 }
 
-static inline __m512 expand_I8(const int8_t **values, __mmask16 bits) {
-    int count = __builtin_popcount(bits);
-    __m512 packed = LOAD_I8(*values, (__mmask16)((1u << count) - 1u));
-    *values += count;
-    return _mm512_maskz_expand_ps(bits, packed);
-}
+#define EXPAND_WIDENED(NAME, ELEMENT)                                                                     \
+    static inline __m512 expand_##NAME(const ELEMENT **values, __mmask16 bits) {                          \
+        int count = __builtin_popcount(bits);                                                             \
+        __m512 packed = LOAD_##NAME(*values, (__mmask16)((1u << count) - 1u));                            \
+        *values += count;                                                                                 \
+        return _mm512_maskz_expand_ps(bits, packed);                                                      \
+    }
+EXPAND_WIDENED(I8, int8_t)
+EXPAND_WIDENED(BF16, uint16_t)
+EXPAND_WIDENED(F16, uint16_t)
 
 /* One output row for T tokens at once; two accumulators per token hide the FMA latency. z rows have
    stride k. Chunks that lie wholly inside the row load z unmasked; the last partial one is masked. */
@@ -143,16 +155,21 @@ static inline __m512 expand_I8(const int8_t **values, __mmask16 bits) {
 
 ROWS(F32, float)
 ROWS(I8, int8_t)
+ROWS(BF16, uint16_t)
+ROWS(F16, uint16_t)
 
-static int64_t rows(const float *z, int64_t tokens, int64_t k, const void *values, int values_int8,
+static int64_t rows(const float *z, int64_t tokens, int64_t k, const void *values, int64_t values_type,
                     const float *value_scale, int64_t s, const uint8_t *bitmask, const float *bias, float *y,
                     int64_t out) {
     int64_t nbytes = (k + 7) / 8, begin, end;
     share(out, &begin, &end);
     if (begin >= end) return 0;
-    if (values_int8)
-        return rows_I8(z, tokens, k, values, value_scale, s, bitmask, nbytes, bias, y, out, begin, end);
-    return rows_F32(z, tokens, k, values, value_scale, s, bitmask, nbytes, bias, y, out, begin, end);
+    switch (values_type) {
+    case I8: return rows_I8(z, tokens, k, values, value_scale, s, bitmask, nbytes, bias, y, out, begin, end);
+    case BF16: return rows_BF16(z, tokens, k, values, value_scale, s, bitmask, nbytes, bias, y, out, begin, end);
+    case F16: return rows_F16(z, tokens, k, values, value_scale, s, bitmask, nbytes, bias, y, out, begin, end);
+    default: return rows_F32(z, tokens, k, values, value_scale, s, bitmask, nbytes, bias, y, out, begin, end);
+    }
 }
 
 /* ------------------------------------------------------------------------------------------- stage 1 */
@@ -240,53 +257,118 @@ static int64_t rows(const float *z, int64_t tokens, int64_t k, const void *value
 
 ATOMS(F32, float)
 ATOMS(I8, int8_t)
+ATOMS(BF16, uint16_t)
+ATOMS(F16, uint16_t)
+
+static void atoms(const float *x, int64_t tokens, int64_t in, const void *dictionary, int64_t dictionary_type,
+                  const float *scale, int64_t k, float *z) {
+    int64_t begin, end;
+    share(k, &begin, &end);
+    if (begin >= end) return;
+    switch (dictionary_type) {
+    case I8: atoms_I8(x, tokens, in, dictionary, scale, k, z, begin, end); break;
+    case BF16: atoms_BF16(x, tokens, in, dictionary, NULL, k, z, begin, end); break;
+    case F16: atoms_F16(x, tokens, in, dictionary, NULL, k, z, begin, end); break;
+    default: atoms_F32(x, tokens, in, dictionary, NULL, k, z, begin, end);
+    }
+}
+
+/* ----------------------------------------------------------------------------------- activations */
+
+/* bfloat16 / float16 activations (x or z, bias, y) are widened into float32 scratch before the float32 stages
+   and rounded back (to nearest even) after them: they are a few thousand elements against the weight's
+   hundreds of thousands, and the products accumulate in float32 either way. */
+static void widen(const uint16_t *from, int64_t type, int64_t n, float *to) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(to + i, type == BF16 ? LOAD_ALL_BF16(from + i) : LOAD_ALL_F16(from + i));
+    if (i < n) {
+        __mmask16 rest = (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(to + i, rest, type == BF16 ? LOAD_BF16(from + i, rest) : LOAD_F16(from + i, rest));
+    }
+}
+
+static inline __m256i round_to_bf16(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);  /* NaN stays NaN (quiet), not rounded into Inf */
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(rounded);
+}
+
+static inline __m256i round_to(int64_t type, __m512 v) {
+    return type == BF16 ? round_to_bf16(v) : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+static void narrow(const float *from, int64_t type, int64_t n, uint16_t *to) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i *)(to + i), round_to(type, _mm512_loadu_ps(from + i)));
+    if (i < n) {
+        __mmask16 rest = (__mmask16)((1u << (n - i)) - 1u);
+        _mm256_mask_storeu_epi16(to + i, rest, round_to(type, _mm512_maskz_loadu_ps(rest, from + i)));
+    }
+}
 
 /* ------------------------------------------------------------------------------------------ entries */
 
 /* A stored weight, laid out once per weight by spadi_ao/kernels/native.py (_StoredWeight), so that a call
    passes one pointer instead of a dozen arguments (ctypes converts each; 16 cost 1.9 us a call, 6 0.8 us).
-   dictionary (k, in) and values (out, s) are float32 when their scale is NULL, else int8 with a float32
-   scale per row; bitmask is (out, ceil(k / 8)); all contiguous. Stage 2 alone leaves dictionary NULL. */
+   dictionary (k, in) and values (out, s) are F32, BF16 or F16, or I8 with a float32 scale per row (else the
+   scale is NULL); bitmask is (out, ceil(k / 8)); all contiguous. Stage 2 alone leaves dictionary NULL. */
 typedef struct {
     const void *dictionary;
     const float *dictionary_scale;
     const void *values;
     const float *value_scale;
     const uint8_t *bitmask;
+    int64_t dictionary_type, values_type;
     int64_t in, k, s, out;
 } spadi_weight;
 
-/* Stage 2 alone: z (tokens, k) float32, bias (out) or NULL, y (tokens, out). Returns the number of
-   malformed bitmask rows (their outputs are not written). */
-int64_t spadi_codes_gemv(const spadi_weight *w, const float *z, int64_t tokens, const float *bias, float *y,
-                         int threads) {
-    int64_t invalid = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : invalid)
-    invalid += rows(z, tokens, w->k, w->values, w->value_scale != NULL, w->value_scale, w->s, w->bitmask, bias, y,
-                    w->out);
-    return invalid;
-}
-
-/* Both stages: x (tokens, in) float32, the rest as spadi_codes_gemv. Returns the number of malformed
-   bitmask rows, or -1 if the scratch for z could not be allocated. */
-int64_t spadi_dictionary_decode(const spadi_weight *w, const float *x, int64_t tokens, const float *bias, float *y,
-                                int threads) {
-    int64_t k = w->k;
-    float *z = malloc((size_t)(tokens * k > 0 ? tokens * k : 1) * sizeof(float));
-    if (!z) return -1;
-    int64_t invalid = 0;
+/* Both stages (width == w->in) or stage 2 alone on z (width == w->k), all in float32. */
+static int64_t run_f32(const spadi_weight *w, const float *x, int64_t tokens, const float *bias, float *y,
+                       int threads, int both) {
+    int64_t k = w->k, invalid = 0;
+    float *z = both ? malloc((size_t)(tokens * k > 0 ? tokens * k : 1) * sizeof(float)) : NULL;
+    if (both && !z) return -1;
 #pragma omp parallel num_threads(threads) reduction(+ : invalid)
     {
-        int64_t begin, end;
-        share(k, &begin, &end);
-        if (begin < end && w->dictionary_scale)
-            atoms_I8(x, tokens, w->in, w->dictionary, w->dictionary_scale, k, z, begin, end);
-        else if (begin < end)
-            atoms_F32(x, tokens, w->in, w->dictionary, NULL, k, z, begin, end);
+        if (both) {
+            atoms(x, tokens, w->in, w->dictionary, w->dictionary_type, w->dictionary_scale, k, z);
 #pragma omp barrier
-        invalid += rows(z, tokens, k, w->values, w->value_scale != NULL, w->value_scale, w->s, w->bitmask, bias, y,
-                        w->out);
+        }
+        invalid += rows(both ? z : x, tokens, k, w->values, w->values_type, w->value_scale, w->s, w->bitmask, bias,
+                        y, w->out);
     }
     free(z);
     return invalid;
+}
+
+static int64_t run(const spadi_weight *w, const void *x, int64_t tokens, const void *bias, void *y,
+                   int64_t activation_type, int threads, int both) {
+    if (activation_type == F32) return run_f32(w, x, tokens, bias, y, threads, both);
+    int64_t width = both ? w->in : w->k, out = w->out;
+    float *scratch = malloc((size_t)(tokens * (width + out) + out + 1) * sizeof(float));
+    if (!scratch) return -1;
+    float *x32 = scratch, *y32 = x32 + tokens * width, *bias32 = bias ? y32 + tokens * out : NULL;
+    widen(x, activation_type, tokens * width, x32);
+    if (bias) widen(bias, activation_type, out, bias32);
+    int64_t invalid = run_f32(w, x32, tokens, bias32, y32, threads, both);
+    if (!invalid) narrow(y32, activation_type, tokens * out, y);
+    free(scratch);
+    return invalid;
+}
+
+/* Stage 2 alone: z (tokens, k), bias (out) or NULL, y (tokens, out), all of activation_type. Returns the
+   number of malformed bitmask rows (their outputs are not written), or -1 if scratch could not be allocated. */
+int64_t spadi_codes_gemv(const spadi_weight *w, const void *z, int64_t tokens, const void *bias, void *y,
+                         int64_t activation_type, int threads) {
+    return run(w, z, tokens, bias, y, activation_type, threads, 0);
+}
+
+/* Both stages: x (tokens, in), the rest as spadi_codes_gemv. */
+int64_t spadi_dictionary_decode(const spadi_weight *w, const void *x, int64_t tokens, const void *bias, void *y,
+                                int64_t activation_type, int threads) {
+    return run(w, x, tokens, bias, y, activation_type, threads, 1);
 }
