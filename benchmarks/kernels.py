@@ -7,7 +7,7 @@ rank in the same bytes (``spadi_ao.budget``). Codes are random: latency does not
 CPU: a median over interleaved rounds (dense, low-rank, dictionary in turn, so background load hits all
 three alike) under ``torch.inference_mode``, after waiting (``--max-wait``) for other processes to idle;
 each row records the cores other processes used while it was timed (``bg cores``). ``kernel`` is what
-``select_kernel`` picks: on the CPU, float32 decode (M <= 8) reads the packed codes with the native kernel,
+``select_kernel`` picks: on the CPU, decode (M <= 8) reads the packed codes with the native kernel,
 larger M multiplies by decompressed codes that the torch route caches; their extra resident bytes are
 reported as ``cache_bytes`` and, if M=1 takes that route, the uncached latency too.
 The dictionary column is what a compressed layer runs, ``F.linear`` on its ``DictionaryTensor`` weight

@@ -158,6 +158,24 @@ def test_non_contiguous_inputs():
 
 
 @needs_native
+@pytest.mark.parametrize("activation", [torch.bfloat16, torch.float16])
+def test_16_bit_results_round_to_nearest_and_keep_nan_and_inf(activation):
+    """Outputs are the float32 results rounded to nearest even, as ``Tensor.to`` rounds; NaN and Inf pass."""
+    values, bitmask = packed_codes(40, 32, 9, seed=10)
+    z32 = torch.randn(3, 32, generator=torch.Generator().manual_seed(10)) * 1000
+    z = z32.to(activation)
+    plan = native.codes_plan(values, None, bitmask, 32)
+    y = native.codes_gemv(plan, z, None)
+    exact32 = native.codes_gemv(plan, z.float(), None)  # the same float32 sums, before rounding
+    assert torch.equal(y, exact32.to(activation))
+    z[0, :] = float("nan")
+    z[1, :] = float("inf")
+    y = native.codes_gemv(plan, z, None)
+    assert y[0].isnan().all() and not y[2].isnan().any()
+    assert (y[1].isinf() | y[1].isnan()).all()  # +Inf times mixed-sign values: Inf, or NaN where they cancel
+
+
+@needs_native
 def test_threads_split_rows_without_changing_them():
     values, bitmask = packed_codes(300, 70, 33, seed=3)
     z = torch.randn(5, 70)
