@@ -5,8 +5,9 @@
  *               + bias[o]
  *
  * where j(a) counts the set bits before a (values are stored in increasing atom order, see
- * spadi_ao/format.py). The dictionary and the values are float32 (no scale) or int8 with a float32 scale
- * per row (spadi_ao/integrations/torchao.py). Each 16-slot chunk of a row expands its next popcount(bits)
+ * spadi_ao/format.py). The dictionary and the values are float32, bfloat16 or float16 (no scale) or int8
+ * with a float32 scale per row (spadi_ao/integrations/torchao.py); everything accumulates in float32, and
+ * 16-bit activations are widened around the float32 stages (see "activations"). Each 16-slot chunk of a row expands its next popcount(bits)
  * values into the set lanes and multiplies them with 16 entries of z, so the kernel reads exactly the
  * stored bytes: the values and one bit per slot. Stage 1 is a plain streaming GEMV. Each stage splits its
  * rows evenly over OpenMP threads (the same libgomp runtime torch uses); one parallel region runs both, so
