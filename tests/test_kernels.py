@@ -166,22 +166,24 @@ def test_code_cache_with_inference_tensors():
             assert_close(torch.ops.spadi_ao.dictionary_linear(*args(x, layer)), dense_output(x, layer), torch.bfloat16)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
     for flags in (dict(), dict(int8_dictionary=True, int8_values=True, bias=True)):
-        layer = make_layer(12, 10, 9, 4, torch.float32, **flags)
-        for x in (torch.randn(5, 10), torch.randn(2, 3, 10)):
-            torch.library.opcheck(torch.ops.spadi_ao.dictionary_linear.default, args(x, layer))
+        layer = make_layer(12, 10, 9, 4, dtype, **flags)
+        for x in (torch.randn(5, 10), torch.randn(2, 3, 10), torch.randn(3, 4, 10)):  # decode (native) and prefill
+            torch.library.opcheck(torch.ops.spadi_ao.dictionary_linear.default, args(x.to(dtype), layer))
 
 
-def test_compile_fullgraph_matches_eager():
-    layer = make_layer(20, 16, 12, 5, torch.float32, int8_dictionary=True, bias=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compile_fullgraph_matches_eager(dtype):
+    layer = make_layer(20, 16, 12, 5, dtype, int8_dictionary=True, bias=True)
 
     def block(x: torch.Tensor) -> torch.Tensor:
         return F.silu(torch.ops.spadi_ao.dictionary_linear(*args(x, layer))) * 2
 
     compiled = torch.compile(block, fullgraph=True)
     for tokens in (3, 7, 11):  # the second shape recompiles with a dynamic token count
-        x = torch.randn(2, tokens, 16)
+        x = torch.randn(2, tokens, 16).to(dtype)
         torch.testing.assert_close(compiled(x), block(x))
 
 
