@@ -41,10 +41,8 @@ ACTIVATIONS = [torch.float32, torch.bfloat16, torch.float16]
 ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-def stored(rows: torch.Tensor, kind) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Rows as the library stores them: a float dtype, or symmetric int8 with a float32 scale per row
-    (``kind`` True / False mean int8 / float32)."""
-    kind = {True: "int8", False: "float32"}.get(kind, kind)
+def stored(rows: torch.Tensor, kind: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Rows as the library stores them: a float dtype, or symmetric int8 with a float32 scale per row."""
     if kind != "int8":
         return rows.to(getattr(torch, kind)), None
     scale = rows.abs().amax(dim=1).clamp_min(1e-8) / 127
@@ -81,24 +79,34 @@ def fresh_native(monkeypatch, tmp_path):
     native._kernels.cache_clear()
 
 
-@needs_native
-@given(
-    out_features=st.integers(1, 48),
-    k=st.integers(1, 80),  # across the 16-slot chunks, the odd last byte and the two-chunk unrolling
+# What both kernel entries are drawn over besides their shapes.
+STORED_CODES = dict(
     density=st.floats(0.0, 1.0),
-    lead=st.sampled_from([(), (1,), (3,)]),
-    tokens=st.integers(1, 9),
     values_kind=st.sampled_from(STORAGE),
     activation=st.sampled_from(ACTIVATIONS),
     bias=st.booleans(),
     threads=st.sampled_from([1, 2]),
     seed=st.integers(0, 2**16),
 )
+
+
+def stored_codes(out_features: int, k: int, density: float, kind: str, seed: int):
+    """Packed codes with ``round(density * k)`` (at least 1) non-zeros per row, stored as ``kind``."""
+    values, bitmask = packed_codes(out_features, k, max(1, round(density * k)), seed)
+    return (*stored(values, kind), bitmask)
+
+
+@needs_native
+@given(
+    out_features=st.integers(1, 48),
+    k=st.integers(1, 80),  # across the 16-slot chunks, the odd last byte and the two-chunk unrolling
+    lead=st.sampled_from([(), (1,), (3,)]),
+    tokens=st.integers(1, 9),
+    **STORED_CODES,
+)
 @settings(max_examples=150, deadline=None)
 def test_codes_gemv_matches_dense_product(out_features, k, density, lead, tokens, values_kind, activation, bias, threads, seed):
-    s = max(1, round(density * k))
-    values, bitmask = packed_codes(out_features, k, s, seed)
-    values, value_scale = stored(values, values_kind)
+    values, value_scale, bitmask = stored_codes(out_features, k, density, values_kind, seed)
     g = torch.Generator().manual_seed(seed + 1)
     z = torch.randn(*lead, tokens, k, generator=g).to(activation)
     b = torch.randn(out_features, generator=g).to(activation) if bias else None
@@ -115,23 +123,16 @@ def test_codes_gemv_matches_dense_product(out_features, k, density, lead, tokens
     out_features=st.integers(1, 40),
     in_features=st.integers(1, 70),  # whole and partial 16-float chunks of the dictionary rows
     k=st.integers(1, 70),
-    density=st.floats(0.0, 1.0),
     lead=st.sampled_from([(), (1,), (2,)]),
     tokens=st.integers(1, 6),
     dictionary_kind=st.sampled_from(STORAGE),
-    values_kind=st.sampled_from(STORAGE),
-    activation=st.sampled_from(ACTIVATIONS),
-    bias=st.booleans(),
-    threads=st.sampled_from([1, 2]),
-    seed=st.integers(0, 2**16),
+    **STORED_CODES,
 )
 @settings(max_examples=200, deadline=None)
 def test_dictionary_decode_matches_dense_layer(
     out_features, in_features, k, density, lead, tokens, dictionary_kind, values_kind, activation, bias, threads, seed
 ):
-    s = max(1, round(density * k))
-    values, bitmask = packed_codes(out_features, k, s, seed)
-    values, value_scale = stored(values, values_kind)
+    values, value_scale, bitmask = stored_codes(out_features, k, density, values_kind, seed)
     g = torch.Generator().manual_seed(seed + 1)
     dictionary, dictionary_scale = stored(torch.randn(k, in_features, generator=g), dictionary_kind)
     x = torch.randn(*lead, tokens, in_features, generator=g).to(activation)

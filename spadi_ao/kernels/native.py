@@ -203,7 +203,7 @@ def _new_plan(dictionary, dictionary_scale, values, value_scale, bitmask, k: int
         return None
     out, s = values.shape
     in_features = 0 if dictionary is None else dictionary.shape[-1]
-    if dictionary is not None and (dictionary.dim() != 2 or not readable(dictionary, dictionary_scale)):
+    if dictionary is not None and not readable(dictionary, dictionary_scale):
         return None
     shapes = ((dictionary, (k, in_features)), (dictionary_scale, (k,)), (values, (out, s)), (value_scale, (out,)), (bitmask, (out, (k + 7) // 8)))
     if not all(_fits(tensor, shape) for tensor, shape in shapes):
@@ -233,7 +233,7 @@ def dictionary_plan(
     plan = _plans.get(id(values))
     if plan is not None and plan.holds(dictionary, dictionary_scale, values, value_scale, bitmask):
         return plan
-    if type(dictionary) is not torch.Tensor or dictionary.dim() != 2:
+    if type(dictionary) is not torch.Tensor or dictionary.dim() != 2:  # e.g. a torchao-quantised dictionary
         return None
     return _new_plan(dictionary, dictionary_scale, values, value_scale, bitmask, dictionary.shape[0])
 
