@@ -12,20 +12,26 @@ subclass does not support. The compressed weight lives on the CPU in the module 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from accelerate.hooks import AlignDevicesHook, ModelHook, add_hook_to_module
-from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, send_to_device
 from torch import nn
 
 __all__ = ["WeightSwap", "dense_weight", "execution_device", "install_weight", "is_dispatched", "offload_hook"]
 
 
-def offload_hook(module: nn.Module) -> Optional[AlignDevicesHook]:
-    """The accelerate hook that offloads ``module``'s own weights, or None."""
+def offload_hook(module: nn.Module) -> Optional[Any]:
+    """The accelerate ``AlignDevicesHook`` that offloads ``module``'s own weights, or None.
+
+    Only accelerate attaches such hooks, so accelerate is never imported here for a model it did not dispatch.
+    """
     hook = getattr(module, "_hf_hook", None)
+    if hook is None or "accelerate" not in sys.modules:
+        return None
+    from accelerate.hooks import AlignDevicesHook
+
     return hook if isinstance(hook, AlignDevicesHook) and hook.offload else None
 
 
@@ -64,7 +70,9 @@ def install_weight(module: nn.Linear, weight: torch.Tensor, name: str) -> Weight
     """Give ``module`` the (compressed) ``weight``: in the module itself, or under accelerate's offload."""
     hook = offload_hook(module)
     if hook is not None:
-        return _install_offloaded(module, weight, hook)
+        from spadi_ao.integrations.accelerate import install_offloaded
+
+        return install_offloaded(module, weight, hook)
     if module.weight.is_meta:
         raise ValueError(
             f"{name}.weight is on the meta device without an accelerate offload hook on the Linear itself "
@@ -74,54 +82,3 @@ def install_weight(module: nn.Linear, weight: torch.Tensor, name: str) -> Weight
     original = module.weight
     module.weight = nn.Parameter(weight.to(original.device), requires_grad=False)
     return WeightSwap(undo=lambda: setattr(module, "weight", original))
-
-
-class CompressedOffloadHook(ModelHook):
-    """accelerate's offloading for a compressed Linear: its tensors stay on the CPU and visit the execution
-    device for each forward."""
-
-    def __init__(self, execution_device: Any, home: dict[str, nn.Parameter]) -> None:
-        self.execution_device = torch.device(execution_device) if execution_device is not None else None
-        self.home = home
-
-    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        if self.execution_device is None:
-            return args, kwargs
-        for name, value in self.home.items():
-            if value.device != self.execution_device:
-                module._parameters[name] = nn.Parameter(value.to(self.execution_device), requires_grad=False)
-        return send_to_device(args, self.execution_device), send_to_device(kwargs, self.execution_device)
-
-    def post_forward(self, module: nn.Module, output: Any) -> Any:
-        module._parameters.update(self.home)
-        return output
-
-
-def _install_offloaded(module: nn.Linear, weight: torch.Tensor, hook: AlignDevicesHook) -> WeightSwap:
-    original = dict(module._parameters)
-    home = {
-        name: nn.Parameter(hook.weights_map[name].to("cpu", copy=True), requires_grad=False)
-        for name, value in original.items()
-        if value is not None and name != "weight"
-    }
-    home["weight"] = nn.Parameter(weight.to("cpu"), requires_grad=False)
-    module._parameters.update(home)
-    add_hook_to_module(module, CompressedOffloadHook(hook.execution_device, home))
-
-    def undo() -> None:
-        module._parameters.update(original)
-        module._hf_hook = hook  # re-attached as it was: add_hook_to_module would re-run its init on the restored weights
-
-    return WeightSwap(undo=undo, release=lambda: _forget(hook.weights_map, list(original)))
-
-
-def _forget(weights_map: Any, names: list[str]) -> None:
-    """Drop the dense values of a compressed Linear from an in-memory offload map (disk maps hold no memory)."""
-    prefix = ""
-    while isinstance(weights_map, PrefixedDataset):
-        prefix, weights_map = weights_map.prefix + prefix, weights_map.dataset
-    if isinstance(weights_map, OffloadedWeightsLoader):
-        weights_map = weights_map.state_dict
-    if isinstance(weights_map, dict):
-        for name in names:
-            weights_map.pop(prefix + name, None)

@@ -23,7 +23,13 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from spadi_ao.serialization import FORMAT_VERSION, CheckpointError, check_stored_shapes, flatten_state_dict, unflatten_tensor
+from spadi_ao.serialization import (
+    FORMAT_VERSION,
+    CheckpointError,
+    check_stored_shapes,
+    flatten_state_dict,
+    unflatten_tensor,
+)
 from spadi_ao.tensor import is_compressed_weight
 
 __all__ = ["QUANT_METHOD", "SpadiAoConfig", "SpadiAoHfQuantizer", "attach_quantizer"]
