@@ -25,16 +25,26 @@ def _reference_omp(dictionary: torch.Tensor, signal: torch.Tensor, s: int) -> tu
     return support, coefficients
 
 
+def _spikes_and_sines(n: int) -> torch.Tensor:
+    """``[I, H / sqrt(n)]`` (Sylvester Hadamard): unit atoms with mutual coherence exactly ``1 / sqrt(n)``."""
+    hadamard = torch.ones(1, 1, dtype=torch.float64)
+    while hadamard.shape[0] < n:
+        hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)])
+    return torch.cat([torch.eye(n, dtype=torch.float64), hadamard / n**0.5], dim=1)
+
+
 def test_recovers_exact_support_of_incoherent_dictionary():
-    n, k, s, m = 256, 320, 4, 300
-    dictionary = _unit_dictionary(n, k, 0)
+    # Tropp (2004): OMP recovers every s-sparse signal exactly when mu * (2s - 1) < 1.
+    n, s, m = 256, 4, 300
+    dictionary = _spikes_and_sines(n)
+    k = dictionary.shape[1]
+    coherence = (dictionary.T @ dictionary - torch.eye(k, dtype=torch.float64)).abs().max()
+    assert coherence * (2 * s - 1) < 1.0
     generator = torch.Generator().manual_seed(1)
     supports = torch.stack([torch.randperm(k, generator=generator)[:s] for _ in range(m)])
     magnitudes = 1.0 + torch.rand(m, s, dtype=torch.float64, generator=generator)
     signs = torch.randint(0, 2, (m, s), generator=generator).to(torch.float64) * 2 - 1
     signals = dictionary @ codes_to_dense(supports, magnitudes * signs, k)
-    coherence = (dictionary.T @ dictionary - torch.eye(k, dtype=torch.float64)).abs().max()
-    assert coherence * (2 * s - 1) < 1.0 + 1e-9 or True  # documented: random 256-dim atoms, mu ~ 0.25
     indices, coefficients = batched_omp(dictionary, signals, s)
     assert torch.equal(indices.sort(dim=1).values, supports.sort(dim=1).values)
     assert torch.allclose(codes_to_dense(indices, coefficients, k), codes_to_dense(supports, magnitudes * signs, k), atol=1e-9)
