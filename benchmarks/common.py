@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,20 @@ from spadi_ao.tensor import stored_bytes
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _commit() -> str:
+    """The checkout's commit, with ``+dirty`` when the working tree differs from it (results cite their code)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def environment() -> dict[str, Any]:
     return {
+        "commit": _commit(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
