@@ -281,10 +281,13 @@ def sparsify_dictionary_(
 ) -> CompressionReport:
     """Compress the model's Linears in place; each weight becomes a Dictionary/LowRank tensor.
 
-    ``calibration``: an iterable of input-id tensors (or dicts of model kwargs), a prepared
-    :class:`GramCollector`, or None to use the one left by :func:`prepare_calibration` (if none was
-    prepared, layers are fitted in weight space). Validation runs before any weight changes, and the
-    new weights are swapped in only after every layer succeeded.
+    ``calibration``: token ids ((seq,) or (batch, seq) tensors), a tokenizer's output (any mapping of model
+    kwargs with ``input_ids``; its ``attention_mask`` zeros are padding, left out of every statistic), a list
+    of these, a prepared :class:`GramCollector`, or None to use the one left by :func:`prepare_calibration`
+    (if none was prepared, layers are fitted in weight space). Calibration runs in eval mode. Validation,
+    of the calibration too (see ``spadi_ao.inputs``), runs before any weight changes, and the new weights are
+    swapped in only after every layer succeeded. A ``transformers`` model gets its quantizer attached at the
+    end (``spadi_ao.attach_quantizer``), so ``model.save_pretrained(path)`` works at once.
 
     ``sequential=True`` walks the decoder one block at a time (see ``spadi_ao.sequential``): only one
     block's Grams exist at once, each block's dense weights are released as it finishes (a failure
@@ -387,7 +390,7 @@ def _sparsify_sequential(
 
     if calibration is None or isinstance(calibration, GramCollector):
         raise ValueError("sequential / distributed / checkpointed compression needs calibration batches, not a prepared collector")
-    if any(batch.get("attention_mask") is not None and not bool(batch["attention_mask"].all()) for batch in calibration):
+    if any(isinstance(batch, dict) and batch.get("attention_mask") is not None and not bool(batch["attention_mask"].all()) for batch in calibration):
         raise ValueError("sequential=True does not leave padding out of the Grams yet: pass unpadded sequences (no 0 in attention_mask)")
 
     def solve(name: str, weight: torch.Tensor, collector: GramCollector) -> tuple[torch.Tensor, LayerReport]:

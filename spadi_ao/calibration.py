@@ -239,6 +239,9 @@ def run_calibration(model: nn.Module, batches: Iterable[Any], progress: bool = T
     count = 0
     with torch.inference_mode(), eval_mode(model):
         for batch in tqdm(calibration_batches(batches, model), desc="calibrating", disable=not progress, leave=False):
-            model(**{key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()})
+            if isinstance(batch, dict):
+                model(**{key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()})
+            else:
+                model(batch.to(device))
             count += 1
     return count

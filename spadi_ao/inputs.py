@@ -84,8 +84,10 @@ def _check_mask(where: str, mask: Any, ids: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _check_batch(index: int, batch: Any, vocab: Optional[int], positions: Optional[tuple[str, int]]) -> dict[str, Any]:
+def _check_batch(index: int, batch: Any, vocab: Optional[int], positions: Optional[tuple[str, int]]) -> dict[str, Any] | torch.Tensor:
     where = f"calibration[{index}]"
+    if vocab is None and torch.is_tensor(batch):  # not a language model: the tensor is its input, as given
+        return batch.unsqueeze(0) if batch.dim() == 1 else batch
     if isinstance(batch, Mapping):
         kwargs = dict(batch)
         if "input_ids" not in kwargs:
@@ -97,12 +99,13 @@ def _check_batch(index: int, batch: Any, vocab: Optional[int], positions: Option
     return {"input_ids": _check_ids(where, _as_tensor(where, batch), vocab, positions)}
 
 
-def calibration_batches(calibration: Any, model: nn.Module) -> list[dict[str, Any]]:
+def calibration_batches(calibration: Any, model: nn.Module) -> list[dict[str, Any] | torch.Tensor]:
     """Every calibration batch as model kwargs with ``input_ids`` of shape (batch, seq), checked against ``model``.
 
     ``calibration``: one batch or an iterable of batches; a batch is a tensor of ids ((seq,) or (batch, seq))
     or a mapping of model kwargs with ``input_ids`` (a tokenizer's ``BatchEncoding``), whose ``attention_mask``
-    then marks the padding that calibration leaves out.
+    then marks the padding that calibration leaves out. A model without an input embedding (not a language
+    model) takes its tensor batches as they are, as its positional input.
     """
     if isinstance(calibration, (str, bytes)) or (
         isinstance(calibration, (list, tuple)) and calibration and isinstance(calibration[0], (str, bytes))
@@ -120,7 +123,8 @@ def calibration_batches(calibration: Any, model: nn.Module) -> list[dict[str, An
         raise ValueError("calibration is empty: pass at least one batch of input ids (or None for data-free fitting)")
     vocab, positions = _vocab_size(model), _max_positions(model)
     batches = [_check_batch(index, batch, vocab, positions) for index, batch in enumerate(items)]
-    if not any(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None else 1 for b in batches):
+    masks = [batch.get("attention_mask") for batch in batches if isinstance(batch, dict)]
+    if masks and all(mask is not None and not bool(mask.any()) for mask in masks) and len(masks) == len(batches):
         raise ValueError("calibration's attention_mask masks every token: there is nothing to calibrate on")
     return batches
 

@@ -34,21 +34,25 @@ def inner_tensors(tensor: Optional[torch.Tensor]) -> list[torch.Tensor]:
     return [tensor]
 
 
-def _cast(tensor: Optional[torch.Tensor], dtype: torch.dtype, device: Any) -> Optional[torch.Tensor]:
-    """A stored part on ``device``, in ``dtype`` if it holds floating-point weights (not an int8 part, a
-    bitmask or a torchao-quantised dictionary, whose own formats stay)."""
+def _cast(tensor: Optional[torch.Tensor], dtype: Optional[torch.dtype], device: Any) -> Optional[torch.Tensor]:
+    """A stored part on ``device`` (None: where it is), in ``dtype`` if given and the part holds floating-point
+    weights (not an int8 part, a bitmask, a scale or a torchao-quantised dictionary, whose formats stay)."""
     if tensor is None:
         return None
-    floating = type(tensor) is torch.Tensor and tensor.is_floating_point()
-    return tensor.to(device=device, dtype=dtype if floating else tensor.dtype)
+    floating = dtype is not None and type(tensor) is torch.Tensor and tensor.is_floating_point()
+    if device is None and not floating:
+        return tensor
+    return tensor.to(device=device or tensor.device, dtype=dtype if floating else tensor.dtype)
 
 
 def _converted(weight: torch.Tensor, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    if torch.device(device) == weight.device:
+        device = None  # parts stay where they are (a group's shared dictionary may still be a meta placeholder)
     if isinstance(weight, LowRankTensor):
         return LowRankTensor(_cast(weight.down, dtype, device), _cast(weight.up, dtype, device), dtype)
-    scales = {name: None if getattr(weight, name) is None else getattr(weight, name).to(device) for name in weight.optional_tensor_data_names}
+    scales = {name: _cast(getattr(weight, name), None, device) for name in weight.optional_tensor_data_names}
     return DictionaryTensor(
-        _cast(weight.dictionary, dtype, device), _cast(weight.values, dtype, device), weight.bitmask.to(device), dtype, **scales
+        _cast(weight.dictionary, dtype, device), _cast(weight.values, dtype, device), _cast(weight.bitmask, None, device), dtype, **scales
     )
 
 
