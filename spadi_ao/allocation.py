@@ -125,18 +125,31 @@ def threshold_errors(
     return errors
 
 
-def output_sensitivity(model: nn.Module, modules: dict[str, nn.Linear], batches: Iterable[Any]) -> dict[str, torch.Tensor]:
+def output_sensitivity(
+    model: nn.Module, modules: dict[str, nn.Linear], batches: Iterable[Any], progress: bool = False
+) -> dict[str, torch.Tensor]:
     """Mean squared loss gradient per output feature of each Linear (the diagonal output Fisher).
 
-    Runs the causal-LM loss (labels = inputs) with backward passes; parameters get no gradients.
+    Runs the causal-LM loss (labels = inputs) with backward passes in eval mode; parameters get no
+    gradients. ``batches`` are what ``sparsify_dictionary_`` takes as calibration; padded positions
+    (``attention_mask`` 0) are neither predicted nor counted.
     """
+    from tqdm.auto import tqdm
+
+    from spadi_ao.inputs import calibration_batches, eval_mode
+
+    batches = calibration_batches(batches, model)
     totals: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    current: dict[str, Optional[torch.Tensor]] = {"keep": None}
 
     def track(name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            keep = current["keep"]
+
             def accumulate(grad: torch.Tensor) -> None:
-                flat = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float64)
+                grad = grad.detach()
+                flat = (grad[keep] if keep is not None else grad.reshape(-1, grad.shape[-1])).to(torch.float64)
                 totals[name] = totals.get(name, 0) + flat.pow(2).sum(0)
                 counts[name] = counts.get(name, 0) + flat.shape[0]
 
@@ -147,22 +160,23 @@ def output_sensitivity(model: nn.Module, modules: dict[str, nn.Linear], batches:
     handles = [module.register_forward_hook(track(name)) for name, module in modules.items()]
     device = next(model.parameters()).device
     requires = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
-    model.eval()
     try:
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        embeddings = model.get_input_embeddings()
-        for batch in batches:
-            ids = batch if batch.dim() == 2 else batch.unsqueeze(0)
-            ids = ids.to(device)
-            inputs = embeddings(ids).detach().requires_grad_(True)  # a graph without parameter gradients
-            loss = model(inputs_embeds=inputs, labels=ids, use_cache=False).loss
-            loss.backward()
+        with eval_mode(model):
+            for parameter in model.parameters():
+                parameter.requires_grad_(False)
+            embeddings = model.get_input_embeddings()
+            for batch in tqdm(batches, desc="loss sensitivity", disable=not progress, leave=False):
+                kwargs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+                ids, mask = kwargs.pop("input_ids"), kwargs.get("attention_mask")
+                current["keep"] = mask.bool() if mask is not None and not bool(mask.all()) else None
+                labels = ids if current["keep"] is None else ids.masked_fill(~current["keep"], -100)
+                inputs = embeddings(ids).detach().requires_grad_(True)  # a graph without parameter gradients
+                kwargs["use_cache"] = False
+                loss = model(inputs_embeds=inputs, labels=labels, **kwargs).loss
+                loss.backward()
     finally:
         for handle in handles:
             handle.remove()
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(requires[name])
-        model.train(was_training)
     return {name: totals[name] / counts[name] for name in totals}

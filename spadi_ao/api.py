@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -21,6 +22,7 @@ from spadi_ao.allocation import candidate_sizes, output_sensitivity, solve_knaps
 from spadi_ao.budget import dictionary_budget, low_rank_budget
 from spadi_ao.calibration import CALIBRATION_ATTR, GramCollector, attach_collector, run_calibration
 from spadi_ao.configs import DictionaryConfig, LowRankConfig
+from spadi_ao.inputs import calibration_batches, eval_mode
 from spadi_ao.grouping import group_layers, relink_shared, split_bytes, storage_key
 from spadi_ao.layer import LayerReport, compress_group, compress_weight, whiten_group
 from spadi_ao.offload import dense_weight, offload_hook
@@ -157,21 +159,57 @@ def _refuse_blockwise_only(targets: dict[str, nn.Linear], device: Optional[str |
         )
 
 
+def _nothing_selected(model: nn.Module) -> str:
+    """Why no Linear was selected; GPT-2 style models keep their projections in transformers' ``Conv1D``."""
+    conv1d = [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"]
+    if conv1d:
+        return (
+            f"this model keeps its projections in transformers' Conv1D ({len(conv1d)} layers, e.g. {conv1d[0]}), "
+            "which spadi-ao does not support yet: only nn.Linear layers can be compressed"
+        )
+    return "no nn.Linear matched: check filter_fn (it receives (module, fully_qualified_name))"
+
+
+def _check_overrides(targets: dict[str, nn.Linear], config: DictionaryConfig | LowRankConfig) -> None:
+    """A ``layer_overrides`` pattern that matches no selected Linear is a typo or meant for another model;
+    silently compressing with the default settings instead would be irreversible, so it raises."""
+    for pattern in config.layer_overrides:
+        if not any(re.search(pattern, name) for name in targets):
+            examples = ", ".join(list(targets)[:3])
+            raise ValueError(
+                f"layer_overrides pattern {pattern!r} matches none of the {len(targets)} selected Linears (e.g. {examples}); "
+                "fix the pattern (re.search on the module name) or remove it"
+            )
+
+
+def _finish(model: nn.Module, config: DictionaryConfig | LowRankConfig, report: CompressionReport) -> None:
+    """What a compressed model shows and saves: each Linear describes its weight (as torchao's do), and a
+    transformers model gets its quantizer, so ``model.save_pretrained`` works without another call."""
+    from spadi_ao.integrations.transformers import attach_quantizer, compression_record
+    from spadi_ao.tensor_ops import describe_linears
+
+    describe_linears(model)
+    if _is_pretrained(model):
+        attach_quantizer(model, compression=compression_record(config, report))
+
+
+def _is_pretrained(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
 def _collect(model: nn.Module, targets: dict[str, nn.Linear], calibration: Any, progress: bool) -> Optional[GramCollector]:
     prepared = getattr(model, CALIBRATION_ATTR, None)
     if isinstance(calibration, GramCollector):
         return calibration
     if calibration is None:
         return prepared
-    if isinstance(calibration, (torch.Tensor, dict)):
-        calibration = [calibration]
-    collector = GramCollector(targets)
+    collector = GramCollector(targets, model=model)
     try:
-        count = run_calibration(model, calibration, progress=progress)
+        run_calibration(model, calibration, progress=progress)
     finally:
         collector.remove()
-    if count == 0:
-        raise ValueError("calibration is empty: pass at least one batch of input ids (or None for data-free fitting)")
     return collector
 
 
@@ -213,7 +251,7 @@ def _allocate(
 
 
 def _sensitivity(
-    model: nn.Module, targets: dict[str, nn.Linear], calibration: Any, given: Optional[dict[str, torch.Tensor]]
+    model: nn.Module, targets: dict[str, nn.Linear], calibration: Any, given: Optional[dict[str, torch.Tensor]], progress: bool = False
 ) -> dict[str, torch.Tensor]:
     if given is not None:
         missing = sorted(set(targets) - set(given))
@@ -225,7 +263,7 @@ def _sensitivity(
             "allocation='knapsack' weighs errors by each output's loss sensitivity: pass calibration batches, or "
             "sensitivity=spadi_ao.allocation.output_sensitivity(model, modules, batches) with a prepared collector"
         )
-    return output_sensitivity(model, targets, calibration)
+    return output_sensitivity(model, targets, calibration, progress=progress)
 
 
 def sparsify_dictionary_(
@@ -243,10 +281,13 @@ def sparsify_dictionary_(
 ) -> CompressionReport:
     """Compress the model's Linears in place; each weight becomes a Dictionary/LowRank tensor.
 
-    ``calibration``: an iterable of input-id tensors (or dicts of model kwargs), a prepared
-    :class:`GramCollector`, or None to use the one left by :func:`prepare_calibration` (if none was
-    prepared, layers are fitted in weight space). Validation runs before any weight changes, and the
-    new weights are swapped in only after every layer succeeded.
+    ``calibration``: token ids ((seq,) or (batch, seq) tensors), a tokenizer's output (any mapping of model
+    kwargs with ``input_ids``; its ``attention_mask`` zeros are padding, left out of every statistic), a list
+    of these, a prepared :class:`GramCollector`, or None to use the one left by :func:`prepare_calibration`
+    (if none was prepared, layers are fitted in weight space). Calibration runs in eval mode. Validation,
+    of the calibration too (see ``spadi_ao.inputs``), runs before any weight changes, and the new weights are
+    swapped in only after every layer succeeded. A ``transformers`` model gets its quantizer attached at the
+    end (``spadi_ao.attach_quantizer``), so ``model.save_pretrained(path)`` works at once.
 
     ``sequential=True`` walks the decoder one block at a time (see ``spadi_ao.sequential``): only one
     block's Grams exist at once, each block's dense weights are released as it finishes (a failure
@@ -273,20 +314,24 @@ def sparsify_dictionary_(
     start = time.perf_counter()
     targets = select_linears(model, filter_fn)
     if not targets:
-        raise ValueError("no nn.Linear matched: check filter_fn (it receives (module, fully_qualified_name))")
+        raise ValueError(_nothing_selected(model))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     blockwise = sequential or checkpoint_dir is not None or distributed
     if not blockwise:
         _refuse_blockwise_only(targets, device)
     _validate(targets, config)
+    _check_overrides(targets, config)
+    if calibration is not None and not isinstance(calibration, GramCollector):
+        calibration = calibration_batches(calibration, model)
     units = _units(targets, config)
     if blockwise:
         if config.allocation != "uniform" or len(units) != len(targets):
             raise ValueError("allocation='knapsack' and grouping need the whole model at once; use sequential=False")
-        return _sparsify_sequential(model, config, targets, calibration, propagate, checkpoint_dir, device, progress, start)
+        report = _sparsify_sequential(model, config, targets, calibration, propagate, checkpoint_dir, device, progress, start)
+        _finish(model, config, report)
+        return report
     if config.allocation == "knapsack" and sensitivity is None and calibration is not None and not isinstance(calibration, GramCollector):
-        calibration = [calibration] if isinstance(calibration, (torch.Tensor, dict)) else list(calibration)
-        sensitivity = _sensitivity(model, targets, calibration, None)
+        sensitivity = _sensitivity(model, targets, calibration, None, progress)
     collector = _collect(model, targets, calibration, progress)
     if collector is None:
         logger.warning("no calibration given: fitting weights in plain Frobenius norm (data-free)")
@@ -300,7 +345,7 @@ def sparsify_dictionary_(
         with torch.no_grad():
             ratios = None
             if config.allocation == "knapsack":
-                ratios = _allocate(units, targets, config, collector, _sensitivity(model, targets, calibration, sensitivity), progress)
+                ratios = _allocate(units, targets, config, collector, _sensitivity(model, targets, calibration, sensitivity, progress), progress)
             for label, unit in tqdm(units.items(), desc=f"compressing ({method})", disable=not progress):
                 unit_config = config.for_layer(unit[0])
                 if ratios is not None:
@@ -324,6 +369,7 @@ def sparsify_dictionary_(
         targets[name].weight = nn.Parameter(tensor, requires_grad=False)
     relink_shared(targets[name].weight for name in new_weights)
     report.seconds = time.perf_counter() - start
+    _finish(model, config, report)
     return report
 
 
@@ -344,15 +390,15 @@ def _sparsify_sequential(
 
     if calibration is None or isinstance(calibration, GramCollector):
         raise ValueError("sequential / distributed / checkpointed compression needs calibration batches, not a prepared collector")
-    if isinstance(calibration, (torch.Tensor, dict)):
-        calibration = [calibration]
+    if any(isinstance(batch, dict) and batch.get("attention_mask") is not None and not bool(batch["attention_mask"].all()) for batch in calibration):
+        raise ValueError("sequential=True does not leave padding out of the Grams yet: pass unpadded sequences (no 0 in attention_mask)")
 
     def solve(name: str, weight: torch.Tensor, collector: GramCollector) -> tuple[torch.Tensor, LayerReport]:
         layer_config = config.for_layer(name)
         shrinkage = _resolve_shrinkage(layer_config.gram_shrinkage, collector, name)
         return compress_weight(name, weight, collector.take(name), layer_config, collector.tokens(name), shrinkage, overwrite_gram=True)
 
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         layers, gram_bytes = run_sequential(
             model, config, targets, calibration, solve, propagate=propagate, checkpoint_dir=checkpoint_dir, device=device, progress=progress
         )

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from spadi_ao.inputs import calibration_batches, eval_mode
 from spadi_ao.solvers.shrinkage import SequenceMoments, diagonal_shrinkage_intensity
 from spadi_ao.solvers.whitening import BLOCK_ROWS
 
@@ -34,8 +35,9 @@ class GramCollector:
     GEMM speed.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], exact: bool = False) -> None:
+    def __init__(self, modules: dict[str, nn.Linear], exact: bool = False, model: Optional[nn.Module] = None) -> None:
         self.exact = exact
+        self._mask: Optional[torch.Tensor] = None
         self._grams: dict[str, torch.Tensor] = {}
         self._parked: dict[str, Path] = {}
         self._tokens: dict[str, int] = {}
@@ -45,8 +47,21 @@ class GramCollector:
         self._handles = [
             module.register_forward_pre_hook(self._make_hook(name)) for name, module in modules.items()
         ]
+        if model is not None:
+            self._handles += [
+                model.register_forward_pre_hook(self._take_mask, with_kwargs=True),
+                model.register_forward_hook(self._drop_mask),
+            ]
         self.module_names = list(modules)
         self._released: set[str] = set()
+
+    def _take_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The forward's ``attention_mask`` (batch, seq): its zeros are padding, left out of every statistic."""
+        mask = kwargs.get("attention_mask")
+        self._mask = mask.detach().bool() if torch.is_tensor(mask) and mask.dim() == 2 and not bool(mask.all()) else None
+
+    def _drop_mask(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._mask = None
 
     def _make_hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -67,11 +82,25 @@ class GramCollector:
     def _observe(self, name: str, x: torch.Tensor) -> None:
         if self._owner_of(name, x) != name:
             return
-        sequences = x.detach().reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.detach().unsqueeze(0)
         dtype = torch.float64 if self.exact else torch.float32
-        for sequence in sequences.to(dtype):
-            self._add_sequence(name, sequence)
-        self._tokens[name] = self._tokens.get(name, 0) + sequences.shape[0] * sequences.shape[1]
+        sequences = self._sequences(name, x.detach())
+        for sequence in sequences:
+            if sequence.shape[0]:
+                self._add_sequence(name, sequence.to(dtype))
+        self._tokens[name] = self._tokens.get(name, 0) + sum(sequence.shape[0] for sequence in sequences)
+
+    def _sequences(self, name: str, x: torch.Tensor) -> list[torch.Tensor]:
+        """``x``'s sequences (tokens, width), each without its padded positions."""
+        sequences = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.unsqueeze(0)
+        if self._mask is None:
+            return list(sequences)
+        if tuple(x.shape[:-1]) != tuple(self._mask.shape):
+            raise ValueError(
+                f"{name} reads an input of shape {tuple(x.shape)} whose tokens the attention_mask {tuple(self._mask.shape)} "
+                "cannot select; calibrate this model on unpadded sequences"
+            )
+        mask = self._mask.to(x.device)
+        return [sequence[keep] for sequence, keep in zip(sequences, mask)]
 
     def _add_sequence(self, name: str, sequence: torch.Tensor) -> None:
         """One sequence's ``X^T X`` into the float64 sum and its moments, a block of rows at a time: no
@@ -191,28 +220,28 @@ class GramCollector:
 
 
 def attach_collector(model: nn.Module, modules: dict[str, nn.Linear], exact: bool = False) -> GramCollector:
-    """Attach a collector to ``model`` (the prepare step); ``sparsify_dictionary_`` converts with it."""
+    """Attach a collector to ``model`` (the prepare step); ``sparsify_dictionary_`` converts with it.
+
+    Forward passes given ``attention_mask=`` as a keyword leave its padded positions out of the Grams."""
     existing = getattr(model, CALIBRATION_ATTR, None)
     if existing is not None:
         existing.remove()
-    collector = GramCollector(modules, exact=exact)
+    collector = GramCollector(modules, exact=exact, model=model)
     setattr(model, CALIBRATION_ATTR, collector)
     return collector
 
 
 def run_calibration(model: nn.Module, batches: Iterable[Any], progress: bool = True) -> int:
-    """Forward every batch (input-id tensors or dicts of model kwargs); returns the batch count."""
+    """Forward every batch (see ``spadi_ao.inputs.calibration_batches``) in eval mode; returns the batch count."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     count = 0
-    with torch.inference_mode():
-        for batch in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
+    with torch.inference_mode(), eval_mode(model):
+        for batch in tqdm(calibration_batches(batches, model), desc="calibrating", disable=not progress, leave=False):
             if isinstance(batch, dict):
                 model(**{key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()})
-            elif torch.is_tensor(batch):
-                model(batch.to(device) if batch.dim() == 2 else batch.unsqueeze(0).to(device))
             else:
-                raise TypeError(f"calibration batches must be tensors of input ids or dicts of model kwargs, got {type(batch).__name__}")
+                model(batch.to(device))
             count += 1
     return count

@@ -2,6 +2,9 @@
 
 ``spadi-ao compress`` with no arguments is the main job: the embedded SmolLM2-135M-Instruct at CR 0.3,
 calibrated on the offline stdlib corpus, perplexity printed before and after, result saved.
+
+Heavy modules (torch, transformers, the library itself) are imported by the subcommand that needs them, so
+``spadi-ao --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -9,17 +12,16 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Optional, Sequence
-
-import torch
+from typing import Any, Optional, Sequence
 
 __all__ = ["main", "build_parser"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("bfloat16", "float16", "float32")
 _SAFETENSORS_ITEM_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -51,68 +53,71 @@ def _shrinkage(text: str) -> float | str:
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser, default_windows: Optional[int]) -> None:
-    parser.add_argument("--eval-text", default=None, help="evaluation text: 'stdlib' (held-out part, default), a file/dir, 'wikitext2-test', 'hf:NAME[:CONFIG[:SPLIT]]'")
-    parser.add_argument("--eval-windows", type=_positive, default=default_windows, help="evaluate the first N windows only (default: %(default)s; all when omitted)")
+    parser.add_argument("--eval-text", default=None, help="evaluation text: 'stdlib' (held-out part; used when omitted), a file/dir, 'wikitext2-test', 'hf:NAME[:CONFIG[:SPLIT]]'")
+    parser.add_argument("--eval-windows", type=_positive, default=default_windows, help="evaluate the first N windows only (None: all)")
     parser.add_argument("--seq-len", type=_positive, default=512, help="tokens per calibration sample and evaluation window")
-    parser.add_argument("--batch-size", type=_positive, default=4)
+    parser.add_argument("--batch-size", type=_positive, default=4, help="evaluation windows per forward pass")
     parser.add_argument("--word-level", action="store_true", help="also report lm-eval's word perplexity")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spadi-ao", description="Sparse dictionary (CoSpaDi) compression of causal LMs.")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="spadi-ao", description="Sparse dictionary (CoSpaDi) compression of causal LMs.", formatter_class=formatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    compress = commands.add_parser("compress", help="compress a model and save it with a JSON report")
-    compress.add_argument("--model", default=None, help="embedded default (SmolLM2-135M-Instruct), a .gguf file, a local HF folder or a hub id")
-    compress.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    compress.add_argument("--method", choices=["cospadi", "svd-llm"], default="cospadi")
+    compress = commands.add_parser("compress", help="compress a model and save it with a JSON report", formatter_class=formatter)
+    compress.add_argument("--model", default=None, help="embedded default (SmolLM2-135M-Instruct; used when omitted), a .gguf file, a local HF folder or a hub id")
+    compress.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the model is loaded and compressed in")
+    compress.add_argument("--method", choices=["cospadi", "svd-llm"], default="cospadi", help="sparse dictionaries (CoSpaDi) or the low-rank SVD-LLM baseline")
     compress.add_argument("--ratio", type=_ratio, default=0.3, help="compression ratio in (0, 1): fraction of Linear bytes removed")
     compress.add_argument("--calibration", nargs="+", default=None, metavar="SOURCE",
                           help="calibration text(s): 'stdlib' (default, calibration part), a file/dir, 'wikitext2-valid', 'hf:...'; "
                                "several sources are blended by --calibration-weights")
     compress.add_argument("--calibration-weights", type=float, nargs="+", default=None, metavar="W",
-                          help="share of the calibration sequences per --calibration source (default: equal)")
+                          help="share of the calibration sequences per --calibration source (None: equal)")
     compress.add_argument("--n-samples", type=_positive, default=32, help="calibration sequences (in all, across sources)")
-    compress.add_argument("--gram-shrinkage", type=_shrinkage, default="auto", help="float in [0, 1] or 'auto' (default): shrink Grams toward their diagonal")
+    compress.add_argument("--gram-shrinkage", type=_shrinkage, default="auto", help="float in [0, 1] or 'auto': shrink Grams toward their diagonal")
     compress.add_argument("--rho", type=float, default=2.0, help="atoms per non-zero, k/s (cospadi)")
     compress.add_argument("--iterations", type=int, default=0, help="K-SVD iterations after the SVD-initialised coding (paper: 60)")
-    compress.add_argument("--power-iterations", type=_positive, default=8)
+    compress.add_argument("--power-iterations", type=_positive, default=8, help="power iterations of each atom update (K-SVD)")
     compress.add_argument("--atoms-per-step", type=_positive, default=8, help="OMP atoms per step (1 = exact OMP)")
-    compress.add_argument("--init", choices=["svd", "random-columns"], default="svd")
-    compress.add_argument("--solver", choices=["ksvd", "fast"], default="fast", help="cospadi: the fast closed-form refits (default) or K-SVD (the paper's)")
+    compress.add_argument("--init", choices=["svd", "random-columns"], default="svd", help="initial dictionary: leading singular vectors or random columns (the paper's)")
+    compress.add_argument("--solver", choices=["ksvd", "fast"], default="fast", help="cospadi: the fast closed-form refits or K-SVD (the paper's)")
     compress.add_argument("--allocation", choices=["uniform", "knapsack"], default=None,
-                          help="per-layer ratios: a knapsack over the whole-model budget (cospadi default) or uniform (svd-llm and --sequential default)")
+                          help="per-layer ratios: a knapsack over the whole-model budget or uniform (None: knapsack for cospadi, uniform for svd-llm and --sequential)")
     compress.add_argument("--grouping", choices=["inputs", "paper", "none"], default=None,
-                          help="cospadi: layers sharing one dictionary: 'inputs' (default; q/k/v and gate/up of a block), 'paper', 'none' (--sequential default)")
-    compress.add_argument("--damping", type=float, default=1e-2)
-    compress.add_argument("--seed", type=int, default=42)
+                          help="cospadi: layers sharing one dictionary: 'inputs' (q/k/v and gate/up of a block), 'paper', 'none' (None: inputs, or none with --sequential)")
+    compress.add_argument("--damping", type=float, default=1e-2, help="ridge added to each Gram, relative to its mean diagonal")
+    compress.add_argument("--seed", type=int, default=42, help="seed of the calibration sampling and the solvers")
     compress.add_argument("--sequential", action="store_true", help="one decoder block at a time (bounded memory; also under torchrun)")
     compress.add_argument("--propagate", choices=["dense", "compressed"], default="compressed", help="activations later blocks calibrate on (sequential; compressed measured better)")
     compress.add_argument("--device", default=None,
                           help="sequential: solve each block on this device (e.g. cuda), the model staying where it loaded")
     compress.add_argument("--checkpoint-dir", default=None, help="resumable: finished layers are saved here and skipped on restart")
-    compress.add_argument("--output", default=None, help="output directory (default: runs/<model>-<method>-cr<ratio>-<time>)")
+    compress.add_argument("--output", default=None, help="output directory (None: runs/<model>-<method>-cr<ratio>-<time>)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     compress.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
     _add_eval_arguments(compress, default_windows=16)
 
-    evaluate = commands.add_parser("eval", help="perplexity of a dense or compressed model")
-    evaluate.add_argument("model", nargs="?", default=None, help="a spadi-ao output dir, or any --model source of 'compress'")
-    evaluate.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    evaluate = commands.add_parser("eval", help="perplexity of a dense or compressed model", formatter_class=formatter)
+    evaluate.add_argument("model", nargs="?", default=None, help="a spadi-ao output dir, a save_pretrained folder, or any --model source of 'compress' (None: the embedded default)")
+    evaluate.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype a dense model is loaded in")
     _add_eval_arguments(evaluate, default_windows=None)
 
-    info = commands.add_parser("info", help="what a saved compressed model holds")
-    info.add_argument("path")
+    info = commands.add_parser("info", help="what a saved compressed model holds and how it was compressed", formatter_class=formatter)
+    info.add_argument("path", help="a spadi-ao compress output dir or a model.save_pretrained folder")
     return parser
 
 
-def _load_any(source: Optional[str], dtype: torch.dtype):
+def _load_any(source: Optional[str], dtype: str):
+    import torch
+
     from spadi_ao.pipeline.models import load_model
     from spadi_ao.serialization import WEIGHTS_NAME, load_compressed
 
     if source is not None and (Path(source) / WEIGHTS_NAME).is_file():
         return load_compressed(source)
-    return load_model(source, dtype=dtype)
+    return load_model(source, dtype=getattr(torch, dtype))
 
 
 @functools.lru_cache(maxsize=1)
@@ -133,7 +138,7 @@ def _text(source: Optional[str], part: int) -> str:
     return load_text(source)
 
 
-def _calibration_batches(args: argparse.Namespace, tokenizer) -> list[torch.Tensor]:
+def _calibration_batches(args: argparse.Namespace, tokenizer) -> list:
     """``--n-samples`` windows, shared among the ``--calibration`` sources by ``--calibration-weights``."""
     from spadi_ao.pipeline.data import mix_calibration
 
@@ -182,6 +187,8 @@ def _default_output(args: argparse.Namespace) -> Path:
 
 
 def _rank() -> int:
+    import torch
+
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
@@ -189,12 +196,15 @@ def _init_distributed() -> None:
     """Under ``torchrun`` (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL on GPUs."""
     import os
 
+    import torch
+
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _compress(args: argparse.Namespace) -> int:
     from spadi_ao import sparsify_dictionary_
+    from spadi_ao.integrations.transformers import compression_record
     from spadi_ao.pipeline.models import model_context_length
     from spadi_ao.serialization import save_compressed
 
@@ -206,7 +216,7 @@ def _compress(args: argparse.Namespace) -> int:
         raise CLIError("--device moves one decoder block at a time to it: it needs --sequential")
     _init_distributed()
     start = time.perf_counter()
-    model, tokenizer = _load_any(args.model, DTYPES[args.dtype])
+    model, tokenizer = _load_any(args.model, args.dtype)
     print(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) in {time.perf_counter() - start:.0f}s", flush=True)
     if args.seq_len > model_context_length(model):
         raise CLIError(f"--seq-len {args.seq_len} exceeds the model's context length {model_context_length(model)}")
@@ -223,6 +233,7 @@ def _compress(args: argparse.Namespace) -> int:
     print(f"compressed {len(report.layers)} Linears with {report.method}: ratio {report.compression_ratio:.4f} "
           f"({report.dense_bytes / 2**20:.1f} MiB -> {report.stored_bytes / 2**20:.1f} MiB) in {report.seconds:.0f}s", flush=True)
     results["compression"] = report.to_dict()
+    results["settings"] = compression_record(config, report)
     if not lead:
         return 0
     if not args.no_eval:
@@ -235,7 +246,7 @@ def _compress(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from spadi_ao.pipeline.models import model_context_length
 
-    model, tokenizer = _load_any(args.model, DTYPES[args.dtype])
+    model, tokenizer = _load_any(args.model, args.dtype)
     if tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer saved beside it")
     if args.seq_len > model_context_length(model):
@@ -245,32 +256,83 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info(args: argparse.Namespace) -> int:
-    from spadi_ao.serialization import REPORT_NAME, read_manifest
+def _int8_parts(layers: dict[str, Any]) -> dict[str, int]:
+    """How many weights keep their dictionary / values as int8 (the manifest's inner dtypes)."""
+    counts = {"dictionary": 0, "values": 0}
+    for entry in layers.values():
+        for name, spec in entry.get("tensors", {}).items():
+            part = name.partition(".")[0]
+            if part in counts and isinstance(spec, dict) and spec.get("dtype") == "int8" and not name.endswith("scale"):
+                counts[part] += 1
+    return counts
 
-    manifest, shapes = read_manifest(args.path)
-    stored = sum(torch.Size(shape).numel() * _SAFETENSORS_ITEM_BYTES[dtype] for shape, dtype in shapes.values())
+
+def _pretrained_manifest(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, tuple[list[int], str]]]:
+    """A ``save_pretrained`` folder's per-weight layouts and compression record (config.json) and stored shapes."""
+    from safetensors import safe_open
+
+    from spadi_ao.serialization import CheckpointError
+
+    config = json.loads((path / "config.json").read_text())
+    quantization = config.get("quantization_config") or {}
+    if quantization.get("quant_method") != "spadi_ao":
+        raise CheckpointError(f"{path} holds no spadi-ao compressed model: config.json has no spadi_ao quantization_config")
+    shapes: dict[str, tuple[list[int], str]] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            shapes.update({key: (list(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype()) for key in handle.keys()})
+    return quantization.get("layers", {}), quantization.get("compression", {}), shapes
+
+
+def _show_settings(settings: dict[str, Any], calibration: Optional[str]) -> None:
+    config = settings.get("config", {})
+    print(f"  method {settings.get('method')} ({settings.get('config_type')}), target ratio {settings.get('target_ratio')}, "
+          f"achieved {settings.get('compression_ratio')}")
+    for key in ("solver", "allocation", "grouping", "gram_shrinkage", "rho", "iterations", "atoms_per_step", "init", "damping"):
+        if key in config:
+            print(f"  {key}: {config[key]}")
+    print(f"  calibration: {settings.get('calibration_tokens', 0)} tokens{f' of {calibration}' if calibration else ''}")
+
+
+def _info(args: argparse.Namespace) -> int:
+    from spadi_ao.serialization import REPORT_NAME, WEIGHTS_NAME, read_manifest
+
+    path = Path(args.path)
+    report_file = path / REPORT_NAME
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    if (path / WEIGHTS_NAME).is_file() or not (path / "config.json").is_file():
+        manifest, shapes = read_manifest(path)
+        layers, settings = manifest["subclasses"], report.get("settings", {})
+    else:
+        layers, settings, shapes = _pretrained_manifest(path)
+    stored = sum(math.prod(shape) * _SAFETENSORS_ITEM_BYTES[dtype] for shape, dtype in shapes.values())
     kinds: dict[str, int] = {}
-    for entry in manifest["subclasses"].values():
+    for entry in layers.values():
         kinds[entry["type"]] = kinds.get(entry["type"], 0) + 1
     print(f"{args.path}: {len(shapes)} stored tensors, {stored / 2**20:.2f} MiB on disk")
     for kind, count in sorted(kinds.items()):
         print(f"  {count} Linear weights as {kind}")
-    report_file = Path(args.path) / REPORT_NAME
-    if report_file.is_file():
-        report = json.loads(report_file.read_text())
-        compression = report.get("compression", {})
-        if compression:
-            print(f"  method {compression['method']}, target ratio {compression['target_ratio']}, achieved {compression['compression_ratio']:.4f}")
-        for key in ("dense_perplexity", "compressed_perplexity"):
-            if key in report:
-                print(f"  {key.replace('_', ' ')}: {report[key]['ppl']:.3f} ({report[key]['n_tokens']} tokens)")
+    int8 = _int8_parts(layers)
+    print(f"  int8 parts: dictionary in {int8['dictionary']} weights, values in {int8['values']} weights")
+    if settings:
+        cli = report.get("config", {})
+        calibration = f"{' + '.join(cli.get('calibration') or ['stdlib'])} ({cli.get('n_samples')} x {cli.get('seq_len')})" if cli else None
+        _show_settings(settings, calibration)
+    elif report.get("compression"):
+        compression = report["compression"]
+        print(f"  method {compression['method']}, target ratio {compression['target_ratio']}, achieved {compression['compression_ratio']:.4f}")
+    for key in ("dense_perplexity", "compressed_perplexity"):
+        if key in report:
+            print(f"  {key.replace('_', ' ')}: {report[key]['ppl']:.3f} ({report[key]['n_tokens']} tokens)")
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"compress": _compress, "eval": _eval, "info": _info}
+    import spadi_ao
+
+    spadi_ao.import_all()  # registers the "spadi_ao" transformers quantizer: eval reads save_pretrained folders
     from spadi_ao.pipeline import PipelineError
     from spadi_ao.serialization import CheckpointError
 

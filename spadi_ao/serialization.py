@@ -289,6 +289,10 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> tup
             module.register_buffer(attribute, value)
     relink_shared(parameters.values())  # a group's members share one dictionary object again
     model.eval()
+    if manifest["subclasses"]:  # save_pretrained, print(model) and get_memory_footprint as after compressing
+        from spadi_ao.integrations.transformers import attach_quantizer
+
+        attach_quantizer(model)
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)

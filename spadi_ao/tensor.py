@@ -37,6 +37,13 @@ def _nbytes(tensor: Optional[torch.Tensor]) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def _part_name(tensor: torch.Tensor) -> str:
+    """``bfloat16`` for a plain part, the class name for a torchao-quantised one."""
+    if type(tensor) is not torch.Tensor and is_traceable_wrapper_subclass(tensor) and not is_compressed_weight(tensor):
+        return type(tensor).__name__
+    return str(tensor.dtype).removeprefix("torch.")
+
+
 def _dense_dictionary(dictionary: torch.Tensor, dictionary_scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     if is_traceable_wrapper_subclass(dictionary):  # a torchao-quantised dictionary dequantises itself
         return dictionary.dequantize().to(dtype)
@@ -111,6 +118,18 @@ class DictionaryTensor(TorchAOBaseTensor):
     def stored_bytes(self) -> int:
         return sum(_nbytes(getattr(self, n)) for n in self.tensor_data_names + self.optional_tensor_data_names)
 
+    def _quantization_type(self) -> str:
+        """What ``repr`` and a Linear's ``extra_repr`` show, as torchao's tensors do: no inner tensor data."""
+        values = f"{_part_name(self.values)}{'+scale' if self.value_scale is not None else ''}"
+        dictionary = f"{_part_name(self.dictionary)}{'+scale' if self.dictionary_scale is not None else ''}"
+        return (
+            f"shape={tuple(self.shape)}, k={self.num_atoms}, s={self.nonzeros_per_row}, dtype={_part_name(self)}, "
+            f"dictionary={dictionary}, values={values}, stored_bytes={self.stored_bytes()}"
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._quantization_type()})"
+
 
 class LowRankTensor(TorchAOBaseTensor):
     """``W ~= up @ down``: the SVD-LLM baseline, ``down`` (rank, in) and ``up`` (out, rank)."""
@@ -136,6 +155,12 @@ class LowRankTensor(TorchAOBaseTensor):
 
     def stored_bytes(self) -> int:
         return _nbytes(self.down) + _nbytes(self.up)
+
+    def _quantization_type(self) -> str:
+        return f"shape={tuple(self.shape)}, rank={self.rank}, dtype={_part_name(self)}, stored_bytes={self.stored_bytes()}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._quantization_type()})"
 
 
 def _linear_args(args: tuple, kwargs: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -237,3 +262,5 @@ def stored_bytes(tensor: torch.Tensor) -> int:
 torch.serialization.add_safe_globals(
     [DictionaryTensor, LowRankTensor, Int8Tensor, IntxUnpackedToInt8Tensor, QuantizeTensorToInt8Kwargs]
 )
+
+from spadi_ao import tensor_ops as _tensor_ops  # noqa: E402,F401  (dtype casts, slices, copies: registered on the classes above)

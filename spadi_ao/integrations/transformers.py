@@ -8,12 +8,19 @@ as ``<weight>.<inner>`` safetensors keys; ``from_pretrained`` checks the checkpo
 ``config.json`` before reading any data, then rebuilds each weight from its inner tensors on the model that
 transformers builds on the meta device, so nothing is ever materialised dense.
 
-Saving a model compressed in this process needs :func:`attach_quantizer` first (a loaded one already has it).
+``sparsify_dictionary_`` attaches the quantizer to a ``PreTrainedModel`` it compressed (:func:`attach_quantizer`),
+so ``model.save_pretrained`` works at once; a loaded model has it from ``from_pretrained``.
+
+Each compressed weight's own key holds a one-byte ``uint8`` marker of shape (1,), never a dense weight: read by
+transformers without ``import spadi_ao`` (the quantization method unknown), the checkpoint's shapes do not match
+the model's and ``from_pretrained`` raises, instead of returning a model on randomly initialised weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import types
 from typing import Any, Optional
 
 import torch
@@ -23,26 +30,29 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from spadi_ao.serialization import (
-    FORMAT_VERSION,
-    CheckpointError,
-    check_stored_shapes,
-    flatten_state_dict,
-    unflatten_tensor,
-)
+from spadi_ao.serialization import FORMAT_VERSION, CheckpointError, check_stored_shapes, flatten_state_dict, unflatten_tensor
+from spadi_ao.grouping import storage_key
 from spadi_ao.tensor import is_compressed_weight
+from spadi_ao.tensor_ops import describe_linears, inner_tensors
 
-__all__ = ["QUANT_METHOD", "SpadiAoConfig", "SpadiAoHfQuantizer", "attach_quantizer"]
+__all__ = ["QUANT_METHOD", "SpadiAoConfig", "SpadiAoHfQuantizer", "attach_quantizer", "compression_record"]
 
 QUANT_METHOD = "spadi_ao"
+MARKER_DTYPE = torch.uint8
+"""The marker stored under each compressed weight's own key (see the module docstring)."""
 
 
 class SpadiAoConfig(QuantizationConfigMixin):
     """The ``quantization_config`` of a compressed model: ``layers`` maps each compressed weight's state-dict
-    key to its layout; it is filled from the model when ``save_pretrained`` runs."""
+    key to its layout; it is filled from the model when ``save_pretrained`` runs. ``compression`` records how the
+    model was compressed (:func:`compression_record`), for ``spadi-ao info``."""
 
     def __init__(
-        self, layers: Optional[dict[str, dict[str, Any]]] = None, format_version: int = FORMAT_VERSION, quant_method: str = QUANT_METHOD
+        self,
+        layers: Optional[dict[str, dict[str, Any]]] = None,
+        format_version: int = FORMAT_VERSION,
+        quant_method: str = QUANT_METHOD,
+        compression: Optional[dict[str, Any]] = None,
     ):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"SpadiAoConfig needs quant_method={QUANT_METHOD!r}, got {quant_method!r}")
@@ -51,11 +61,40 @@ class SpadiAoConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.layers = dict(layers or {})
+        self.compression = dict(compression or {})
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    return repr(value)  # e.g. a torchao config for the dictionary
+
+
+def compression_record(config: Any, report: Any) -> dict[str, Any]:
+    """How a model was compressed: the method, every config field, the ratios and the calibration tokens."""
+    return {
+        "method": report.method,
+        "config_type": type(config).__name__,
+        "config": _jsonable({field.name: getattr(config, field.name) for field in dataclasses.fields(config)}),
+        "target_ratio": report.target_ratio,
+        "compression_ratio": report.compression_ratio if report.layers else None,
+        "calibration_tokens": report.calibration_tokens,
+    }
 
 
 def _source_pattern(param: str, name: str) -> str:
     """transformers matches checkpoint keys with regexes; escaped, ``dictionary.scale`` cannot match ``dictionary_scale``."""
     return re.escape(f"{param}.{name}")
+
+
+def _marker_pattern(key: str) -> str:
+    """Matches the marker under ``key`` itself and no other weight of that name (a lookbehind on its module)."""
+    module_name, _, param = key.rpartition(".")
+    return f"(?<={re.escape(module_name + '.')}){re.escape(param)}$"
 
 
 def _compressed_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -99,6 +138,11 @@ class SpadiAoHfQuantizer(HfQuantizer):
     requires_calibration = True
     quantization_config: SpadiAoConfig
 
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """``from_pretrained(dtype=...)``: the stored floating-point parts are converted to it after loading."""
+        self.target_dtype = dtype
+        return dtype
+
     def _process_model_before_weight_loading(
         self, model: nn.Module, checkpoint_files: Optional[list[str]] = None, **kwargs
     ) -> nn.Module:
@@ -129,6 +173,7 @@ class SpadiAoHfQuantizer(HfQuantizer):
         for key, entry in self.quantization_config.layers.items():
             param = key.rpartition(".")[2]
             names.setdefault(param, set()).update(_source_pattern(param, name) for name in _owned(key, entry))
+            names[param].add(_marker_pattern(key))
         return {param: sorted(suffixes) for param, suffixes in names.items()}
 
     def get_load_operations(self) -> dict:
@@ -142,7 +187,9 @@ class SpadiAoHfQuantizer(HfQuantizer):
                     f"{key} was not loaded as a {entry['type']} (got {type(weight).__name__}); the checkpoint is incomplete"
                 )
             weight.requires_grad_(False)
+        _convert_dtype(model, self.quantization_config.layers, getattr(self, "target_dtype", None))
         _relink_shared(model, self.quantization_config.layers)
+        _show_stored(model)
         # save_pretrained re-flattens through get_state_dict_and_metadata; our loading step has no reverse to replay.
         conversions = getattr(model, "_weight_conversions", None)
         if conversions is not None:
@@ -159,6 +206,7 @@ class SpadiAoHfQuantizer(HfQuantizer):
         inner, manifest = flatten_state_dict(compressed)
         state = {key: value for key, value in model.state_dict().items() if key not in compressed}
         state.update(inner)
+        state.update({key: torch.zeros(1, dtype=MARKER_DTYPE) for key in compressed})
         self.quantization_config.layers = manifest["subclasses"]
         return state, {}
 
@@ -188,6 +236,38 @@ def _relink_shared(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
             setattr(weight, top, getattr(model.get_parameter(owner), top))
 
 
+def _convert_dtype(model: nn.Module, layers: dict[str, dict[str, Any]], dtype: Optional[torch.dtype]) -> None:
+    """Compressed weights in the dtype ``from_pretrained`` was given (before a group's dictionary is shared again)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        return
+    for key in layers:
+        module_name, _, attribute = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        weight = getattr(module, attribute)
+        if weight.dtype != dtype:
+            setattr(module, attribute, nn.Parameter(weight.to(dtype), requires_grad=False))
+
+
+def _stored_footprint(model: nn.Module, return_buffers: bool = True) -> int:
+    """``get_memory_footprint`` in bytes held: compressed weights by their stored parts, shared ones once."""
+    tensors = list(model.parameters()) + (list(model.buffers()) if return_buffers else [])
+    counted: set[tuple] = set()
+    total = 0
+    for tensor in tensors:
+        for leaf in inner_tensors(tensor.data if isinstance(tensor, nn.Parameter) else tensor):
+            key = storage_key(leaf)
+            if key not in counted:
+                counted.add(key)
+                total += leaf.numel() * leaf.element_size()
+    return total
+
+
+def _show_stored(model: nn.Module) -> None:
+    """``print(model)`` and ``model.get_memory_footprint()`` describe the weights as stored."""
+    describe_linears(model)
+    model.get_memory_footprint = types.MethodType(_stored_footprint, model)
+
+
 def _stored_shapes(checkpoint_files: list[str]) -> dict[str, list[int]]:
     from safetensors import safe_open
 
@@ -201,12 +281,18 @@ def _stored_shapes(checkpoint_files: list[str]) -> dict[str, list[int]]:
     return shapes
 
 
-def attach_quantizer(model: nn.Module) -> SpadiAoHfQuantizer:
+def attach_quantizer(model: nn.Module, compression: Optional[dict[str, Any]] = None) -> SpadiAoHfQuantizer:
     """Give a model compressed in this process what ``from_pretrained`` gives a loaded one, so that
-    ``model.save_pretrained(path)`` writes it and ``AutoModelForCausalLM.from_pretrained(path)`` reads it back."""
+    ``model.save_pretrained(path)`` writes it and ``AutoModelForCausalLM.from_pretrained(path)`` reads it back.
+
+    ``sparsify_dictionary_`` calls it on a ``PreTrainedModel``; call it yourself after changing the weights
+    otherwise. ``compression``: the :func:`compression_record` to keep in ``config.json`` (an earlier one stays)."""
     if not _compressed_weights(model):
         raise ValueError("the model has no compressed weights: run sparsify_dictionary_ before attach_quantizer")
-    quantizer = SpadiAoHfQuantizer(SpadiAoConfig(), pre_quantized=True)
+    previous = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    if compression is None and isinstance(previous, SpadiAoConfig):
+        compression = previous.compression
+    quantizer = SpadiAoHfQuantizer(SpadiAoConfig(compression=compression), pre_quantized=True)
     quantizer.get_state_dict_and_metadata(model)  # records the layout now, as a loaded model has it
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
