@@ -332,7 +332,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = {"compress": _compress, "eval": _eval, "info": _info}
     import spadi_ao
 
-    spadi_ao.import_all()  # registers the "spadi_ao" transformers quantizer: eval reads save_pretrained folders
+    spadi_ao.import_all()  # kernels and tensor types; the transformers quantizer follows transformers' import
     from spadi_ao.pipeline import PipelineError
     from spadi_ao.serialization import CheckpointError
 
