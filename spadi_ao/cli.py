@@ -7,6 +7,7 @@ calibrated on the offline stdlib corpus, perplexity printed before and after, re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -66,26 +67,29 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--model", default=None, help="embedded default (SmolLM2-135M-Instruct), a .gguf file, a local HF folder or a hub id")
     compress.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     compress.add_argument("--method", choices=["cospadi", "svd-llm"], default="cospadi")
-    compress.add_argument("--ratio", type=_ratio, default=0.3, help="compression ratio in (0, 1): fraction of Linear bytes removed")
+    defaults = _config_defaults()
+    compress.add_argument("--ratio", type=_ratio, default=defaults["compression_ratio"], help="compression ratio in (0, 1): fraction of Linear bytes removed (default: %(default)s)")
     compress.add_argument("--calibration", nargs="+", default=None, metavar="SOURCE",
                           help="calibration text(s): 'stdlib' (default, calibration part), a file/dir, 'wikitext2-valid', 'hf:...'; "
                                "several sources are blended by --calibration-weights")
     compress.add_argument("--calibration-weights", type=float, nargs="+", default=None, metavar="W",
                           help="share of the calibration sequences per --calibration source (default: equal)")
     compress.add_argument("--n-samples", type=_positive, default=32, help="calibration sequences (in all, across sources)")
-    compress.add_argument("--gram-shrinkage", type=_shrinkage, default="auto", help="float in [0, 1] or 'auto' (default): shrink Grams toward their diagonal")
-    compress.add_argument("--rho", type=float, default=2.0, help="atoms per non-zero, k/s (cospadi)")
-    compress.add_argument("--iterations", type=int, default=0, help="K-SVD iterations after the SVD-initialised coding (paper: 60)")
-    compress.add_argument("--power-iterations", type=_positive, default=8)
-    compress.add_argument("--atoms-per-step", type=_positive, default=8, help="OMP atoms per step (1 = exact OMP)")
-    compress.add_argument("--init", choices=["svd", "random-columns"], default="svd")
-    compress.add_argument("--solver", choices=["ksvd", "fast"], default="fast", help="cospadi: the fast closed-form refits (default) or K-SVD (the paper's)")
+    # Config fields default to None: the config's own defaults apply (DictionaryConfig() is the measured best).
+    compress.add_argument("--gram-shrinkage", type=_shrinkage, default=None, help=f"float in [0, 1] or 'auto': shrink Grams toward their diagonal (default: {defaults['gram_shrinkage']})")
+    compress.add_argument("--rho", type=float, default=None, help=f"cospadi: atoms per non-zero, k/s (default: {defaults['rho']})")
+    compress.add_argument("--solver", choices=["fast", "ksvd"], default=None, help=f"cospadi: the fast closed-form refits or K-SVD, the paper's (default: {defaults['solver']})")
+    compress.add_argument("--fast-steps", type=int, default=None, help=f"cospadi, fast solver: dictionary / code refits (default: {defaults['fast_steps']})")
+    compress.add_argument("--iterations", type=int, default=None, help=f"cospadi, K-SVD: iterations (default: {defaults['iterations']}, the paper's)")
+    compress.add_argument("--power-iterations", type=_positive, default=None, help=f"cospadi, K-SVD: power iterations per atom (default: {defaults['power_iterations']})")
+    compress.add_argument("--atoms-per-step", type=_positive, default=None, help=f"cospadi, K-SVD: OMP atoms per step, 1 = exact OMP (default: {defaults['atoms_per_step']})")
+    compress.add_argument("--init", choices=["svd", "random-columns"], default=None, help=f"cospadi, K-SVD: initial dictionary (default: {defaults['init']})")
     compress.add_argument("--allocation", choices=["uniform", "knapsack"], default=None,
-                          help="per-layer ratios: a knapsack over the whole-model budget (cospadi default) or uniform (svd-llm and --sequential default)")
+                          help=f"per-layer ratios: a knapsack over the whole-model budget or uniform (default: {defaults['allocation']} for cospadi, uniform for svd-llm)")
     compress.add_argument("--grouping", choices=["inputs", "paper", "none"], default=None,
-                          help="cospadi: layers sharing one dictionary: 'inputs' (default; q/k/v and gate/up of a block), 'paper', 'none' (--sequential default)")
-    compress.add_argument("--damping", type=float, default=1e-2)
-    compress.add_argument("--seed", type=int, default=42)
+                          help=f"cospadi: layers sharing one dictionary: 'inputs' (q/k/v and gate/up of a block), 'paper', 'none' (default: {defaults['grouping']})")
+    compress.add_argument("--damping", type=float, default=None, help=f"Gram ridge, relative to its mean diagonal (default: {defaults['damping']})")
+    compress.add_argument("--seed", type=int, default=defaults["seed"])
     compress.add_argument("--sequential", action="store_true", help="one decoder block at a time (bounded memory; also under torchrun)")
     compress.add_argument("--propagate", choices=["dense", "compressed"], default="compressed", help="activations later blocks calibrate on (sequential; compressed measured better)")
     compress.add_argument("--device", default=None,
@@ -156,23 +160,30 @@ def _perplexity(model, tokenizer, text: str, args: argparse.Namespace, label: st
     return result.to_dict()
 
 
+def _config_defaults() -> dict:
+    from spadi_ao import DictionaryConfig
+
+    return {field.name: getattr(DictionaryConfig(), field.name) for field in dataclasses.fields(DictionaryConfig)}
+
+
+_COMMON_FIELDS = ("gram_shrinkage", "allocation", "damping")
+_COSPADI_FIELDS = ("rho", "solver", "fast_steps", "iterations", "power_iterations", "atoms_per_step", "init", "grouping")
+
+
 def _config(args: argparse.Namespace):
+    """The config the flags give: only flags set on the command line override the config's own defaults."""
     from spadi_ao import DictionaryConfig, LowRankConfig
 
-    # The measured best (README, "Beyond the paper") for CoSpaDi; the plain baseline for SVD-LLM. Knapsack
-    # and grouping need the whole model at once, so --sequential defaults to neither.
-    whole_model = args.method == "cospadi" and not args.sequential
-    allocation = args.allocation or ("knapsack" if whole_model else "uniform")
-    grouping = args.grouping or ("inputs" if whole_model else "none")
-    common = dict(compression_ratio=args.ratio, damping=args.damping, seed=args.seed, gram_shrinkage=args.gram_shrinkage, allocation=allocation)
+    given = {name: getattr(args, name) for name in _COMMON_FIELDS + _COSPADI_FIELDS if getattr(args, name) is not None}
+    common = dict(compression_ratio=args.ratio, seed=args.seed)
     if args.method == "svd-llm":
-        if grouping != "none":
-            raise CLIError("--grouping applies to --method cospadi only")
-        return LowRankConfig(**common)
-    return DictionaryConfig(
-        rho=args.rho, iterations=args.iterations, power_iterations=args.power_iterations, atoms_per_step=args.atoms_per_step,
-        init=args.init, solver=args.solver, grouping=None if grouping == "none" else grouping, **common,
-    )
+        cospadi_only = [name for name in _COSPADI_FIELDS if name in given]
+        if cospadi_only:
+            raise CLIError(f"--{cospadi_only[0].replace('_', '-')} applies to --method cospadi only")
+        return LowRankConfig(**common, **given)
+    if given.get("grouping") == "none":
+        given["grouping"] = None
+    return DictionaryConfig(**common, **given)
 
 
 def _default_output(args: argparse.Namespace) -> Path:
@@ -212,7 +223,11 @@ def _compress(args: argparse.Namespace) -> int:
         raise CLIError(f"--seq-len {args.seq_len} exceeds the model's context length {model_context_length(model)}")
     eval_text = _text(args.eval_text, 1)
     batches = _calibration_batches(args, tokenizer)
-    results: dict = {"model": args.model or "default:SmolLM2-135M-Instruct", "config": vars(args) | {"output": str(output)}}
+    results: dict = {
+        "model": args.model or "default:SmolLM2-135M-Instruct",
+        "config": vars(args) | {"output": str(output)},
+        "compression_config": {field.name: getattr(config, field.name) for field in dataclasses.fields(config)},
+    }
     lead = _rank() == 0  # under torchrun every rank compresses; one evaluates and writes
     if not args.no_eval and lead:
         results["dense_perplexity"] = _perplexity(model, tokenizer, eval_text, args, "dense")

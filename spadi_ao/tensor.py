@@ -7,7 +7,8 @@ on them runs the factored product and never materialises the dense matrix.
 
 from __future__ import annotations
 
-from typing import Optional
+import hashlib
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,23 @@ def _nbytes(tensor: Optional[torch.Tensor]) -> int:
         names, _ = tensor.__tensor_flatten__()
         return sum(_nbytes(getattr(tensor, name)) for name in names)
     return tensor.numel() * tensor.element_size()
+
+
+def _cache_layout(tensor: Optional[torch.Tensor]) -> Any:
+    """What a compiled graph depends on: class, dtype, shape, strides, device and nesting, never values."""
+    if tensor is None:
+        return None
+    if is_traceable_wrapper_subclass(tensor):
+        names, attributes = tensor.__tensor_flatten__()
+        inner = tuple((name, _cache_layout(getattr(tensor, name))) for name in names)
+        return (type(tensor).__qualname__, tuple(tensor.shape), str(tensor.dtype), tensor.requires_grad, repr(attributes), inner)
+    return (str(tensor.dtype), tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), tensor.device.type, tensor.requires_grad)
+
+
+def _stable_hash_for_caching(self: torch.Tensor) -> str:
+    """PT2's AOT-autograd cache key for this weight (torch asks traceable subclasses for one): the same in
+    every process for the same layout, different when the layout (and so the traced graph) differs."""
+    return hashlib.blake2b(repr(_cache_layout(self)).encode(), digest_size=16).hexdigest()
 
 
 def _dense_dictionary(dictionary: torch.Tensor, dictionary_scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -111,6 +129,8 @@ class DictionaryTensor(TorchAOBaseTensor):
     def stored_bytes(self) -> int:
         return sum(_nbytes(getattr(self, n)) for n in self.tensor_data_names + self.optional_tensor_data_names)
 
+    _stable_hash_for_caching = _stable_hash_for_caching
+
 
 class LowRankTensor(TorchAOBaseTensor):
     """``W ~= up @ down``: the SVD-LLM baseline, ``down`` (rank, in) and ``up`` (out, rank)."""
@@ -136,6 +156,8 @@ class LowRankTensor(TorchAOBaseTensor):
 
     def stored_bytes(self) -> int:
         return _nbytes(self.down) + _nbytes(self.up)
+
+    _stable_hash_for_caching = _stable_hash_for_caching
 
 
 def _linear_args(args: tuple, kwargs: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
