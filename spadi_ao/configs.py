@@ -147,12 +147,13 @@ class DictionaryConfig(_BaseConfig):
 
     @classmethod
     def paper(cls, **overrides: Any) -> "DictionaryConfig":
-        """The CoSpaDi paper's setting: every layer on its own at ``compression_ratio``, K-SVD from random
-        whitened columns, 60 iterations of exact OMP and 8 power iterations per atom, seed 42.
-        ``overrides`` replace any field, e.g. ``DictionaryConfig.paper(compression_ratio=0.4)``."""
+        """The CoSpaDi paper's setting: every layer on its own at ``compression_ratio``, whitened by its plain
+        calibration Gram (no shrinkage), K-SVD from random whitened columns, 60 iterations of exact OMP and
+        8 power iterations per atom, seed 42. ``overrides`` replace any field, e.g.
+        ``DictionaryConfig.paper(compression_ratio=0.4)``."""
         fields = dict(
-            allocation="uniform", grouping=None, solver="ksvd", init="random-columns", iterations=60,
-            atoms_per_step=1, power_iterations=8, seed=42,
+            allocation="uniform", grouping=None, gram_shrinkage=0.0, solver="ksvd", init="random-columns",
+            iterations=60, atoms_per_step=1, power_iterations=8, seed=42,
         )
         return cls(**(fields | overrides))
 

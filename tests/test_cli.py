@@ -148,7 +148,7 @@ def test_cli_defaults_are_the_measured_best_for_cospadi_and_the_plain_baseline_o
     assert config("--sequential") == DictionaryConfig()
     baseline = config("--method", "svd-llm")
     assert baseline == LowRankConfig() and baseline.allocation == "uniform"
-    paper = config("--allocation", "uniform", "--grouping", "none", "--solver", "ksvd", "--init", "random-columns")
+    paper = config("--allocation", "uniform", "--grouping", "none", "--solver", "ksvd", "--init", "random-columns", "--gram-shrinkage", "0")
     assert paper == DictionaryConfig.paper()
     plain = config("--allocation", "uniform", "--grouping", "none", "--solver", "ksvd")
     assert (plain.allocation, plain.grouping, plain.solver) == ("uniform", None, "ksvd")

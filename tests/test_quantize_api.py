@@ -70,8 +70,8 @@ def test_default_is_the_measured_best_and_the_preset_is_the_paper():
     )
     assert LowRankConfig().allocation == "uniform"
     paper = DictionaryConfig(
-        allocation="uniform", grouping=None, solver="ksvd", init="random-columns", iterations=60, atoms_per_step=1,
-        power_iterations=8, seed=42,
+        allocation="uniform", grouping=None, gram_shrinkage=0.0, solver="ksvd", init="random-columns", iterations=60,
+        atoms_per_step=1, power_iterations=8, seed=42,
     )
     assert DictionaryConfig.paper() == paper
     assert DictionaryConfig.paper(compression_ratio=0.4, iterations=3) == DictionaryConfig(**{**vars(paper), "compression_ratio": 0.4, "iterations": 3})
