@@ -2,7 +2,8 @@
 
     python benchmarks/calibration.py                          # source x evaluation matrix at CR 0.3
     python benchmarks/calibration.py --sizes 8 32 128         # also a calibration-size sweep
-    python benchmarks/calibration.py --sources blend --allocation knapsack --solver fast --name calibration-best
+    python benchmarks/calibration.py --sources blend --name calibration-best    # DictionaryConfig() (the default)
+    python benchmarks/calibration.py --one-shot --allocation uniform           # the first tables' one-shot setting
 
 Calibration sources: WikiText-2 validation and the stdlib corpus (its calibration part), "blend" (half
 of each), "generated" (the model's own text, see ``generated_batches``) and "stdlib+generated" (half
@@ -24,7 +25,7 @@ from spadi_ao.api import select_linears
 from spadi_ao.calibration import GramCollector, run_calibration
 from spadi_ao.pipeline.data import calibration_batches, load_text, mix_calibration, split_text
 
-from common import RESULTS, environment, evaluate, fresh_copy, load_default, write_json
+from common import ONE_SHOT, RESULTS, environment, evaluate, fresh_copy, load_default, write_json
 
 SOURCES = {"wikitext2-valid": lambda: load_text("wikitext2-valid"), "stdlib": lambda: split_text(load_text("stdlib"))[0]}
 BLEND = {"stdlib": 0.5, "wikitext2-valid": 0.5}
@@ -43,20 +44,30 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=["cospadi", "svd-llm"])
     parser.add_argument("--sizes", type=int, nargs="*", default=[], help="calibration-size sweep (stdlib source, auto shrinkage)")
     parser.add_argument("--sources", nargs="*", default=list(SOURCES), choices=[*SOURCES, "blend", *GENERATED])
-    parser.add_argument("--allocation", choices=["uniform", "knapsack"], default="uniform", help="both methods")
-    parser.add_argument("--solver", choices=["ksvd", "fast"], default="ksvd", help="cospadi")
-    parser.add_argument("--grouping", choices=["paper", "inputs"], default=None, help="cospadi")
+    parser.add_argument("--one-shot", action="store_true", help="cospadi: the one-shot setting of the first tables (benchmarks/common.py: ONE_SHOT)")
+    parser.add_argument("--allocation", choices=["uniform", "knapsack"], default=None, help="both methods (default: the config's)")
+    parser.add_argument("--solver", choices=["ksvd", "fast"], default=None, help="cospadi (default: the config's)")
+    parser.add_argument("--grouping", choices=["paper", "inputs", "none"], default=None, help="cospadi (default: the config's)")
     parser.add_argument("--sensitivity-samples", type=int, default=8, help="knapsack: calibration sequences for the loss sensitivity")
     parser.add_argument("--name", default="calibration", help="writes benchmarks/results/<name>.{json,md,png}")
     return parser.parse_args()
 
 
 def config_for(method: str, shrinkage: str, args: argparse.Namespace):
+    """The config's defaults (``DictionaryConfig()`` / ``LowRankConfig()``) but for the flags given."""
     value = shrinkage if shrinkage == "auto" else float(shrinkage)
-    common = dict(compression_ratio=args.ratio, gram_shrinkage=value, allocation=args.allocation)
+    common = dict(compression_ratio=args.ratio, gram_shrinkage=value)
+    if args.allocation is not None:
+        common["allocation"] = args.allocation
     if method == "svd-llm":
         return LowRankConfig(**common)
-    return DictionaryConfig(**common, iterations=0, atoms_per_step=8, solver=args.solver, grouping=args.grouping)
+    fields = dict(ONE_SHOT) if args.one_shot else {}
+    fields.update(common)
+    if args.solver is not None:
+        fields["solver"] = args.solver
+    if args.grouping is not None:
+        fields["grouping"] = None if args.grouping == "none" else args.grouping
+    return DictionaryConfig(**fields)
 
 
 def generated_batches(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0, batch: int = 16) -> list[torch.Tensor]:
@@ -99,8 +110,9 @@ def run(model, tokenizer, calibration, method, shrinkage, eval_texts, args) -> d
     collector, sensitivity = calibration
     compressed = fresh_copy(model)
     start = time.perf_counter()
-    extra = {"sensitivity": sensitivity} if args.allocation == "knapsack" else {}
-    report = sparsify_dictionary_(compressed, config_for(method, shrinkage, args), calibration=collector, progress=False, **extra)
+    config = config_for(method, shrinkage, args)
+    extra = {"sensitivity": sensitivity} if config.allocation == "knapsack" else {}
+    report = sparsify_dictionary_(compressed, config, calibration=collector, progress=False, **extra)
     seconds = time.perf_counter() - start
     shrinkages = [layer.gram_shrinkage for layer in report.layers]
     row = {
@@ -118,7 +130,7 @@ def run(model, tokenizer, calibration, method, shrinkage, eval_texts, args) -> d
 def calibrate(model, tokenizer, source: str, n_samples: int, args: argparse.Namespace):
     batches = batches_for(source, tokenizer, n_samples, args.seq_len, model)
     sensitivity = None
-    if args.allocation == "knapsack":  # interleaved so the sensitivity sees every source of a blend
+    if any(config_for(method, "auto", args).allocation == "knapsack" for method in args.methods):  # interleaved so the sensitivity sees every source of a blend
         sample = batches[:: max(1, len(batches) // args.sensitivity_samples)][: args.sensitivity_samples]
         sensitivity = output_sensitivity(model, select_linears(model), sample)
     return grams(model, batches), sensitivity
@@ -176,20 +188,20 @@ def main() -> None:
     payload = {
         "command": " ".join(["python", *sys.argv]),
         "ratio": args.ratio,
-        "allocation": args.allocation,
-        "solver": args.solver,
-        "grouping": args.grouping,
+        "allocation": {method: config_for(method, "auto", args).allocation for method in args.methods},
         "blend": BLEND,
         "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len},
         "evaluation_windows": args.eval_windows,
-        "cospadi": {"iterations": 0, "atoms_per_step": 8, "init": "svd"},
+        "cospadi": {field: str(getattr(config_for("cospadi", "auto", args), field))
+                    for field in ("solver", "fast_steps", "iterations", "atoms_per_step", "init", "grouping")},
         "dense": dense,
         "rows": rows,
         "size_sweep": sweep,
         "environment": environment(),
     }
     write_json(RESULTS / f"{args.name}.json", payload)
-    lines = [f"CR {args.ratio} (allocation {args.allocation}, cospadi solver {args.solver}, grouping {args.grouping}), calibration {args.n_samples} x {args.seq_len}, evaluation first {args.eval_windows} x {args.seq_len} tokens. "
+    cospadi = config_for("cospadi", "auto", args)
+    lines = [f"CR {args.ratio} (cospadi: allocation {cospadi.allocation}, solver {cospadi.solver}, grouping {cospadi.grouping}), calibration {args.n_samples} x {args.seq_len}, evaluation first {args.eval_windows} x {args.seq_len} tokens. "
              f"Dense: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()), "",
              "| calibration | method | gram_shrinkage | mean chosen | " + " | ".join(f"PPL {k}" for k in EVALUATIONS) + " |",
              "|---|---|---|---|" + "---|" * len(EVALUATIONS)]

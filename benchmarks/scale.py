@@ -148,7 +148,9 @@ def child(args: argparse.Namespace) -> None:
     built = _current_rss_bytes()
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=generator) for _ in range(args.samples)]
-    config = DictionaryConfig(compression_ratio=0.3, solver="fast", fast_steps=0)
+    # Per layer and uniform: block-by-block mode solves one layer at a time, which the knapsack and shared
+    # dictionaries of the default do not (they need the whole model at once).
+    config = DictionaryConfig(compression_ratio=0.3, solver="fast", fast_steps=0, allocation="uniform", grouping=None)
     clock = SolveClock()
     start = time.perf_counter()
     report = sparsify_dictionary_(model, config, calibration=batches, sequential=True, checkpoint_dir=args.checkpoint_dir, progress=False)
@@ -181,10 +183,10 @@ LAYER_SHAPES = {
 }
 WHITENING = "Gram + whitening"
 SOLVERS = {
-    "K-SVD one-shot (iterations=0)": dict(iterations=0, atoms_per_step=8),
+    "K-SVD one-shot (iterations=0)": dict(solver="ksvd", iterations=0, atoms_per_step=8),
     "fast, 0 steps": dict(solver="fast", fast_steps=0),
     "fast, 8 steps (CLI default)": dict(solver="fast"),
-    "K-SVD, 1 iteration": dict(iterations=1, atoms_per_step=8),
+    "K-SVD, 1 iteration": dict(solver="ksvd", iterations=1, atoms_per_step=8),
 }
 GRAM_TOKENS = (8, 256)
 

@@ -46,6 +46,7 @@ def import_all() -> None:
     from spadi_ao.integrations.after_import import call_after_import
     from spadi_ao.integrations.torchao import quantize_dictionary_
     from spadi_ao.tensor import DictionaryTensor, LowRankTensor
+    from spadi_ao import transform  # noqa: F401  (registers the configs' handlers for torchao's quantize_)
 
     globals().update(
         CompressionReport=CompressionReport,

@@ -24,11 +24,19 @@ from spadi_ao.calibration import CALIBRATION_ATTR, GramCollector, attach_collect
 from spadi_ao.configs import DictionaryConfig, LowRankConfig
 from spadi_ao.inputs import calibration_batches, eval_mode
 from spadi_ao.grouping import group_layers, relink_shared, split_bytes, storage_key
-from spadi_ao.layer import LayerReport, compress_group, compress_weight, whiten_group
+from spadi_ao.layer import LayerReport, compress_group, compress_linear, resolve_shrinkage, whiten_group
 from spadi_ao.offload import dense_weight, offload_hook
 from spadi_ao.tensor import is_compressed_weight
 
-__all__ = ["sparsify_dictionary_", "prepare_calibration", "select_linears", "CompressionReport", "compression_stats"]
+__all__ = [
+    "sparsify_dictionary_",
+    "prepare_calibration",
+    "select_linears",
+    "check_budget",
+    "check_dense_weight",
+    "CompressionReport",
+    "compression_stats",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -117,34 +125,43 @@ def _units(targets: dict[str, nn.Linear], config: DictionaryConfig | LowRankConf
     return units
 
 
+def check_dense_weight(name: str, weight: torch.Tensor) -> None:
+    """A weight the solvers can take: dense, floating point, loaded and finite (else a ``ValueError``)."""
+    if is_compressed_weight(weight):
+        raise ValueError(f"{name} is already compressed ({type(weight).__name__}); compress a dense model")
+    if type(weight.data) is not torch.Tensor:
+        raise ValueError(
+            f"{name}.weight is a {type(weight.data).__name__} (already quantised?); compression needs dense "
+            "floating-point weights: compress first, then quantise"
+        )
+    if not weight.is_floating_point():
+        raise ValueError(f"{name}.weight has dtype {weight.dtype}; a floating-point weight is required")
+    if weight.is_meta:
+        raise ValueError(f"{name}.weight is on the meta device; load the weights before compressing")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{name}.weight has non-finite values (inf or nan); cannot compress it")
+
+
 def _validate(targets: dict[str, nn.Linear], config: DictionaryConfig | LowRankConfig) -> None:
     """Every check that can fail, before any weight is touched."""
     for name, module in targets.items():
         weight = dense_weight(module)
-        if is_compressed_weight(weight):
-            raise ValueError(f"{name} is already compressed ({type(weight).__name__}); compress a dense model")
-        if type(weight.data) is not torch.Tensor:
-            raise ValueError(
-                f"{name}.weight is a {type(weight.data).__name__} (already quantised?); sparsify_dictionary_ needs "
-                "dense floating-point weights: compress first, then quantise"
-            )
-        if not weight.is_floating_point():
-            raise ValueError(f"{name}.weight has dtype {weight.dtype}; a floating-point weight is required")
-        if weight.is_meta:
-            raise ValueError(f"{name}.weight is on the meta device; load the weights before compressing")
-        if not bool(torch.isfinite(weight).all()):
-            raise ValueError(f"{name}.weight has non-finite values (inf or nan); cannot compress it")
+        check_dense_weight(name, weight)
         if config.allocation == "knapsack" and "compression_ratio" not in config.overrides_for(name):
             continue  # the knapsack picks among the feasible candidates
-        layer_config = config.for_layer(name)
-        out_features, in_features = weight.shape
-        try:
-            if isinstance(layer_config, DictionaryConfig):
-                dictionary_budget(out_features, in_features, layer_config.compression_ratio, layer_config.rho, weight.element_size())
-            else:
-                low_rank_budget(out_features, in_features, layer_config.compression_ratio, weight.element_size())
-        except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
+        check_budget(name, weight, config.for_layer(name))
+
+
+def check_budget(name: str, weight: torch.Tensor, config: DictionaryConfig | LowRankConfig) -> None:
+    """``config.compression_ratio`` leaves this weight at least one atom / non-zero (or rank); else a ``ValueError``."""
+    out_features, in_features = weight.shape
+    try:
+        if isinstance(config, DictionaryConfig):
+            dictionary_budget(out_features, in_features, config.compression_ratio, config.rho, weight.element_size())
+        else:
+            low_rank_budget(out_features, in_features, config.compression_ratio, weight.element_size())
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 def _refuse_blockwise_only(targets: dict[str, nn.Linear], device: Optional[str | torch.device]) -> None:
@@ -213,13 +230,6 @@ def _collect(model: nn.Module, targets: dict[str, nn.Linear], calibration: Any, 
     return collector
 
 
-def _resolve_shrinkage(setting: float | str, collector: Optional[GramCollector], name: str) -> float:
-    """A float setting is used as is; ``"auto"`` is estimated from the calibration sequences alone."""
-    if setting != "auto":
-        return float(setting)
-    return collector.shrinkage(name) if collector is not None else 0.0
-
-
 def _allocate(
     units: dict[str, list[str]],
     targets: dict[str, nn.Linear],
@@ -239,7 +249,7 @@ def _allocate(
         if not menu:
             raise ValueError(f"{unit[0]}: no ratio in allocation_candidates leaves k, s >= 1; add smaller candidates")
         grams = [collector.gram(name) if collector is not None else None for name in unit]
-        shrinkages = [_resolve_shrinkage(unit_config.gram_shrinkage, collector, name) for name in unit]
+        shrinkages = [resolve_shrinkage(unit_config.gram_shrinkage, collector, name) for name in unit]
         _, whitened, _ = whiten_group(weights, grams, unit_config, shrinkages)
         column_weights = torch.cat([sensitivity[name].to(torch.float64) for name in unit])
         errors.append(threshold_errors(whitened, [(c.k, c.s) for c in menu], column_weights))
@@ -259,10 +269,13 @@ def _sensitivity(
             raise ValueError(f"sensitivity lacks {missing[:3]}; give one tensor (out_features,) per compressed Linear")
         return given
     if calibration is None or isinstance(calibration, GramCollector):
-        raise ValueError(
-            "allocation='knapsack' weighs errors by each output's loss sensitivity: pass calibration batches, or "
-            "sensitivity=spadi_ao.allocation.output_sensitivity(model, modules, batches) with a prepared collector"
+        # No batches to take the loss' gradient on: every output counts alike, so the knapsack still spends
+        # the whole-model budget where the (whitened) error is lowest, without the loss' weighting.
+        logger.warning(
+            "allocation='knapsack' without calibration batches: weighing every output alike (pass batches, or "
+            "sensitivity=spadi_ao.allocation.output_sensitivity(model, modules, batches), for the loss-weighted choice)"
         )
+        return {name: torch.ones(module.weight.shape[0]) for name, module in targets.items()}
     return output_sensitivity(model, targets, calibration, progress=progress)
 
 
@@ -302,8 +315,13 @@ def sparsify_dictionary_(
 
     ``config.allocation="knapsack"`` chooses per-layer ratios that meet the whole-model byte budget; it
     weighs errors by each output's loss sensitivity, computed from the calibration batches (a backward
-    pass each) unless ``sensitivity`` (fqn -> (out_features,), see ``spadi_ao.allocation``) is given.
-    ``config.grouping`` makes groups of layers share one dictionary.
+    pass each) unless ``sensitivity`` (fqn -> (out_features,), see ``spadi_ao.allocation``) is given; with a
+    prepared collector or no calibration there is no loss to differentiate, and every output weighs alike (a
+    one-line warning says so). ``config.grouping`` makes groups of layers share one dictionary.
+
+    torchao's ``quantize_(model, config)`` runs the same per-layer step (``spadi_ao.layer.compress_linear``)
+    on each selected Linear, without the whole-model features: each layer at ``compression_ratio``, its own
+    dictionary (see ``spadi_ao.transform``).
     """
     import time
 
@@ -326,7 +344,10 @@ def sparsify_dictionary_(
     units = _units(targets, config)
     if blockwise:
         if config.allocation != "uniform" or len(units) != len(targets):
-            raise ValueError("allocation='knapsack' and grouping need the whole model at once; use sequential=False")
+            raise ValueError(
+                "allocation='knapsack' and grouping need the whole model at once (DictionaryConfig() uses both): use "
+                "sequential=False, or allocation='uniform', grouping=None (CLI: --allocation uniform --grouping none)"
+            )
         report = _sparsify_sequential(model, config, targets, calibration, propagate, checkpoint_dir, device, progress, start)
         _finish(model, config, report)
         return report
@@ -350,13 +371,13 @@ def sparsify_dictionary_(
                 unit_config = config.for_layer(unit[0])
                 if ratios is not None:
                     unit_config = dataclasses.replace(unit_config, compression_ratio=ratios[label])
-                grams = [collector.gram(name) if collector is not None else None for name in unit]
-                tokens = max(collector.tokens(name) for name in unit) if collector is not None else 0
-                shrinkages = [_resolve_shrinkage(unit_config.gram_shrinkage, collector, name) for name in unit]
-                weights = [targets[name].weight.detach() for name in unit]
                 if len(unit) == 1:
-                    results = [compress_weight(unit[0], weights[0], grams[0], unit_config, tokens, shrinkages[0])]
+                    results = [compress_linear(unit[0], targets[unit[0]].weight.detach(), unit_config, collector)]
                 else:
+                    grams = [collector.gram(name) if collector is not None else None for name in unit]
+                    tokens = max(collector.tokens(name) for name in unit) if collector is not None else 0
+                    shrinkages = [resolve_shrinkage(unit_config.gram_shrinkage, collector, name) for name in unit]
+                    weights = [targets[name].weight.detach() for name in unit]
                     results = compress_group(unit, weights, grams, unit_config, tokens, shrinkages, group=label)
                 for name, (tensor, layer_report) in zip(unit, results):
                     new_weights[name] = tensor
@@ -394,9 +415,7 @@ def _sparsify_sequential(
         raise ValueError("sequential=True does not leave padding out of the Grams yet: pass unpadded sequences (no 0 in attention_mask)")
 
     def solve(name: str, weight: torch.Tensor, collector: GramCollector) -> tuple[torch.Tensor, LayerReport]:
-        layer_config = config.for_layer(name)
-        shrinkage = _resolve_shrinkage(layer_config.gram_shrinkage, collector, name)
-        return compress_weight(name, weight, collector.take(name), layer_config, collector.tokens(name), shrinkage, overwrite_gram=True)
+        return compress_linear(name, weight, config.for_layer(name), collector, take=True)
 
     with torch.no_grad(), eval_mode(model):
         layers, gram_bytes = run_sequential(

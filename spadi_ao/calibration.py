@@ -19,10 +19,15 @@ from spadi_ao.inputs import calibration_batches, eval_mode
 from spadi_ao.solvers.shrinkage import SequenceMoments, diagonal_shrinkage_intensity
 from spadi_ao.solvers.whitening import BLOCK_ROWS
 
-__all__ = ["GramCollector", "attach_collector", "run_calibration", "CALIBRATION_ATTR"]
+__all__ = ["GramCollector", "attach_collector", "observation", "run_calibration", "CALIBRATION_ATTR"]
 
 CALIBRATION_ATTR = "_spadi_calibration"
 """Model attribute under which the prepare step leaves its collector for the convert step."""
+
+# Linear -> (its prepared collector, its name in the model, whether the prepare step selected it): how a
+# torchao ``quantize_`` handler, given the module alone, finds the Gram gathered for it and knows to leave the
+# Linears the prepare step left out (the output head). Weak both ways: the model owns both.
+_observed: "weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, str, bool]]" = weakref.WeakKeyDictionary()
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -44,11 +49,11 @@ class GramCollector:
         self._moments: dict[str, SequenceMoments] = {}
         self._owner: dict[str, str] = {}
         self._recent: dict[int, tuple[weakref.ref, str]] = {}
-        self._handles = [
-            module.register_forward_pre_hook(self._make_hook(name)) for name, module in modules.items()
-        ]
+        self._handles = {name: module.register_forward_pre_hook(self._make_hook(name)) for name, module in modules.items()}
+        self._modules = {name: weakref.ref(module) for name, module in modules.items()}
+        self._mask_handles = []
         if model is not None:
-            self._handles += [
+            self._mask_handles = [
                 model.register_forward_pre_hook(self._take_mask, with_kwargs=True),
                 model.register_forward_hook(self._drop_mask),
             ]
@@ -119,10 +124,25 @@ class GramCollector:
         self._moments.setdefault(name, SequenceMoments()).add_norms(float(squared_norm), float(squared_diagonal))
 
     def remove(self) -> None:
-        """Detach the hooks; the accumulated Grams stay available."""
-        for handle in self._handles:
+        """Detach the hooks and the prepared entries (see :func:`attach_collector`); the Grams stay available."""
+        for name in list(self._handles):
+            self.detach(name)
+        for handle in self._mask_handles:
             handle.remove()
-        self._handles.clear()
+        self._mask_handles.clear()
+        for module, entry in list(_observed.items()):
+            if entry[0]() is self:
+                del _observed[module]
+
+    def detach(self, name: str) -> None:
+        """Stop observing ``name`` (its hook and its prepared entry go); its Gram stays available."""
+        handle = self._handles.pop(name, None)
+        if handle is not None:
+            handle.remove()
+        module = self._modules[name]()
+        entry = _observed.get(module) if module is not None else None
+        if entry is not None and entry[0]() is self:
+            del _observed[module]
 
     def __enter__(self) -> "GramCollector":
         return self
@@ -220,15 +240,26 @@ class GramCollector:
 
 
 def attach_collector(model: nn.Module, modules: dict[str, nn.Linear], exact: bool = False) -> GramCollector:
-    """Attach a collector to ``model`` (the prepare step); ``sparsify_dictionary_`` converts with it.
-
-    Forward passes given ``attention_mask=`` as a keyword leave its padded positions out of the Grams."""
+    """Attach a collector to ``model`` (the prepare step); ``sparsify_dictionary_`` or torchao's ``quantize_``
+    converts with it. Forward passes given ``attention_mask=`` as a keyword leave its padded positions out."""
     existing = getattr(model, CALIBRATION_ATTR, None)
     if existing is not None:
         existing.remove()
     collector = GramCollector(modules, exact=exact, model=model)
     setattr(model, CALIBRATION_ATTR, collector)
+    selected = {id(module) for module in modules.values()}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            _observed[module] = (weakref.ref(collector), name, id(module) in selected)
     return collector
+
+
+def observation(module: nn.Module) -> Optional[tuple[GramCollector, str, bool]]:
+    """``(collector, name, selected)`` for a Linear of a prepared model: the collector :func:`attach_collector`
+    left, the module's name in the model, and whether the prepare step selected it; None if not prepared."""
+    entry = _observed.get(module)
+    collector = entry[0]() if entry is not None else None
+    return None if collector is None else (collector, entry[1], entry[2])
 
 
 def run_calibration(model: nn.Module, batches: Iterable[Any], progress: bool = True) -> int:

@@ -10,6 +10,7 @@ Heavy modules (torch, transformers, the library itself) are imported by the subc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -60,6 +61,22 @@ def _add_eval_arguments(parser: argparse.ArgumentParser, default_windows: Option
     parser.add_argument("--word-level", action="store_true", help="also report lm-eval's word perplexity")
 
 
+# DictionaryConfig()'s defaults, written out so that --help imports no torch (tests/test_cli.py keeps them equal).
+_CONFIG_DEFAULTS = {
+    "gram_shrinkage": "auto",
+    "rho": 2.0,
+    "solver": "fast",
+    "fast_steps": 8,
+    "iterations": 60,
+    "power_iterations": 8,
+    "atoms_per_step": 1,
+    "init": "svd",
+    "allocation": "knapsack",
+    "grouping": "inputs",
+    "damping": 0.01,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="spadi-ao", description="Sparse dictionary (CoSpaDi) compression of causal LMs.", formatter_class=formatter)
@@ -76,18 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--calibration-weights", type=float, nargs="+", default=None, metavar="W",
                           help="share of the calibration sequences per --calibration source (None: equal)")
     compress.add_argument("--n-samples", type=_positive, default=32, help="calibration sequences (in all, across sources)")
-    compress.add_argument("--gram-shrinkage", type=_shrinkage, default="auto", help="float in [0, 1] or 'auto': shrink Grams toward their diagonal")
-    compress.add_argument("--rho", type=float, default=2.0, help="atoms per non-zero, k/s (cospadi)")
-    compress.add_argument("--iterations", type=int, default=0, help="K-SVD iterations after the SVD-initialised coding (paper: 60)")
-    compress.add_argument("--power-iterations", type=_positive, default=8, help="power iterations of each atom update (K-SVD)")
-    compress.add_argument("--atoms-per-step", type=_positive, default=8, help="OMP atoms per step (1 = exact OMP)")
-    compress.add_argument("--init", choices=["svd", "random-columns"], default="svd", help="initial dictionary: leading singular vectors or random columns (the paper's)")
-    compress.add_argument("--solver", choices=["ksvd", "fast"], default="fast", help="cospadi: the fast closed-form refits or K-SVD (the paper's)")
-    compress.add_argument("--allocation", choices=["uniform", "knapsack"], default=None,
-                          help="per-layer ratios: a knapsack over the whole-model budget or uniform (None: knapsack for cospadi, uniform for svd-llm and --sequential)")
-    compress.add_argument("--grouping", choices=["inputs", "paper", "none"], default=None,
-                          help="cospadi: layers sharing one dictionary: 'inputs' (q/k/v and gate/up of a block), 'paper', 'none' (None: inputs, or none with --sequential)")
-    compress.add_argument("--damping", type=float, default=1e-2, help="ridge added to each Gram, relative to its mean diagonal")
+    # Config fields left out keep the config's own defaults (DictionaryConfig() is the recommended setting);
+    # the help names them from _CONFIG_DEFAULTS, so --help imports no torch.
+    field = dict(default=argparse.SUPPRESS)
+    d = _CONFIG_DEFAULTS
+    compress.add_argument("--gram-shrinkage", type=_shrinkage, **field, help=f"float in [0, 1] or 'auto': shrink Grams toward their diagonal (default: {d['gram_shrinkage']})")
+    compress.add_argument("--rho", type=float, **field, help=f"cospadi: atoms per non-zero, k/s (default: {d['rho']})")
+    compress.add_argument("--solver", choices=["fast", "ksvd", "procrustes"], **field, help=f"cospadi: the fast closed-form refits, K-SVD (the paper's) or orthonormal Procrustes dictionaries (default: {d['solver']})")
+    compress.add_argument("--fast-steps", type=int, **field, help=f"cospadi, fast solver: dictionary / code refits (default: {d['fast_steps']})")
+    compress.add_argument("--iterations", type=int, **field, help=f"cospadi, K-SVD: iterations (default: {d['iterations']}, the paper's)")
+    compress.add_argument("--power-iterations", type=_positive, **field, help=f"cospadi, K-SVD: power iterations per atom (default: {d['power_iterations']})")
+    compress.add_argument("--atoms-per-step", type=_positive, **field, help=f"cospadi, K-SVD: OMP atoms per step, 1 = exact OMP (default: {d['atoms_per_step']})")
+    compress.add_argument("--init", choices=["svd", "random-columns"], **field, help=f"cospadi, K-SVD: initial dictionary (default: {d['init']})")
+    compress.add_argument("--allocation", choices=["uniform", "knapsack"], **field,
+                          help=f"per-layer ratios: a knapsack over the whole-model budget or uniform (default: {d['allocation']} for cospadi, uniform for svd-llm)")
+    compress.add_argument("--grouping", choices=["inputs", "paper", "none"], **field,
+                          help=f"cospadi: layers sharing one dictionary: 'inputs' (q/k/v and gate/up of a block), 'paper', 'none' (default: {d['grouping']})")
+    compress.add_argument("--damping", type=float, **field, help=f"Gram ridge, relative to its mean diagonal (default: {d['damping']})")
     compress.add_argument("--seed", type=int, default=42, help="seed of the calibration sampling and the solvers")
     compress.add_argument("--sequential", action="store_true", help="one decoder block at a time (bounded memory; also under torchrun)")
     compress.add_argument("--propagate", choices=["dense", "compressed"], default="compressed", help="activations later blocks calibrate on (sequential; compressed measured better)")
@@ -161,23 +183,24 @@ def _perplexity(model, tokenizer, text: str, args: argparse.Namespace, label: st
     return result.to_dict()
 
 
+_COMMON_FIELDS = ("gram_shrinkage", "allocation", "damping")
+_COSPADI_FIELDS = ("rho", "solver", "fast_steps", "iterations", "power_iterations", "atoms_per_step", "init", "grouping")
+
+
 def _config(args: argparse.Namespace):
+    """The config the flags give: only flags set on the command line override the config's own defaults."""
     from spadi_ao import DictionaryConfig, LowRankConfig
 
-    # The measured best (README, "Beyond the paper") for CoSpaDi; the plain baseline for SVD-LLM. Knapsack
-    # and grouping need the whole model at once, so --sequential defaults to neither.
-    whole_model = args.method == "cospadi" and not args.sequential
-    allocation = args.allocation or ("knapsack" if whole_model else "uniform")
-    grouping = args.grouping or ("inputs" if whole_model else "none")
-    common = dict(compression_ratio=args.ratio, damping=args.damping, seed=args.seed, gram_shrinkage=args.gram_shrinkage, allocation=allocation)
+    given = {name: getattr(args, name) for name in _COMMON_FIELDS + _COSPADI_FIELDS if hasattr(args, name)}
+    common = dict(compression_ratio=args.ratio, seed=args.seed)
     if args.method == "svd-llm":
-        if grouping != "none":
-            raise CLIError("--grouping applies to --method cospadi only")
-        return LowRankConfig(**common)
-    return DictionaryConfig(
-        rho=args.rho, iterations=args.iterations, power_iterations=args.power_iterations, atoms_per_step=args.atoms_per_step,
-        init=args.init, solver=args.solver, grouping=None if grouping == "none" else grouping, **common,
-    )
+        cospadi_only = [name for name in _COSPADI_FIELDS if name in given]
+        if cospadi_only:
+            raise CLIError(f"--{cospadi_only[0].replace('_', '-')} applies to --method cospadi only")
+        return LowRankConfig(**common, **given)
+    if given.get("grouping") == "none":
+        given["grouping"] = None
+    return DictionaryConfig(**common, **given)
 
 
 def _default_output(args: argparse.Namespace) -> Path:
@@ -222,7 +245,11 @@ def _compress(args: argparse.Namespace) -> int:
         raise CLIError(f"--seq-len {args.seq_len} exceeds the model's context length {model_context_length(model)}")
     eval_text = _text(args.eval_text, 1)
     batches = _calibration_batches(args, tokenizer)
-    results: dict = {"model": args.model or "default:SmolLM2-135M-Instruct", "config": vars(args) | {"output": str(output)}}
+    results: dict = {
+        "model": args.model or "default:SmolLM2-135M-Instruct",
+        "config": vars(args) | {"output": str(output)},
+        "compression_config": {field.name: getattr(config, field.name) for field in dataclasses.fields(config)},
+    }
     lead = _rank() == 0  # under torchrun every rank compresses; one evaluates and writes
     if not args.no_eval and lead:
         results["dense_perplexity"] = _perplexity(model, tokenizer, eval_text, args, "dense")

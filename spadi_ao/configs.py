@@ -1,4 +1,11 @@
-"""Dataclass configs for ``sparsify_dictionary_``; validated on construction, before any weight moves."""
+"""Dataclass configs for ``sparsify_dictionary_`` and torchao's ``quantize_``; validated on construction,
+before any weight moves.
+
+Both derive from torchao's ``AOBaseConfig``: ``spadi_ao.transform`` registers their module handlers, so
+``torchao.quantization.quantize_(model, DictionaryConfig())`` compresses each selected Linear on its own.
+``DictionaryConfig()`` is the measured best (fast solver, loss-weighted knapsack, shared-input dictionaries);
+``DictionaryConfig.paper()`` is the CoSpaDi paper's setting.
+"""
 
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ def _check_gram_shrinkage(value: GramShrinkage) -> None:
 
 
 @dataclass(frozen=True)
-class _BaseConfig:
+class _BaseConfig(AOBaseConfig):
     """Fields every compression method shares."""
 
     compression_ratio: float = 0.3
@@ -55,7 +62,8 @@ class _BaseConfig:
     allocation: str = "uniform"
     """``"uniform"``: every layer at ``compression_ratio``. ``"knapsack"``: per-layer ratios from
     ``allocation_candidates`` minimising the loss-weighted error under the whole-model byte budget (see
-    ``spadi_ao.allocation``); layers whose ``layer_overrides`` set a ratio keep it."""
+    ``spadi_ao.allocation``); layers whose ``layer_overrides`` set a ratio keep it. A whole-model feature of
+    ``sparsify_dictionary_``: torchao's ``quantize_`` compresses each layer at ``compression_ratio``."""
     allocation_candidates: tuple[float, ...] = DEFAULT_CANDIDATES
     """The ratios the knapsack may give a layer (or a group sharing a dictionary)."""
     seed: int = 42
@@ -101,33 +109,53 @@ class _BaseConfig:
 
 @dataclass(frozen=True)
 class DictionaryConfig(_BaseConfig):
-    """CoSpaDi: calibration-whitened K-SVD with batched OMP; ``rho = k / s`` atoms per non-zero."""
+    """CoSpaDi: calibration-whitened sparse dictionaries; ``rho = k / s`` atoms per non-zero.
 
+    The defaults are the measured best (README, "Beyond the paper"): the fast solver, the loss-weighted
+    knapsack allocation and dictionaries shared by the Linears that read the same input.
+    :meth:`paper` gives the paper's own setting.
+    """
+
+    allocation: str = "knapsack"
     rho: float = 2.0
     """Dictionary size over non-zeros per column (the paper's k/s); >= 1."""
     iterations: int = 60
-    """K-SVD iterations (the paper's T)."""
+    """K-SVD iterations (the paper's T; ``solver="ksvd"`` only)."""
     power_iterations: int = 8
-    """Power iterations of each rank-1 atom update."""
+    """Power iterations of each rank-1 atom update (``solver="ksvd"`` only)."""
     atoms_per_step: int = 1
-    """Atoms OMP adds per step: 1 is exact OMP; more is generalised OMP, faster and slightly worse."""
+    """Atoms OMP adds per step (``solver="ksvd"`` only): 1 is exact OMP; more is generalised OMP, faster
+    and slightly worse."""
     init: str = "svd"
-    """Initial dictionary: ``"svd"`` (leading left singular vectors of the whitened weight; converges in
-    far fewer iterations) or ``"random-columns"`` (the paper's: random whitened columns, ``seed``)."""
-    solver: str = "ksvd"
-    """``"ksvd"`` (the paper's: ``iterations`` of K-SVD with OMP) or ``"fast"``: SVD atoms and one-shot
-    supports, then ``fast_steps`` closed-form dictionary / code refits (``spadi_ao.solvers.fast``)."""
+    """Initial K-SVD dictionary: ``"svd"`` (leading left singular vectors of the whitened weight; converges
+    in far fewer iterations) or ``"random-columns"`` (the paper's: random whitened columns, ``seed``)."""
+    solver: str = "fast"
+    """``"fast"``: SVD atoms and one-shot supports, then ``fast_steps`` closed-form dictionary / code refits
+    (``spadi_ao.solvers.fast``), or ``"ksvd"`` (the paper's: ``iterations`` of K-SVD with OMP)."""
     fast_steps: int = 8
     """Dictionary / code refits of the fast solver; 0 is the one-shot SVD solution."""
-    grouping: Grouping = None
+    grouping: Grouping = "inputs"
     """Layers sharing one dictionary (``spadi_ao.grouping``): None (per layer), ``"paper"`` (blocks 2i, 2i+1
-    share q/k/v/up/gate), ``"inputs"`` (a block's q/k/v and its gate/up) or a callable fqn -> key (None: alone)."""
+    share q/k/v/up/gate), ``"inputs"`` (a block's q/k/v and its gate/up) or a callable fqn -> key (None: alone).
+    A whole-model feature of ``sparsify_dictionary_``: torchao's ``quantize_`` gives each layer its own."""
     dictionary_quantization: Optional[AOBaseConfig] = None
     """torchao config applied to the dictionary after the solve (``Int8WeightOnlyConfig``,
     ``Int8DynamicActivationInt8WeightConfig`` or ``IntxWeightOnlyConfig``; see ``spadi_ao.integrations.torchao``).
     The budget still sizes ``k`` and ``s`` in the weight dtype, so the stored bytes shrink below the target."""
     values_dtype: Optional[str] = None
     """Code values: None keeps the weight dtype, ``"bfloat16"``, or ``"int8"`` (symmetric, one scale per output row)."""
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> "DictionaryConfig":
+        """The CoSpaDi paper's setting: every layer on its own at ``compression_ratio``, whitened by its plain
+        calibration Gram (no shrinkage), K-SVD from random whitened columns, 60 iterations of exact OMP and
+        8 power iterations per atom, seed 42. ``overrides`` replace any field, e.g.
+        ``DictionaryConfig.paper(compression_ratio=0.4)``."""
+        fields = dict(
+            allocation="uniform", grouping=None, gram_shrinkage=0.0, solver="ksvd", init="random-columns",
+            iterations=60, atoms_per_step=1, power_iterations=8, seed=42,
+        )
+        return cls(**(fields | overrides))
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from itertools import accumulate
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
@@ -27,7 +27,19 @@ from spadi_ao.solvers.omp import codes_to_dense
 from spadi_ao.solvers.whitening import Whitening, whiten
 from spadi_ao.tensor import DictionaryTensor, LowRankTensor, stored_bytes
 
-__all__ = ["LayerReport", "compress_weight", "compress_group", "whiten_group", "solve_dictionary", "whitening_for"]
+if TYPE_CHECKING:
+    from spadi_ao.calibration import GramCollector
+
+__all__ = [
+    "LayerReport",
+    "compress_linear",
+    "compress_weight",
+    "compress_group",
+    "resolve_shrinkage",
+    "whiten_group",
+    "solve_dictionary",
+    "whitening_for",
+]
 
 SOLVE_DTYPE = torch.float32
 
@@ -293,3 +305,30 @@ def compress_weight(
         calibration_tokens=calibration_tokens,
     )
     return tensor, report
+
+
+def resolve_shrinkage(setting: float | str, collector: Optional["GramCollector"], name: str) -> float:
+    """A float setting is used as is; ``"auto"`` is estimated from ``name``'s calibration sequences alone."""
+    if setting != "auto":
+        return float(setting)
+    return collector.shrinkage(name) if collector is not None else 0.0
+
+
+def compress_linear(
+    name: str,
+    weight: torch.Tensor,
+    config: DictionaryConfig | LowRankConfig,
+    collector: Optional["GramCollector"] = None,
+    take: bool = False,
+) -> tuple[torch.Tensor, LayerReport]:
+    """One Linear on its own, with its Gram from ``collector`` (None: weight space), at ``config`` as given
+    (the caller resolves ``layer_overrides`` and allocation): the step ``sparsify_dictionary_``, its
+    block-by-block driver and torchao's ``quantize_`` handlers share.
+
+    ``take=True``: the caller needs ``name``'s Gram no more (``GramCollector.take``); it is factored in place.
+    """
+    shrinkage = resolve_shrinkage(config.gram_shrinkage, collector, name)  # before take() may free the sum
+    if collector is None:
+        return compress_weight(name, weight, None, config, 0, shrinkage)
+    gram = collector.take(name) if take else collector.gram(name)
+    return compress_weight(name, weight, gram, config, collector.tokens(name), shrinkage, overwrite_gram=take)

@@ -7,7 +7,8 @@ on them runs the factored product and never materialises the dense matrix.
 
 from __future__ import annotations
 
-from typing import Optional
+import hashlib
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,23 @@ def _part_name(tensor: torch.Tensor) -> str:
     if type(tensor) is not torch.Tensor and is_traceable_wrapper_subclass(tensor) and not is_compressed_weight(tensor):
         return type(tensor).__name__
     return str(tensor.dtype).removeprefix("torch.")
+
+
+def _cache_layout(tensor: Optional[torch.Tensor]) -> Any:
+    """What a compiled graph depends on: class, dtype, shape, strides, device and nesting, never values."""
+    if tensor is None:
+        return None
+    if is_traceable_wrapper_subclass(tensor):
+        names, attributes = tensor.__tensor_flatten__()
+        inner = tuple((name, _cache_layout(getattr(tensor, name))) for name in names)
+        return (type(tensor).__qualname__, tuple(tensor.shape), str(tensor.dtype), tensor.requires_grad, repr(attributes), inner)
+    return (str(tensor.dtype), tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), tensor.device.type, tensor.requires_grad)
+
+
+def _stable_hash_for_caching(self: torch.Tensor) -> str:
+    """PT2's AOT-autograd cache key for this weight (torch asks traceable subclasses for one): the same in
+    every process for the same layout, different when the layout (and so the traced graph) differs."""
+    return hashlib.blake2b(repr(_cache_layout(self)).encode(), digest_size=16).hexdigest()
 
 
 def _dense_dictionary(dictionary: torch.Tensor, dictionary_scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -130,6 +148,8 @@ class DictionaryTensor(TorchAOBaseTensor):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._quantization_type()})"
 
+    _stable_hash_for_caching = _stable_hash_for_caching
+
 
 class LowRankTensor(TorchAOBaseTensor):
     """``W ~= up @ down``: the SVD-LLM baseline, ``down`` (rank, in) and ``up`` (out, rank)."""
@@ -161,6 +181,8 @@ class LowRankTensor(TorchAOBaseTensor):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._quantization_type()})"
+
+    _stable_hash_for_caching = _stable_hash_for_caching
 
 
 def _linear_args(args: tuple, kwargs: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:

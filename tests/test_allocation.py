@@ -1,4 +1,5 @@
 import itertools
+import logging
 
 import pytest
 import torch
@@ -184,12 +185,23 @@ def test_whole_model_budget_is_met_tightly_and_pinned_layers_keep_their_ratio():
     assert len({round(layer.compression_ratio, 2) for layer in report.layers}) > 2  # not uniform
 
 
-def test_knapsack_needs_batches_or_sensitivity():
-    model = tiny_llama()
-    with GramCollector(select_linears(model)) as collector:
-        run_calibration(model, token_batches(1, 8), progress=False)
-    with pytest.raises(ValueError, match="sensitivity"):
-        sparsify_dictionary_(model, DictionaryConfig(allocation="knapsack"), calibration=collector, progress=False)
+def test_knapsack_without_batches_weighs_every_output_alike(caplog):
+    """A prepared collector (or no calibration) gives no loss to differentiate: unit output weights, one warning."""
+    model, explicit = tiny_llama(), tiny_llama()
+    collectors = []
+    for candidate in (model, explicit):
+        with GramCollector(select_linears(candidate)) as collector:
+            run_calibration(candidate, token_batches(2, 16), progress=False)
+        collectors.append(collector)
+    with caplog.at_level(logging.WARNING, logger="spadi_ao.api"):
+        report = sparsify_dictionary_(model, DictionaryConfig(allocation="knapsack"), calibration=collectors[0], progress=False)
+    assert sum("weighing every output alike" in record.getMessage() for record in caplog.records) == 1
+    ones = {name: torch.ones(module.out_features) for name, module in select_linears(explicit).items()}
+    sparsify_dictionary_(explicit, DictionaryConfig(allocation="knapsack"), calibration=collectors[1], sensitivity=ones, progress=False)
+    for (name, weight), reference in zip(model.state_dict().items(), explicit.state_dict().values()):
+        assert type(weight) is type(reference) and torch.equal(weight.dequantize(), reference.dequantize()), name
+    assert report.compression_ratio >= 0.3 and len({round(layer.compression_ratio, 2) for layer in report.layers}) > 1
+    assert sparsify_dictionary_(tiny_llama(), DictionaryConfig(), progress=False).compression_ratio >= 0.3  # data-free
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from spadi_ao import DictionaryConfig
 from spadi_ao.cli import main
 from spadi_ao.serialization import load_compressed
 
@@ -16,6 +17,7 @@ def tiny_model_dir(tmp_path, tiny_llama, tiny_tokenizer):
 
 
 FAST = ["--n-samples", "3", "--seq-len", "32", "--eval-windows", "2", "--batch-size", "2"]
+PER_LAYER = ["--allocation", "uniform", "--grouping", "none"]  # what --sequential supports on this branch
 
 
 @pytest.mark.parametrize("method", ["cospadi", "svd-llm"])
@@ -77,7 +79,7 @@ def test_ratio_out_of_range_is_rejected_by_the_parser(capsys):
 def test_sequential_resumable_compress(tmp_path, tiny_model_dir):
     out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
     argv = ["compress", "--model", str(tiny_model_dir), "--sequential", "--propagate", "compressed", "--no-eval",
-            "--checkpoint-dir", str(checkpoints), "--output", str(out), *FAST]
+            "--checkpoint-dir", str(checkpoints), "--output", str(out), *FAST, *PER_LAYER]
     assert main(argv) == 0
     assert len(json.loads((checkpoints / "manifest.json").read_text())["layers"]) == 14
     first = load_compressed(out)[0].model.layers[1].mlp.down_proj.weight.values.clone()
@@ -86,7 +88,7 @@ def test_sequential_resumable_compress(tmp_path, tiny_model_dir):
 
 
 def test_sequential_device_flag_reaches_the_block_driver(tmp_path, tiny_model_dir):
-    common = ["compress", "--model", str(tiny_model_dir), "--sequential", "--no-eval", *FAST]
+    common = ["compress", "--model", str(tiny_model_dir), "--sequential", "--no-eval", *FAST, *PER_LAYER]
     assert main(common + ["--output", str(tmp_path / "plain")]) == 0
     assert main(common + ["--device", "cpu", "--output", str(tmp_path / "on-device")]) == 0
     plain, on_device = (load_compressed(tmp_path / name)[0].model.layers[1].mlp.down_proj.weight for name in ("plain", "on-device"))
@@ -117,6 +119,8 @@ def test_blended_calibration_and_config_flags_reach_the_report(tmp_path, tiny_mo
     [
         (["--calibration", "stdlib", "wikitext2-valid", "--calibration-weights", "1"], "--calibration-weights gives 1 weights for 2"),
         (["--method", "svd-llm", "--grouping", "inputs"], "--method cospadi only"),
+        (["--method", "svd-llm", "--solver", "fast"], "--solver applies to --method cospadi only"),
+        (["--sequential"], "allocation='uniform', grouping=None (CLI: --allocation uniform --grouping none)"),
         (["--sequential", "--allocation", "knapsack"], "use sequential=False"),
         (["--device", "cpu"], "--device moves one decoder block at a time to it: it needs --sequential"),
     ],
@@ -133,16 +137,26 @@ def test_gram_shrinkage_out_of_range_is_rejected_by_the_parser(capsys):
 
 
 def test_cli_defaults_are_the_measured_best_for_cospadi_and_the_plain_baseline_otherwise():
+    from spadi_ao import DictionaryConfig, LowRankConfig
     from spadi_ao.cli import _config, build_parser
 
     def config(*argv):
         return _config(build_parser().parse_args(["compress", *argv]))
 
     best = config()
+    assert best == DictionaryConfig()  # the CLI takes the config's defaults as they are
     assert (best.allocation, best.solver, best.grouping, best.gram_shrinkage) == ("knapsack", "fast", "inputs", "auto")
-    sequential = config("--sequential")
-    assert (sequential.allocation, sequential.grouping) == ("uniform", None)
+    assert config("--sequential") == DictionaryConfig()
     baseline = config("--method", "svd-llm")
-    assert type(baseline).__name__ == "LowRankConfig" and baseline.allocation == "uniform"
+    assert baseline == LowRankConfig() and baseline.allocation == "uniform"
+    paper = config("--allocation", "uniform", "--grouping", "none", "--solver", "ksvd", "--init", "random-columns", "--gram-shrinkage", "0")
+    assert paper == DictionaryConfig.paper()
     plain = config("--allocation", "uniform", "--grouping", "none", "--solver", "ksvd")
     assert (plain.allocation, plain.grouping, plain.solver) == ("uniform", None, "ksvd")
+
+
+def test_help_defaults_are_the_configs_own():
+    from spadi_ao.cli import _CONFIG_DEFAULTS
+
+    config = DictionaryConfig()
+    assert _CONFIG_DEFAULTS == {name: getattr(config, name) for name in _CONFIG_DEFAULTS}

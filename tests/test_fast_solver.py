@@ -78,8 +78,8 @@ def test_fast_solver_through_the_api_beats_one_shot_on_every_layer():
     calibration = token_batches(4, 32)
     reports = {}
     for name, config in {
-        "one-shot": DictionaryConfig(compression_ratio=0.4, iterations=0),
-        "fast": DictionaryConfig(compression_ratio=0.4, solver="fast", fast_steps=4),
+        "one-shot": DictionaryConfig(compression_ratio=0.4, solver="ksvd", iterations=0, allocation="uniform", grouping=None),
+        "fast": DictionaryConfig(compression_ratio=0.4, solver="fast", fast_steps=4, allocation="uniform", grouping=None),
     }.items():
         model = tiny_llama()
         reports[name] = sparsify_dictionary_(model, config, calibration=calibration, progress=False)

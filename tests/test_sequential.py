@@ -19,7 +19,7 @@ from spadi_ao.sequential import CheckpointMismatchError
 
 from models import tiny_llama, token_batches
 
-CONFIG = DictionaryConfig(compression_ratio=0.3, iterations=1, atoms_per_step=4)
+CONFIG = DictionaryConfig(compression_ratio=0.3, iterations=1, atoms_per_step=4, allocation="uniform", grouping=None)
 
 
 def _compressed_state(model):
@@ -124,7 +124,7 @@ def test_mismatched_or_corrupted_checkpoint_is_refused_and_touches_nothing(tmp_p
     sparsify_dictionary_(tiny_llama(), CONFIG, calibration=batches, sequential=True, checkpoint_dir=tmp_path, progress=False)
     model = tiny_llama()
     with pytest.raises(CheckpointMismatchError, match="different arguments"):
-        sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.4, iterations=1, atoms_per_step=4), calibration=batches,
+        sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.4, iterations=1, atoms_per_step=4, allocation="uniform", grouping=None), calibration=batches,
                              sequential=True, checkpoint_dir=tmp_path, progress=False)
     assert not _compressed_state(model)
     (tmp_path / "manifest.json").write_text("{not json")
@@ -148,7 +148,7 @@ def test_two_gloo_processes_equal_one(tmp_path, quantized):
         if os.environ.get("WORLD_SIZE"):
             dist.init_process_group("gloo")
         model = tiny_llama()
-        sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3, iterations=1, atoms_per_step=4, {extra}),
+        sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3, iterations=1, atoms_per_step=4, allocation="uniform", grouping=None, {extra}),
                              calibration=token_batches(3, 16), sequential=True, progress=False)
         rank = dist.get_rank() if dist.is_initialized() else "single"
         state = {{n: m.weight.dequantize() for n, m in model.named_modules() if type(getattr(m, "weight", None)).__name__ == "DictionaryTensor"}}

@@ -45,7 +45,7 @@ def main() -> None:
     run = setup(args.tiny)
     dense = run.model
     compressed = copy.deepcopy(dense)
-    sparsify_dictionary_(compressed, DictionaryConfig(compression_ratio=0.3, iterations=0, atoms_per_step=8), calibration=run.calibration)
+    sparsify_dictionary_(compressed, DictionaryConfig(compression_ratio=0.3), calibration=run.calibration)
 
     prompt = run.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     rows = []

@@ -38,7 +38,7 @@ def main() -> None:
     run = setup(args.tiny)
     sizes = run.sizes
     compressed = run.model
-    sparsify_dictionary_(compressed, DictionaryConfig(compression_ratio=0.3, iterations=0, atoms_per_step=8), calibration=run.calibration)
+    sparsify_dictionary_(compressed, DictionaryConfig(compression_ratio=0.3), calibration=run.calibration)
 
     # torchao's own quantize_ knows compressed weights: a supported config quantises their dictionaries.
     # (The filter keeps torchao off the output head, which SmolLM2 ties to its embedding.)

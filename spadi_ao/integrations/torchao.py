@@ -11,14 +11,26 @@ bytes again without touching the solve. Two routes for the dictionary ``D~`` (k 
 
 Code values: ``"bfloat16"`` casts them, ``"int8"`` is symmetric per output row with a float32 ``value_scale``.
 
-Importing this module also makes ``torchao.quantization.quantize_`` aware of compressed weights: a supported
-config quantises the dictionary; anything else leaves the weight unchanged with a warning (never densified).
+Composition with ``torchao.quantization.quantize_``, in both orders:
+
+* compress, then quantise: ``quantize_(model, Int8WeightOnlyConfig())`` on a compressed model quantises the
+  dictionaries (``IntxWeightOnlyConfig`` for int4, ``Int8DynamicActivationInt8WeightConfig``); any other
+  config leaves a compressed weight unchanged with a warning, never densified. Compressing with
+  ``DictionaryConfig(dictionary_quantization=...)`` reaches the same tensors through the public config
+  alone;
+* quantise, then compress: refused with a clear error (the weight is already quantised: compress first).
+
+torchao 0.18 dispatches ``quantize_`` on the config type alone and offers no public hook for the weight's
+type, so importing this module puts one wrapper where ``quantize_`` looks handlers up (see
+:class:`CompressedAwareHandlers`): torchao's table itself is untouched, and handlers registered at any time,
+before or after ``import spadi_ao``, are covered.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Iterator, Mapping
 from typing import Callable, Optional
 
 import torch
@@ -33,6 +45,8 @@ from torchao.quantization import (
     MappingType,
     PerGroup,
     PerRow,
+    quant_api,
+    quantize_,
 )
 from torchao.quantization.quant_primitives import choose_qparams_affine, quantize_affine
 from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER
@@ -110,7 +124,7 @@ def _quantize_atoms(dictionary: torch.Tensor, config: AOBaseConfig) -> tuple[tor
     _check_groups(config, dictionary.shape[1])
     holder = nn.Linear(dictionary.shape[1], dictionary.shape[0], bias=False, device="meta")
     holder.weight = nn.Parameter(dictionary, requires_grad=False)
-    holder = _QUANTIZE_CONFIG_HANDLER[type(config)](holder, config)
+    quantize_(holder, config)
     return holder.weight.detach(), None
 
 
@@ -204,6 +218,16 @@ def _unchanged_reason(weight: torch.Tensor, config: AOBaseConfig) -> Optional[st
     return None
 
 
+def _is_compression_config(config_type: type) -> bool:
+    from spadi_ao.configs import (  # configs imports this module
+        DictionaryConfig,
+        LowRankConfig,
+    )
+
+    return issubclass(config_type, (DictionaryConfig, LowRankConfig))
+
+
+@functools.cache
 def _compressed_weight_aware(handler: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """torchao's handler for dense weights; compressed weights get their dictionary quantised, or a warning."""
 
@@ -220,15 +244,39 @@ def _compressed_weight_aware(handler: Callable[..., nn.Module]) -> Callable[...,
         setattr(module, name, nn.Parameter(quantize_dictionary(weight, config), requires_grad=False))
         return module
 
-    handle._spadi_ao_aware = True
     return handle
 
 
-def _install_quantize_handlers() -> None:
-    """torchao dispatches ``quantize_`` on the config type only, so every registered handler is wrapped once."""
-    for config_type, handler in list(_QUANTIZE_CONFIG_HANDLER.items()):
-        if not getattr(handler, "_spadi_ao_aware", False):
-            _QUANTIZE_CONFIG_HANDLER[config_type] = _compressed_weight_aware(handler)
+class CompressedAwareHandlers(Mapping):
+    """torchao's handler table as ``quantize_`` reads it: every lookup wraps the registered handler (see
+    ``_compressed_weight_aware``), except for spadi_ao's own configs, whose handlers refuse compressed weights.
+
+    It reads the live table at each lookup, so a handler registered after ``import spadi_ao``, or registered
+    again, composes as well; registrations through this view land in the table.
+    """
+
+    def __init__(self, table: dict) -> None:
+        self.table = table
+
+    def __getitem__(self, config_type: type) -> Callable[..., nn.Module]:
+        handler = self.table[config_type]
+        return handler if _is_compression_config(config_type) else _compressed_weight_aware(handler)
+
+    def __setitem__(self, config_type: type, handler: Callable[..., nn.Module]) -> None:
+        self.table[config_type] = handler
+
+    def __iter__(self) -> Iterator[type]:
+        return iter(self.table)
+
+    def __len__(self) -> int:
+        return len(self.table)
 
 
-_install_quantize_handlers()
+def _install_lookup_wrapper() -> None:
+    """``quantize_`` (and ``FqnToConfig``) look handlers up in ``quant_api``'s name for the table: that name,
+    and only it, becomes the view; importing this module again leaves it as it is."""
+    if not isinstance(quant_api._QUANTIZE_CONFIG_HANDLER, CompressedAwareHandlers):
+        quant_api._QUANTIZE_CONFIG_HANDLER = CompressedAwareHandlers(_QUANTIZE_CONFIG_HANDLER)
+
+
+_install_lookup_wrapper()
