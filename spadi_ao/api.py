@@ -268,11 +268,13 @@ def _sensitivity(
         if missing:
             raise ValueError(f"sensitivity lacks {missing[:3]}; give one tensor (out_features,) per compressed Linear")
         return given
-    if calibration is None or isinstance(calibration, GramCollector):
-        # No batches to take the loss' gradient on: every output counts alike, so the knapsack still spends
-        # the whole-model budget where the (whitened) error is lowest, without the loss' weighting.
+    language_model = callable(getattr(model, "get_input_embeddings", None))
+    if calibration is None or isinstance(calibration, GramCollector) or not language_model:
+        # No language-model loss to take the gradient of: every output counts alike, so the knapsack still
+        # spends the whole-model budget where the (whitened) error is lowest, without the loss' weighting.
+        reason = "calibration batches" if language_model else "a language model's loss (get_input_embeddings)"
         logger.warning(
-            "allocation='knapsack' without calibration batches: weighing every output alike (pass batches, or "
+            f"allocation='knapsack' without {reason}: weighing every output alike (pass batches, or "
             "sensitivity=spadi_ao.allocation.output_sensitivity(model, modules, batches), for the loss-weighted choice)"
         )
         return {name: torch.ones(module.weight.shape[0]) for name, module in targets.items()}
