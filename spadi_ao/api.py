@@ -230,15 +230,23 @@ def _sensitivity(
         if missing:
             raise ValueError(f"sensitivity lacks {missing[:3]}; give one tensor (out_features,) per compressed Linear")
         return given
-    if calibration is None or isinstance(calibration, GramCollector):
-        # No batches to take the loss' gradient on: every output counts alike, so the knapsack still spends
-        # the whole-model budget where the (whitened) error is lowest, without the loss' weighting.
+    if not _has_language_model_loss(model, calibration):
+        # No causal-LM loss to differentiate (a prepared collector, no calibration, or not a language model fed
+        # token ids): every output counts alike, so the knapsack still spends the whole-model budget where the
+        # whitened error is lowest, without the loss' weighting.
         logger.warning(
-            "allocation='knapsack' without calibration batches: weighing every output alike (pass batches, or "
+            "allocation='knapsack' without token-id batches of a causal LM: weighing every output alike (pass them, or "
             "sensitivity=spadi_ao.allocation.output_sensitivity(model, modules, batches), for the loss-weighted choice)"
         )
         return {name: torch.ones(module.weight.shape[0]) for name, module in targets.items()}
     return output_sensitivity(model, targets, calibration)
+
+
+def _has_language_model_loss(model: nn.Module, calibration: Any) -> bool:
+    """Whether ``output_sensitivity`` applies: a model with input embeddings, calibrated on token-id tensors."""
+    if calibration is None or isinstance(calibration, GramCollector) or not callable(getattr(model, "get_input_embeddings", None)):
+        return False
+    return all(torch.is_tensor(batch) and not batch.is_floating_point() for batch in calibration)
 
 
 def sparsify_dictionary_(
