@@ -11,6 +11,7 @@ import os
 import re
 import dataclasses
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -268,17 +269,29 @@ def _sensitivity(
         if missing:
             raise ValueError(f"sensitivity lacks {missing[:3]}; give one tensor (out_features,) per compressed Linear")
         return given
-    language_model = callable(getattr(model, "get_input_embeddings", None))
-    if calibration is None or isinstance(calibration, GramCollector) or not language_model:
-        # No language-model loss to take the gradient of: every output counts alike, so the knapsack still
-        # spends the whole-model budget where the (whitened) error is lowest, without the loss' weighting.
-        reason = "calibration batches" if language_model else "a language model's loss (get_input_embeddings)"
+    if not _has_language_model_loss(model, calibration):
+        # No causal-LM loss to differentiate (a prepared collector, no calibration, or not a language model fed
+        # token ids): every output counts alike, so the knapsack still spends the whole-model budget where the
+        # whitened error is lowest, without the loss' weighting.
         logger.warning(
-            f"allocation='knapsack' without {reason}: weighing every output alike (pass batches, or "
+            "allocation='knapsack' without token-id batches of a causal LM: weighing every output alike (pass them, or "
             "sensitivity=spadi_ao.allocation.output_sensitivity(model, modules, batches), for the loss-weighted choice)"
         )
         return {name: torch.ones(module.weight.shape[0]) for name, module in targets.items()}
     return output_sensitivity(model, targets, calibration, progress=progress)
+
+
+def _has_language_model_loss(model: nn.Module, calibration: Any) -> bool:
+    """Whether ``output_sensitivity`` applies: a model with input embeddings, calibrated on token-id tensors."""
+    if calibration is None or isinstance(calibration, GramCollector) or not callable(getattr(model, "get_input_embeddings", None)):
+        return False
+    return all(not _ids(batch).is_floating_point() for batch in calibration)
+
+
+def _ids(batch: Any) -> torch.Tensor:
+    """A calibration batch's token ids (a tensor, or a mapping of model kwargs such as a tokenizer's output)."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    return ids if torch.is_tensor(ids) else torch.empty(0)
 
 
 def sparsify_dictionary_(

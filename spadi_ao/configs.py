@@ -77,6 +77,11 @@ class _BaseConfig(AOBaseConfig):
             raise ValueError(f"allocation_candidates must be a non-empty tuple of ratios in (0, 1), got {self.allocation_candidates!r}")
         for candidate in self.allocation_candidates:
             _check_ratio("allocation_candidates", candidate)
+        if self.allocation == "knapsack" and self.compression_ratio > max(self.allocation_candidates):
+            raise ValueError(
+                f"compression_ratio {self.compression_ratio} is above the largest of allocation_candidates "
+                f"({max(self.allocation_candidates)}): the knapsack cannot meet it; add larger candidates or use allocation='uniform'"
+            )
         if not isinstance(self.damping, (int, float)) or not math.isfinite(self.damping) or self.damping < 0:
             raise ValueError(f"damping must be a finite float >= 0, got {self.damping!r}")
         _check_gram_shrinkage(self.gram_shrinkage)

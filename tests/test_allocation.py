@@ -118,7 +118,7 @@ def _mlp_filter(module, name):
 def test_api_allocation_is_the_brute_force_optimum_and_meets_the_budget(config_type):
     """Three layers, four candidates: the API's picks equal brute force over independently computed errors."""
     candidates = (0.2, 0.35, 0.5, 0.65)
-    extra = {"iterations": 0} if config_type is DictionaryConfig else {}
+    extra = {"solver": "ksvd", "iterations": 0, "grouping": None} if config_type is DictionaryConfig else {}
     config = config_type(compression_ratio=0.4, allocation="knapsack", allocation_candidates=candidates, gram_shrinkage=0.0, **extra)
     batches = token_batches(3, 16)
     model = tiny_llama()
@@ -163,7 +163,9 @@ def test_whole_model_budget_is_met_tightly_and_pinned_layers_keep_their_ratio():
     config = DictionaryConfig(
         compression_ratio=0.35,
         allocation="knapsack",
+        solver="ksvd",
         iterations=0,
+        grouping=None,
         layer_overrides={r"layers\.0\.self_attn\.o_proj$": {"compression_ratio": 0.5}},
     )
     model = tiny_llama()

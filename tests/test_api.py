@@ -9,7 +9,7 @@ from spadi_ao.calibration import GramCollector, run_calibration
 
 from models import tiny_llama, token_batches
 
-FAST = dict(iterations=2, atoms_per_step=4)
+FAST = dict(allocation="uniform", grouping=None)  # per layer at the target ratio, as these checks assume
 
 
 def _held_out_inputs(model, names, batches):
@@ -158,7 +158,7 @@ def _weights(model):
 @pytest.mark.parametrize(
     "config, calibration, match",
     [
-        (DictionaryConfig(compression_ratio=0.99), "batches", "compression_ratio"),
+        (DictionaryConfig(compression_ratio=0.99, **FAST), "batches", "compression_ratio"),
         (LowRankConfig(compression_ratio=0.98), "batches", "compression_ratio"),
         (DictionaryConfig(compression_ratio=0.3), [], "calibration is empty"),
     ],
@@ -192,7 +192,7 @@ def test_failure_midway_leaves_model_as_it_was(monkeypatch):
     model = tiny_llama()
     before = _weights(model)
     calls = []
-    original = spadi_ao.api.compress_weight
+    original = spadi_ao.layer.compress_weight
 
     def failing(name, *args, **kwargs):
         calls.append(name)
@@ -200,7 +200,7 @@ def test_failure_midway_leaves_model_as_it_was(monkeypatch):
             raise RuntimeError("solver crashed")
         return original(name, *args, **kwargs)
 
-    monkeypatch.setattr(spadi_ao.api, "compress_weight", failing)
+    monkeypatch.setattr(spadi_ao.layer, "compress_weight", failing)
     with pytest.raises(RuntimeError, match="solver crashed"):
         sparsify_dictionary_(model, LowRankConfig(compression_ratio=0.3), calibration=token_batches(1, 8), progress=False)
     after = _weights(model)

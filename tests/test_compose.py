@@ -101,7 +101,7 @@ def plain_model():
 
 @pytest.fixture(scope="module")
 def mixed_model():
-    return _compressed_model(layer_overrides=MIXED)
+    return _compressed_model(layer_overrides=MIXED, grouping=None)  # q/k and v quantised differently: no shared dictionary
 
 
 def _lists_as_tuples(attributes: dict) -> dict:

@@ -26,6 +26,7 @@ def test_compression_ratio_must_be_in_open_unit_interval(config_type, ratio):
         ({"layer_overrides": {"(": {}}}, "layer_overrides"),
         ({"layer_overrides": {"down": {"bogus": 1}}}, "layer_overrides"),
         ({"layer_overrides": {"down": {"compression_ratio": 2.0}}}, "compression_ratio"),
+        ({"compression_ratio": 0.95}, "compression_ratio 0.95 is above the largest of allocation_candidates"),  # knapsack
     ],
 )
 def test_bad_fields_name_themselves(kwargs, field):

@@ -17,7 +17,7 @@ from spadi_ao.solvers.whitening import whiten
 
 from models import tiny_llama, token_batches
 
-ONE_SHOT = dict(iterations=0)
+ONE_SHOT = dict(solver="ksvd", iterations=0)
 
 
 def test_paper_grouping_pairs_blocks_for_qkv_up_gate_only():
