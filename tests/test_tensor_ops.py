@@ -13,6 +13,7 @@ from tensor_checks import check_slice_and_copy_like_vllm
 CONFIGS = {
     "dictionary": DictionaryConfig(compression_ratio=0.3),
     "int8-values": DictionaryConfig(compression_ratio=0.3, values_dtype="int8"),
+    "bf16-values": DictionaryConfig(compression_ratio=0.3, values_dtype="bfloat16"),
     "low-rank": LowRankConfig(compression_ratio=0.3),
 }
 
@@ -36,8 +37,9 @@ def test_dtype_casts_convert_float_parts_and_keep_the_rest(config, convert):
     assert type(cast) is type(weight) and cast.dtype in (torch.bfloat16, torch.float16)
     if isinstance(cast, DictionaryTensor):
         assert cast.dictionary.dtype == cast.dtype and torch.equal(cast.bitmask, weight.bitmask)
-        if weight.value_scale is not None:  # int8 values and their scales as stored
-            assert torch.equal(cast.values, weight.values) and torch.equal(cast.value_scale, weight.value_scale)
+        if weight.values.dtype != weight.dtype:  # int8 (with scales) or bfloat16 values: a format of their own, as stored
+            assert torch.equal(cast.values, weight.values) and cast.values.dtype == weight.values.dtype
+            assert cast.value_scale is None or torch.equal(cast.value_scale, weight.value_scale)
         else:
             assert cast.values.dtype == cast.dtype
     else:
