@@ -10,7 +10,7 @@ is a view whose ``copy_`` writes into the weight it was taken from (vLLM's ``par
 
 from __future__ import annotations
 
-import types
+import functools
 from typing import Any, Optional
 
 import torch
@@ -138,4 +138,4 @@ def describe_linears(model: nn.Module) -> None:
     ``quantize_`` makes it show its quantised weights."""
     for module in model.modules():
         if isinstance(module, nn.Linear) and is_compressed_weight(module.weight):
-            module.extra_repr = types.MethodType(_linear_extra_repr, module)
+            module.extra_repr = functools.partial(_linear_extra_repr, module)  # unlike a bound method, pickles

@@ -1,5 +1,8 @@
 """Tensor behaviour of compressed weights as torchao tensors have it, checked against dequantize() (dense math)."""
 
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,6 +129,10 @@ def test_short_repr_and_print_model():
     assert "values=int8+scale" in text
     printed = str(model)
     assert printed.count("weight=DictionaryTensor(") >= 7 and len(printed) < 6000  # identical blocks print once
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the description survives pickling and copying
+    buffer.seek(0)
+    assert str(torch.load(buffer, weights_only=False)) == printed == str(copy.deepcopy(model))
     low_rank = _linear(CONFIGS["low-rank"]).weight
     assert repr(low_rank) == f"LowRankTensor(shape=(48, 64), rank={low_rank.rank}, dtype=float32, stored_bytes={low_rank.stored_bytes()})"
 
