@@ -114,7 +114,8 @@ def test_knapsack_takes_dict_batches():
     config = DictionaryConfig(compression_ratio=0.3, allocation="knapsack", atoms_per_step=4)
     expected = _fresh_like(model)
     sparsify_dictionary_(expected, config, calibration=[torch.tensor([SEQ_A])], progress=False)
-    sparsify_dictionary_(model, config, calibration=[{"input_ids": torch.tensor([SEQ_A])}], progress=False)
+    batch = {"input_ids": torch.tensor([SEQ_A]), "labels": torch.tensor([SEQ_A])}  # as a training set's batches have it
+    sparsify_dictionary_(model, config, calibration=[batch], progress=False)
     assert all(torch.equal(_weights(model)[name], weight) for name, weight in _weights(expected).items())
 
 
