@@ -168,6 +168,7 @@ def output_sensitivity(
             for batch in tqdm(batches, desc="loss sensitivity", disable=not progress, leave=False):
                 kwargs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
                 ids, mask = kwargs.pop("input_ids"), kwargs.get("attention_mask")
+                kwargs.pop("labels", None)  # the loss is the causal LM's own: labels = inputs
                 current["keep"] = mask.bool() if mask is not None and not bool(mask.all()) else None
                 labels = ids if current["keep"] is None else ids.masked_fill(~current["keep"], -100)
                 inputs = embeddings(ids).detach().requires_grad_(True)  # a graph without parameter gradients

@@ -313,8 +313,9 @@ def _pretrained_manifest(path: Path) -> tuple[dict[str, Any], dict[str, Any], di
 
 def _show_settings(settings: dict[str, Any], calibration: Optional[str]) -> None:
     config = settings.get("config", {})
-    print(f"  method {settings.get('method')} ({settings.get('config_type')}), target ratio {settings.get('target_ratio')}, "
-          f"achieved {settings.get('compression_ratio')}")
+    achieved = settings.get("compression_ratio")
+    achieved = f"{achieved:.4f}" if isinstance(achieved, float) else achieved
+    print(f"  method {settings.get('method')} ({settings.get('config_type')}), target ratio {settings.get('target_ratio')}, achieved {achieved}")
     for key in ("solver", "allocation", "grouping", "gram_shrinkage", "rho", "iterations", "atoms_per_step", "init", "damping"):
         if key in config:
             print(f"  {key}: {config[key]}")

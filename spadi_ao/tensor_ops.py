@@ -1,8 +1,8 @@
 """Tensor behaviour of the compressed weights beyond the product: dtype casts, slices, copies, empty copies.
 
 These are what transformers, ``nn.Module`` and vLLM's tensor-parallel loader call on a weight, and what
-torchao's own tensors implement: ``.to(dtype)`` / ``.half()`` convert the floating-point parts (the
-dictionary and float values) and keep the bitmask, int8 parts and their scales as stored; row slices
+torchao's own tensors implement: ``.to(dtype)`` / ``.half()`` convert the parts held in the weight's dtype
+(the dictionary and float values) and keep the bitmask, int8 or bfloat16-stored parts and scales as stored; row slices
 keep the dictionary and slice the values and bitmask, column slices slice the dictionary, so a slice
 is a view whose ``copy_`` writes into the weight it was taken from (vLLM's ``param.data.narrow(...)
 .copy_(loaded.narrow(...))``).
@@ -10,7 +10,7 @@ is a view whose ``copy_`` writes into the weight it was taken from (vLLM's ``par
 
 from __future__ import annotations
 
-import types
+import functools
 from typing import Any, Optional
 
 import torch
@@ -34,12 +34,13 @@ def inner_tensors(tensor: Optional[torch.Tensor]) -> list[torch.Tensor]:
     return [tensor]
 
 
-def _cast(tensor: Optional[torch.Tensor], dtype: Optional[torch.dtype], device: Any) -> Optional[torch.Tensor]:
-    """A stored part on ``device`` (None: where it is), in ``dtype`` if given and the part holds floating-point
-    weights (not an int8 part, a bitmask, a scale or a torchao-quantised dictionary, whose formats stay)."""
+def _cast(tensor: Optional[torch.Tensor], dtype: Optional[torch.dtype], device: Any, weight_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    """A stored part on ``device`` (None: where it is), in ``dtype`` if it is held in the weight's own dtype
+    ``weight_dtype``; parts stored in a format of their own (int8 with scales, bfloat16 values of a float32
+    weight, a bitmask, a torchao-quantised dictionary) stay as they are."""
     if tensor is None:
         return None
-    floating = dtype is not None and type(tensor) is torch.Tensor and tensor.is_floating_point()
+    floating = dtype is not None and type(tensor) is torch.Tensor and tensor.dtype == weight_dtype
     if device is None and not floating:
         return tensor
     return tensor.to(device=device or tensor.device, dtype=dtype if floating else tensor.dtype)
@@ -49,10 +50,11 @@ def _converted(weight: torch.Tensor, dtype: torch.dtype, device: Any) -> torch.T
     if torch.device(device) == weight.device:
         device = None  # parts stay where they are (a group's shared dictionary may still be a meta placeholder)
     if isinstance(weight, LowRankTensor):
-        return LowRankTensor(_cast(weight.down, dtype, device), _cast(weight.up, dtype, device), dtype)
+        return LowRankTensor(_cast(weight.down, dtype, device, weight.dtype), _cast(weight.up, dtype, device, weight.dtype), dtype)
     scales = {name: _cast(getattr(weight, name), None, device) for name in weight.optional_tensor_data_names}
     return DictionaryTensor(
-        _cast(weight.dictionary, dtype, device), _cast(weight.values, dtype, device), _cast(weight.bitmask, None, device), dtype, **scales
+        _cast(weight.dictionary, dtype, device, weight.dtype), _cast(weight.values, dtype, device, weight.dtype),
+        _cast(weight.bitmask, None, device), dtype, **scales
     )
 
 
@@ -136,4 +138,4 @@ def describe_linears(model: nn.Module) -> None:
     ``quantize_`` makes it show its quantised weights."""
     for module in model.modules():
         if isinstance(module, nn.Linear) and is_compressed_weight(module.weight):
-            module.extra_repr = types.MethodType(_linear_extra_repr, module)
+            module.extra_repr = functools.partial(_linear_extra_repr, module)  # unlike a bound method, pickles

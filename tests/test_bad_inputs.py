@@ -20,7 +20,7 @@ sys.path[:0] = [str(Path(__file__).parents[1]), str(Path(__file__).parent)]  # a
 from spadi_ao import DictionaryConfig, LowRankConfig, prepare_calibration, sparsify_dictionary_  # noqa: E402
 from spadi_ao.tensor import is_compressed_weight  # noqa: E402
 
-from models import tiny_llama, token_batches  # noqa: E402
+from models import tiny_llama  # noqa: E402
 
 DOC = Path(__file__).parents[1] / "docs" / "bad_inputs.md"
 CONFIG = DictionaryConfig(compression_ratio=0.3)

@@ -12,8 +12,13 @@ from spadi_ao.cli import build_parser
 from models import tiny_llama, token_batches
 
 
-def _imported_modules(*argv: str) -> set[str]:
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "spadi_ao", *argv], capture_output=True, text=True)
+SCRIPT = "import sys; sys.argv = ['/venv/bin/spadi-ao', *sys.argv[1:]]; from spadi_ao.cli import main; sys.exit(main())"
+
+
+def _imported_modules(*argv: str, script: bool = False) -> set[str]:
+    """Modules imported by ``python -m spadi_ao ARGV`` or, with ``script``, as the installed ``spadi-ao`` script runs it."""
+    launch = ["-c", SCRIPT] if script else ["-m", "spadi_ao"]
+    result = subprocess.run([sys.executable, "-X", "importtime", *launch, *argv], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage: spadi-ao" in result.stdout
     return {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
@@ -23,6 +28,12 @@ def test_help_imports_no_heavy_module():
     for argv in (["--help"], ["compress", "--help"], ["eval", "--help"], ["info", "--help"]):
         imported = _imported_modules(*argv)
         assert not {"torch", "transformers", "torchao"} & imported, argv
+    assert not {"torch", "transformers", "torchao"} & _imported_modules("--help", script=True)
+
+
+def test_import_outside_the_command_line_registers_everything():
+    code = "import sys, spadi_ao; from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING; assert 'spadi_ao' in AUTO_QUANTIZER_MAPPING"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

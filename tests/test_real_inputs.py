@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import pytest
 
-from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
+from spadi_ao import DictionaryConfig, LowRankConfig, prepare_calibration, sparsify_dictionary_
 from spadi_ao.allocation import output_sensitivity
 from spadi_ao.api import select_linears
 from spadi_ao.calibration import GramCollector, run_calibration
@@ -114,7 +114,8 @@ def test_knapsack_takes_dict_batches():
     config = DictionaryConfig(compression_ratio=0.3, allocation="knapsack", atoms_per_step=4)
     expected = _fresh_like(model)
     sparsify_dictionary_(expected, config, calibration=[torch.tensor([SEQ_A])], progress=False)
-    sparsify_dictionary_(model, config, calibration=[{"input_ids": torch.tensor([SEQ_A])}], progress=False)
+    batch = {"input_ids": torch.tensor([SEQ_A]), "labels": torch.tensor([SEQ_A])}  # as a training set's batches have it
+    sparsify_dictionary_(model, config, calibration=[batch], progress=False)
     assert all(torch.equal(_weights(model)[name], weight) for name, weight in _weights(expected).items())
 
 
@@ -142,3 +143,14 @@ def test_gpt2_conv1d_is_named_as_unsupported():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).eval()
     with pytest.raises(ValueError, match="Conv1D .*not support"):
         sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3), calibration=torch.arange(8), progress=False)
+
+
+def test_prepare_convert_leaves_padding_out_too():
+    model = _llama()
+    collector = prepare_calibration(model)
+    with torch.no_grad():
+        model(**_padded())
+    collector.remove()
+    reference, tokens = _reference_gram(model, "model.layers.0.self_attn.q_proj", [SEQ_A, SEQ_B])
+    assert collector.tokens("model.layers.0.self_attn.q_proj") == tokens
+    torch.testing.assert_close(collector.gram("model.layers.0.self_attn.q_proj"), reference, rtol=1e-5, atol=1e-7)

@@ -1,5 +1,8 @@
 """Tensor behaviour of compressed weights as torchao tensors have it, checked against dequantize() (dense math)."""
 
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +16,7 @@ from tensor_checks import check_slice_and_copy_like_vllm
 CONFIGS = {
     "dictionary": DictionaryConfig(compression_ratio=0.3),
     "int8-values": DictionaryConfig(compression_ratio=0.3, values_dtype="int8"),
+    "bf16-values": DictionaryConfig(compression_ratio=0.3, values_dtype="bfloat16"),
     "low-rank": LowRankConfig(compression_ratio=0.3),
 }
 
@@ -36,8 +40,9 @@ def test_dtype_casts_convert_float_parts_and_keep_the_rest(config, convert):
     assert type(cast) is type(weight) and cast.dtype in (torch.bfloat16, torch.float16)
     if isinstance(cast, DictionaryTensor):
         assert cast.dictionary.dtype == cast.dtype and torch.equal(cast.bitmask, weight.bitmask)
-        if weight.value_scale is not None:  # int8 values and their scales as stored
-            assert torch.equal(cast.values, weight.values) and torch.equal(cast.value_scale, weight.value_scale)
+        if weight.values.dtype != weight.dtype:  # int8 (with scales) or bfloat16 values: a format of their own, as stored
+            assert torch.equal(cast.values, weight.values) and cast.values.dtype == weight.values.dtype
+            assert cast.value_scale is None or torch.equal(cast.value_scale, weight.value_scale)
         else:
             assert cast.values.dtype == cast.dtype
     else:
@@ -124,6 +129,10 @@ def test_short_repr_and_print_model():
     assert "values=int8+scale" in text
     printed = str(model)
     assert printed.count("weight=DictionaryTensor(") >= 7 and len(printed) < 6000  # identical blocks print once
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the description survives pickling and copying
+    buffer.seek(0)
+    assert str(torch.load(buffer, weights_only=False)) == printed == str(copy.deepcopy(model))
     low_rank = _linear(CONFIGS["low-rank"]).weight
     assert repr(low_rank) == f"LowRankTensor(shape=(48, 64), rank={low_rank.rank}, dtype=float32, stored_bytes={low_rank.stored_bytes()})"
 
