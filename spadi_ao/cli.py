@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--init", choices=["svd", "random-columns"], default="svd")
     compress.add_argument("--solver", choices=["ksvd", "fast"], default="fast", help="cospadi: the fast closed-form refits (default) or K-SVD (the paper's)")
     compress.add_argument("--allocation", choices=["uniform", "knapsack"], default=None,
-                          help="per-layer ratios: a knapsack over the whole-model budget (cospadi default) or uniform (svd-llm and --sequential default)")
+                          help="per-layer ratios: a knapsack over the whole-model budget (cospadi default) or uniform (svd-llm default)")
     compress.add_argument("--grouping", choices=["inputs", "paper", "none"], default=None,
-                          help="cospadi: layers sharing one dictionary: 'inputs' (default; q/k/v and gate/up of a block), 'paper', 'none' (--sequential default)")
+                          help="cospadi: layers sharing one dictionary: 'inputs' (default; q/k/v and gate/up of a block), 'paper' (not with --sequential), 'none'")
     compress.add_argument("--damping", type=float, default=1e-2)
     compress.add_argument("--seed", type=int, default=42)
     compress.add_argument("--sequential", action="store_true", help="one decoder block at a time (bounded memory; also under torchrun)")
@@ -159,11 +159,11 @@ def _perplexity(model, tokenizer, text: str, args: argparse.Namespace, label: st
 def _config(args: argparse.Namespace):
     from spadi_ao import DictionaryConfig, LowRankConfig
 
-    # The measured best (README, "Beyond the paper") for CoSpaDi; the plain baseline for SVD-LLM. Knapsack
-    # and grouping need the whole model at once, so --sequential defaults to neither.
-    whole_model = args.method == "cospadi" and not args.sequential
-    allocation = args.allocation or ("knapsack" if whole_model else "uniform")
-    grouping = args.grouping or ("inputs" if whole_model else "none")
+    # The measured best (README, "Beyond the paper") for CoSpaDi, --sequential and torchrun included (their
+    # first pass gathers the knapsack's tables block by block); the plain baseline for SVD-LLM.
+    cospadi = args.method == "cospadi"
+    allocation = args.allocation or ("knapsack" if cospadi else "uniform")
+    grouping = args.grouping or ("inputs" if cospadi else "none")
     common = dict(compression_ratio=args.ratio, damping=args.damping, seed=args.seed, gram_shrinkage=args.gram_shrinkage, allocation=allocation)
     if args.method == "svd-llm":
         if grouping != "none":

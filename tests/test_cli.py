@@ -117,7 +117,7 @@ def test_blended_calibration_and_config_flags_reach_the_report(tmp_path, tiny_mo
     [
         (["--calibration", "stdlib", "wikitext2-valid", "--calibration-weights", "1"], "--calibration-weights gives 1 weights for 2"),
         (["--method", "svd-llm", "--grouping", "inputs"], "--method cospadi only"),
-        (["--sequential", "--allocation", "knapsack"], "use sequential=False"),
+        (["--sequential", "--grouping", "paper"], "need groups inside one block (grouping='inputs')"),
         (["--device", "cpu"], "--device moves one decoder block at a time to it: it needs --sequential"),
     ],
 )
@@ -141,7 +141,7 @@ def test_cli_defaults_are_the_measured_best_for_cospadi_and_the_plain_baseline_o
     best = config()
     assert (best.allocation, best.solver, best.grouping, best.gram_shrinkage) == ("knapsack", "fast", "inputs", "auto")
     sequential = config("--sequential")
-    assert (sequential.allocation, sequential.grouping) == ("uniform", None)
+    assert (sequential.allocation, sequential.grouping) == ("knapsack", "inputs")
     baseline = config("--method", "svd-llm")
     assert type(baseline).__name__ == "LowRankConfig" and baseline.allocation == "uniform"
     plain = config("--allocation", "uniform", "--grouping", "none", "--solver", "ksvd")
