@@ -282,7 +282,11 @@ def sparsify_dictionary_(
     ``config.allocation="knapsack"`` chooses per-layer ratios that meet the whole-model byte budget; it
     weighs errors by each output's loss sensitivity, computed from the calibration batches (a backward
     pass each) unless ``sensitivity`` (fqn -> (out_features,), see ``spadi_ao.allocation``) is given.
-    ``config.grouping`` makes groups of layers share one dictionary.
+    ``config.grouping`` makes groups of layers share one dictionary. Both work block by block too: a first
+    pass gathers every unit's candidate errors (dense propagation, one block's Grams at a time; the
+    backward recomputes one block at a time), the knapsack is solved once, then the blocks are compressed;
+    with ``propagate="dense"`` the result is the one-shot transform's. Groups must lie inside one block
+    there (``grouping="inputs"``; ``"paper"`` pairs blocks and needs ``sequential=False``).
     """
     import time
 
