@@ -44,12 +44,16 @@ VARIANTS = {
     "svd-llm-knapsack": {"allocation": "knapsack"},
     "sequential-dense": {},
     "sequential-compressed": {},
+    "sequential-combined": {"allocation": "knapsack", "solver": "fast", "grouping": "inputs"},
+    "sequential-combined-dense": {"allocation": "knapsack", "solver": "fast", "grouping": "inputs"},
 }
 """CoSpaDi variants: the default, the paper preset, and extensions on top of the one-shot setting
 (``common.ONE_SHOT`` with ``--iterations`` / ``--atoms-per-step``), which isolates what each extension adds."""
 
-PROPAGATION = {"sequential-dense": "dense", "sequential-compressed": "compressed"}
-"""Variants run block by block (``sequential=True``) from the calibration batches, with this ``propagate``."""
+PROPAGATION = {"sequential-dense": "dense", "sequential-compressed": "compressed", "sequential-combined": "compressed",
+               "sequential-combined-dense": "dense"}
+"""Variants run block by block (``sequential=True``) from the calibration batches, with this ``propagate``; the
+knapsack ones get the same loss sensitivity as the one-shot variants, so only the propagation differs."""
 
 
 def parse_args() -> argparse.Namespace:
@@ -155,10 +159,10 @@ def run_variants(args: argparse.Namespace, model, tokenizer, eval_text: str, col
             config = variant_config(variant, ratio, args)
             compressed = fresh_copy(model)
             start = time.perf_counter()
+            extra = {"sensitivity": sensitivity} if config.allocation == "knapsack" else {}
             if variant in PROPAGATION:  # the same batches the Grams came from, walked block by block
-                report = sparsify_dictionary_(compressed, config, calibration=batches, sequential=True, propagate=PROPAGATION[variant])
+                report = sparsify_dictionary_(compressed, config, calibration=batches, sequential=True, propagate=PROPAGATION[variant], **extra)
             else:
-                extra = {"sensitivity": sensitivity} if config.allocation == "knapsack" else {}
                 report = sparsify_dictionary_(compressed, config, calibration=collector, **extra)
             seconds = time.perf_counter() - start
             result = evaluate(compressed, tokenizer, eval_text, args.seq_len, args.eval_windows)

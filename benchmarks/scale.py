@@ -43,6 +43,9 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SETTINGS = {"global": {"allocation": "knapsack", "grouping": "inputs"}, "uniform": {"allocation": "uniform", "grouping": None}}
+"""``global``: the knapsack over the whole model and in-block shared dictionaries (a first pass, then the
+compress pass); ``uniform``: every Linear at CR 0.3 on its own dictionary (the compress pass alone)."""
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
     "quick": dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2, vocab_size=4000),
@@ -106,7 +109,7 @@ def _state_digest(model) -> str:
 
 class SolveClock:
     """Wall time of the solve phase: from each block's first solve on this rank to the end of the exchange
-    (where the ranks meet), summed over blocks. Patched around the driver's solve and exchange."""
+    (where the ranks meet), summed over blocks. Patched around the driver's solves and exchange."""
 
     def __init__(self) -> None:
         import spadi_ao.api
@@ -114,11 +117,14 @@ class SolveClock:
 
         self.seconds = 0.0
         self._start: float | None = None
-        solve, exchange = spadi_ao.api.compress_weight, spadi_ao.sequential._exchange
+        solve, solve_group, exchange = spadi_ao.api.compress_weight, spadi_ao.api.compress_group, spadi_ao.sequential._exchange
 
-        def timed_solve(*args, **kwargs):
-            self._start = self._start or time.perf_counter()
-            return solve(*args, **kwargs)
+        def timed(function):
+            def run(*args, **kwargs):
+                self._start = self._start or time.perf_counter()
+                return function(*args, **kwargs)
+
+            return run
 
         def timed_exchange(*args, **kwargs):
             result = exchange(*args, **kwargs)
@@ -127,7 +133,52 @@ class SolveClock:
                 self._start = None
             return result
 
-        spadi_ao.api.compress_weight, spadi_ao.sequential._exchange = timed_solve, timed_exchange
+        spadi_ao.api.compress_weight, spadi_ao.api.compress_group = timed(solve), timed(solve_group)
+        spadi_ao.sequential._exchange = timed_exchange
+
+
+class FirstPassClock:
+    """The knapsack's first pass: wall time of the loss-sensitivity backward and of the whole pass (sensitivity
+    plus the per-unit tables, up to the knapsack), the survey's table phase (first table job on this rank to
+    the table exchange, summed over blocks, as :class:`SolveClock`), and the peak RSS when each ended."""
+
+    def __init__(self) -> None:
+        import spadi_ao.api
+        import spadi_ao.sequential
+
+        self.seconds = self.sensitivity_seconds = self.table_seconds = 0.0
+        self.peak_rss_after_sensitivity = self.peak_rss_after = 0
+        self._start: float | None = None
+        survey, sensitivity = spadi_ao.sequential._Blockwise.survey, spadi_ao.sequential.blockwise_sensitivity
+        tabulate, exchange = spadi_ao.api._tabulate, spadi_ao.sequential._exchange_tables
+
+        def timed_survey(*args, **kwargs):
+            start = time.perf_counter()
+            result = survey(*args, **kwargs)
+            self.seconds += time.perf_counter() - start
+            self.peak_rss_after = _rss_bytes()
+            return result
+
+        def timed_sensitivity(*args, **kwargs):
+            start = time.perf_counter()
+            result = sensitivity(*args, **kwargs)
+            self.sensitivity_seconds += time.perf_counter() - start
+            self.peak_rss_after_sensitivity = _rss_bytes()
+            return result
+
+        def timed_tabulate(*args, **kwargs):
+            self._start = self._start or time.perf_counter()
+            return tabulate(*args, **kwargs)
+
+        def timed_exchange(*args, **kwargs):
+            result = exchange(*args, **kwargs)
+            if self._start is not None:
+                self.table_seconds += time.perf_counter() - self._start
+                self._start = None
+            return result
+
+        spadi_ao.sequential._Blockwise.survey, spadi_ao.sequential.blockwise_sensitivity = timed_survey, timed_sensitivity
+        spadi_ao.api._tabulate, spadi_ao.sequential._exchange_tables = timed_tabulate, timed_exchange
 
 
 def child(args: argparse.Namespace) -> None:
@@ -148,10 +199,9 @@ def child(args: argparse.Namespace) -> None:
     built = _current_rss_bytes()
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=generator) for _ in range(args.samples)]
-    # Per layer and uniform: block-by-block mode solves one layer at a time, which the knapsack and shared
-    # dictionaries of the default do not (they need the whole model at once).
-    config = DictionaryConfig(compression_ratio=0.3, solver="fast", fast_steps=0, allocation="uniform", grouping=None)
+    config = DictionaryConfig(compression_ratio=0.3, solver="fast", fast_steps=0, **SETTINGS[args.setting])
     clock = SolveClock()
+    first_pass = FirstPassClock()
     start = time.perf_counter()
     report = sparsify_dictionary_(model, config, calibration=batches, sequential=True, checkpoint_dir=args.checkpoint_dir, progress=False)
     seconds = time.perf_counter() - start
@@ -165,6 +215,12 @@ def child(args: argparse.Namespace) -> None:
         "peak_rss": _rss_bytes(),
         "seconds": seconds,
         "solve_seconds": clock.seconds,
+        "first_pass_seconds": first_pass.seconds,
+        "sensitivity_seconds": first_pass.sensitivity_seconds,
+        "table_seconds": first_pass.table_seconds,
+        "peak_rss_after_sensitivity": first_pass.peak_rss_after_sensitivity,
+        "peak_rss_after_first_pass": first_pass.peak_rss_after,
+        "setting": args.setting,
         "threads": args.threads,
         "compression_ratio": report.compression_ratio,
         "digest": _state_digest(model) if args.digest else None,
@@ -266,7 +322,7 @@ def _child_command(
     force_spill: bool = False,
 ) -> list[str]:
     command = [__file__, "--child", "--shape", args.shape, "--layers", str(layers), "--threads", str(threads or args.threads),
-               "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+               "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--setting", args.setting]
     if checkpoint_dir:
         command += ["--checkpoint-dir", checkpoint_dir]
     return command + (["--digest"] if digest else []) + (["--force-spill"] if force_spill else [])
@@ -288,7 +344,10 @@ def part_rss(args: argparse.Namespace) -> dict:
         result["peak_over_weights"] = result["peak_rss"] / result["weight_bytes"]
         runs.append(result)
         print(f"rss: {layers} layers, {result['parameters'] / 1e9:.2f}B params, weights {result['weight_bytes'] / 2**30:.2f} GiB, "
-              f"peak RSS {result['peak_rss'] / 2**30:.2f} GiB ({result['peak_over_weights']:.2f}x), {result['seconds']:.0f}s", flush=True)
+              f"peak RSS {result['peak_rss'] / 2**30:.2f} GiB ({result['peak_over_weights']:.2f}x), {result['seconds']:.0f}s; first pass "
+              f"{result['first_pass_seconds']:.0f}s (sensitivity {result['sensitivity_seconds']:.0f}s), peak RSS by its end "
+              f"{result['peak_rss_after_first_pass'] / 2**30:.2f} GiB (after the sensitivity {result['peak_rss_after_sensitivity'] / 2**30:.2f} GiB)",
+              flush=True)
     growth = None
     if len(runs) >= 2:
         growth = {"added_weight_bytes": runs[-1]["weight_bytes"] - runs[0]["weight_bytes"],
@@ -302,10 +361,14 @@ def part_speedup(args: argparse.Namespace) -> dict:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
     double = _run(_child_command(args, layers, threads=1, digest=True), launcher=launcher)
     result = {"layers": layers, "one_rank_solve_seconds": single["solve_seconds"], "two_ranks_solve_seconds": double["solve_seconds"],
-              "speedup": single["solve_seconds"] / double["solve_seconds"], "one_rank_total_seconds": single["seconds"],
+              "speedup": single["solve_seconds"] / double["solve_seconds"],
+              "one_rank_table_seconds": single["table_seconds"], "two_ranks_table_seconds": double["table_seconds"],
+              "one_rank_first_pass_seconds": single["first_pass_seconds"], "two_ranks_first_pass_seconds": double["first_pass_seconds"], "one_rank_total_seconds": single["seconds"],
               "two_ranks_total_seconds": double["seconds"], "identical": single["digest"] == double["digest"]}
     print(f"speedup: solve phase 1 rank {single['solve_seconds']:.1f}s, 2 ranks {double['solve_seconds']:.1f}s -> {result['speedup']:.2f}x "
-          f"(whole run {single['seconds']:.1f}s vs {double['seconds']:.1f}s), identical output: {result['identical']}", flush=True)
+          f"(whole run {single['seconds']:.1f}s vs {double['seconds']:.1f}s), identical output: {result['identical']}; first pass "
+          f"{single['first_pass_seconds']:.1f}s vs {double['first_pass_seconds']:.1f}s, its table phase {single['table_seconds']:.1f}s vs "
+          f"{double['table_seconds']:.1f}s", flush=True)
     return result
 
 
@@ -322,12 +385,14 @@ def part_spill(args: argparse.Namespace) -> dict:
 
 
 def _killed_run(command: list[str], directory: Path, kill_after_layers: int) -> int:
-    """Start a run, SIGKILL it once the checkpoint holds ``kill_after_layers`` more layers; returns layers done."""
+    """Start a run, SIGKILL it once the checkpoint holds ``kill_after_layers`` more entries (first-pass tables and
+    compressed layers); returns the entries done."""
     manifest = directory / "manifest.json"
 
     def done() -> int:
         try:
-            return len(json.loads(manifest.read_text())["layers"])
+            state = json.loads(manifest.read_text())
+            return len(state["layers"]) + len(state["tables"])
         except (FileNotFoundError, json.JSONDecodeError):
             return 0
 
@@ -344,7 +409,7 @@ def _killed_run(command: list[str], directory: Path, kill_after_layers: int) -> 
 
 def part_resume(args: argparse.Namespace) -> dict:
     layers = args.resume_layers
-    total = layers * 7
+    total = layers * (7 + (4 if args.setting == "global" else 0))  # Linears, plus qkv/o/gate_up/down tables a block
     reference = _run(_child_command(args, layers, digest=True))
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as directory:
@@ -354,7 +419,8 @@ def part_resume(args: argparse.Namespace) -> dict:
             kills.append(_killed_run(command, Path(directory), rng.randint(1, max(1, total // 3))))
         finished = _run(command)
     result = {"layers": layers, "linears": total, "layers_done_at_kills": kills, "identical": finished["digest"] == reference["digest"]}
-    print(f"resume: killed with {kills} of {total} Linears done; final model identical to uninterrupted: {result['identical']}", flush=True)
+    print(f"resume: killed with {kills} of {total} checkpoint entries (first-pass tables and Linears) done; final model identical "
+          f"to uninterrupted: {result['identical']}", flush=True)
     return result
 
 
@@ -363,14 +429,18 @@ MALLOC_NOTE = ", glibc MALLOC_MMAP_THRESHOLD_={} (freed weights go back to the s
 
 def write(results: dict, args: argparse.Namespace) -> None:
     lines = [f"Model shape `{args.shape}` ({SHAPES[args.shape]}), calibration {args.samples} x {args.seq_len} random tokens, "
-             f"CoSpaDi CR 0.3, solver='fast', fast_steps=0, sequential=True, {args.threads} thread(s) per process (rss, resume)"
+             f"CoSpaDi CR 0.3, solver='fast', fast_steps=0, {args.setting} allocation, sequential=True, "
+             f"{args.threads} thread(s) per process (rss, resume)"
              f"{MALLOC_NOTE.format(os.environ['MALLOC_MMAP_THRESHOLD_']) if 'MALLOC_MMAP_THRESHOLD_' in os.environ else ''}.", ""]
     if "rss" in results:
-        lines += ["| layers | parameters | fp32 weights GiB | RSS after imports GiB | peak RSS GiB | peak / weights | seconds |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| layers | parameters | fp32 weights GiB | RSS after imports GiB | peak RSS GiB | peak / weights | seconds | "
+                  "first pass s (sensitivity s) | peak RSS by the end of the first pass GiB (of the sensitivity) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for run in results["rss"]["runs"]:
             lines.append(f"| {run['layers']} | {run['parameters'] / 1e9:.3f}B | {run['weight_bytes'] / 2**30:.2f} | "
-                         f"{run['baseline_rss'] / 2**30:.2f} | {run['peak_rss'] / 2**30:.2f} | {run['peak_over_weights']:.2f} | {run['seconds']:.0f} |")
+                         f"{run['baseline_rss'] / 2**30:.2f} | {run['peak_rss'] / 2**30:.2f} | {run['peak_over_weights']:.2f} | {run['seconds']:.0f} | "
+                         f"{run['first_pass_seconds']:.0f} ({run['sensitivity_seconds']:.0f}) | {run['peak_rss_after_first_pass'] / 2**30:.2f} "
+                         f"({run['peak_rss_after_sensitivity'] / 2**30:.2f}) |")
         growth = results["rss"]["growth"]
         if growth:
             lines += ["", f"Doubling the layers added {growth['added_weight_bytes'] / 2**30:.2f} GiB of weights and "
@@ -379,10 +449,13 @@ def write(results: dict, args: argparse.Namespace) -> None:
         r = results["speedup"]
         lines += ["", f"Solve phase ({r['layers']} layers): 1 rank x 1 thread {r['one_rank_solve_seconds']:.1f} s, 2 ranks x 1 thread "
                       f"{r['two_ranks_solve_seconds']:.1f} s: {r['speedup']:.2f}x (whole run {r['one_rank_total_seconds']:.1f} s vs "
-                      f"{r['two_ranks_total_seconds']:.1f} s); identical output: {r['identical']}."]
+                      f"{r['two_ranks_total_seconds']:.1f} s); identical output: {r['identical']}. First pass {r['one_rank_first_pass_seconds']:.1f} s "
+                      f"vs {r['two_ranks_first_pass_seconds']:.1f} s, its table phase {r['one_rank_table_seconds']:.1f} s vs "
+                      f"{r['two_ranks_table_seconds']:.1f} s."]
     if "resume" in results:
         r = results["resume"]
-        lines += ["", f"Kill and resume ({r['linears']} Linears): killed twice with {r['layers_done_at_kills']} Linears checkpointed; "
+        lines += ["", f"Kill and resume ({r['linears']} checkpoint entries: first-pass tables and Linears): killed twice with "
+                      f"{r['layers_done_at_kills']} entries checkpointed; "
                       f"final model bit-identical to an uninterrupted run: {r['identical']}."]
     if "spill" in results:
         r = results["spill"]
@@ -422,6 +495,7 @@ def main() -> None:
     parser.add_argument("--layer-shapes", nargs="+", default=list(LAYER_SHAPES), choices=list(LAYER_SHAPES))
     parser.add_argument("--solvers", nargs="+", default=list(SOLVERS)[:3], choices=list(SOLVERS),
                         help="layers: solvers timed after the Gram + whitening row (default: all but K-SVD, 1 iteration)")
+    parser.add_argument("--setting", default="global", choices=sorted(SETTINGS), help="global: knapsack + grouping='inputs' (default); uniform")
     parser.add_argument("--threads", type=int, default=2, help="threads per process of the rss and resume parts (speedup: 1, layers: 1)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layer-shape", default=None, help=argparse.SUPPRESS)

@@ -158,7 +158,7 @@ def output_sensitivity(
         return hook
 
     handles = [module.register_forward_hook(track(name)) for name, module in modules.items()]
-    device = next(model.parameters()).device
+    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))  # offloaded ones are on meta
     requires = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         with eval_mode(model):

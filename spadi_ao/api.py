@@ -19,13 +19,13 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from tqdm.auto import tqdm
 
-from spadi_ao.allocation import candidate_sizes, output_sensitivity, solve_knapsack, threshold_errors
+from spadi_ao.allocation import Candidate, candidate_sizes, output_sensitivity, solve_knapsack, threshold_errors
 from spadi_ao.budget import dictionary_budget, low_rank_budget
 from spadi_ao.calibration import CALIBRATION_ATTR, GramCollector, attach_collector, run_calibration
 from spadi_ao.configs import DictionaryConfig, LowRankConfig
 from spadi_ao.inputs import calibration_batches, eval_mode
 from spadi_ao.grouping import group_layers, relink_shared, split_bytes, storage_key
-from spadi_ao.layer import LayerReport, compress_group, compress_linear, resolve_shrinkage, whiten_group
+from spadi_ao.layer import LayerReport, compress_group, compress_linear, compress_weight, resolve_shrinkage, whiten_group
 from spadi_ao.offload import dense_weight, offload_hook
 from spadi_ao.tensor import is_compressed_weight
 
@@ -231,6 +231,33 @@ def _collect(model: nn.Module, targets: dict[str, nn.Linear], calibration: Any, 
     return collector
 
 
+def _tabulate(
+    config: DictionaryConfig | LowRankConfig,
+    unit: list[str],
+    weights: list[torch.Tensor],
+    grams: list[Optional[torch.Tensor]],
+    shrinkages: list[float],
+    sensitivity: dict[str, torch.Tensor],
+    overwrite_gram: bool = False,
+) -> tuple[list[Candidate], list[float]]:
+    """One unit's knapsack menu and the loss-weighted error of each candidate (see ``spadi_ao.allocation``)."""
+    unit_config = config.for_layer(unit[0])
+    pinned = "compression_ratio" in config.overrides_for(unit[0])
+    ratios = (unit_config.compression_ratio,) if pinned else config.allocation_candidates
+    menu = candidate_sizes(unit_config, sum(w.shape[0] for w in weights), weights[0].shape[1], weights[0].element_size(), ratios)
+    if not menu:
+        raise ValueError(f"{unit[0]}: no ratio in allocation_candidates leaves k, s >= 1; add smaller candidates")
+    _, whitened, _ = whiten_group(weights, grams, unit_config, shrinkages, overwrite_gram)
+    column_weights = torch.cat([sensitivity[name].to(torch.float64) for name in unit]).to(whitened.device)
+    return menu, threshold_errors(whitened, [(c.k, c.s) for c in menu], column_weights)
+
+
+def _byte_budget(targets: dict[str, nn.Linear], config: DictionaryConfig | LowRankConfig) -> int:
+    """The whole-model budget: ``1 - compression_ratio`` of the selected Linears' dense bytes."""
+    dense = sum(module.weight.numel() * module.weight.element_size() for module in targets.values())
+    return int((1.0 - config.compression_ratio) * dense)
+
+
 def _allocate(
     units: dict[str, list[str]],
     targets: dict[str, nn.Linear],
@@ -244,20 +271,13 @@ def _allocate(
     for unit in tqdm(units.values(), desc="allocating", disable=not progress):
         unit_config = config.for_layer(unit[0])
         weights = [targets[name].weight.detach() for name in unit]
-        pinned = "compression_ratio" in config.overrides_for(unit[0])
-        ratios = (unit_config.compression_ratio,) if pinned else config.allocation_candidates
-        menu = candidate_sizes(unit_config, sum(w.shape[0] for w in weights), weights[0].shape[1], weights[0].element_size(), ratios)
-        if not menu:
-            raise ValueError(f"{unit[0]}: no ratio in allocation_candidates leaves k, s >= 1; add smaller candidates")
         grams = [collector.gram(name) if collector is not None else None for name in unit]
         shrinkages = [resolve_shrinkage(unit_config.gram_shrinkage, collector, name) for name in unit]
-        _, whitened, _ = whiten_group(weights, grams, unit_config, shrinkages)
-        column_weights = torch.cat([sensitivity[name].to(torch.float64) for name in unit])
-        errors.append(threshold_errors(whitened, [(c.k, c.s) for c in menu], column_weights))
+        menu, unit_errors = _tabulate(config, unit, weights, grams, shrinkages, sensitivity)
+        errors.append(unit_errors)
         costs.append([c.stored_bytes for c in menu])
         menus.append(menu)
-    dense = sum(module.weight.numel() * module.weight.element_size() for module in targets.values())
-    picks = solve_knapsack(costs, errors, int((1.0 - config.compression_ratio) * dense))
+    picks = solve_knapsack(costs, errors, _byte_budget(targets, config))
     return {label: menu[pick].ratio for label, menu, pick in zip(units, menus, picks)}
 
 
@@ -332,7 +352,11 @@ def sparsify_dictionary_(
     weighs errors by each output's loss sensitivity, computed from the calibration batches (a backward
     pass each) unless ``sensitivity`` (fqn -> (out_features,), see ``spadi_ao.allocation``) is given; with a
     prepared collector or no calibration there is no loss to differentiate, and every output weighs alike (a
-    one-line warning says so). ``config.grouping`` makes groups of layers share one dictionary.
+    one-line warning says so). ``config.grouping`` makes groups of layers share one dictionary. Both work block
+    by block too: a first pass gathers every unit's candidate errors (dense propagation, one block's Grams at a
+    time; the backward recomputes one block at a time), the knapsack is solved once, then the blocks are
+    compressed; with ``propagate="dense"`` the result is the one-shot transform's. Groups must lie inside one
+    block there (``grouping="inputs"``; ``"paper"`` pairs blocks and needs ``sequential=False``).
 
     torchao's ``quantize_(model, config)`` runs the same per-layer step (``spadi_ao.layer.compress_linear``)
     on each selected Linear, without the whole-model features: each layer at ``compression_ratio``, its own
@@ -358,12 +382,9 @@ def sparsify_dictionary_(
         calibration = calibration_batches(calibration, model)
     units = _units(targets, config)
     if blockwise:
-        if config.allocation != "uniform" or len(units) != len(targets):
-            raise ValueError(
-                "allocation='knapsack' and grouping need the whole model at once (DictionaryConfig() uses both): use "
-                "sequential=False, or allocation='uniform', grouping=None (CLI: --allocation uniform --grouping none)"
-            )
-        report = _sparsify_sequential(model, config, targets, calibration, propagate, checkpoint_dir, device, progress, start)
+        report = _sparsify_sequential(
+            model, config, targets, units, calibration, sensitivity, propagate, checkpoint_dir, device, progress, start
+        )
         _finish(model, config, report)
         return report
     if config.allocation == "knapsack" and sensitivity is None and calibration is not None and not isinstance(calibration, GramCollector):
@@ -413,7 +434,9 @@ def _sparsify_sequential(
     model: nn.Module,
     config: DictionaryConfig | LowRankConfig,
     targets: dict[str, nn.Linear],
+    units: dict[str, list[str]],
     calibration: Any,
+    sensitivity: Optional[dict[str, torch.Tensor]],
     propagate: str,
     checkpoint_dir: Optional[str | os.PathLike],
     device: Optional[str | torch.device],
@@ -422,20 +445,53 @@ def _sparsify_sequential(
 ) -> CompressionReport:
     import time
 
-    from spadi_ao.sequential import run_sequential
+    from spadi_ao.sequential import GlobalAllocation, run_sequential
 
     if calibration is None or isinstance(calibration, GramCollector):
         raise ValueError("sequential / distributed / checkpointed compression needs calibration batches, not a prepared collector")
     if any(isinstance(batch, dict) and batch.get("attention_mask") is not None and not bool(batch["attention_mask"].all()) for batch in calibration):
         raise ValueError("sequential=True does not leave padding out of the Grams yet: pass unpadded sequences (no 0 in attention_mask)")
+    if sensitivity is not None:
+        _sensitivity(model, targets, calibration, sensitivity)  # checks it covers every Linear
 
-    def solve(name: str, weight: torch.Tensor, collector: GramCollector) -> tuple[torch.Tensor, LayerReport]:
-        return compress_linear(name, weight, config.for_layer(name), collector, take=True)
+    def unit_grams(members: list[str], collector: GramCollector) -> tuple[list[Optional[torch.Tensor]], list[float], int]:
+        """The members' Grams as the one-shot transform reads them, then released from the collector."""
+        shrinkages = [resolve_shrinkage(config.for_layer(name).gram_shrinkage, collector, name) for name in members]
+        tokens = max(collector.tokens(name) for name in members)
+        if len(members) == 1:
+            return [collector.take(members[0])], shrinkages, tokens
+        grams = [collector.gram(name) for name in members]
+        for name in members:
+            collector.release(name)
+        return grams, shrinkages, tokens
 
+    def solve(
+        label: str, members: list[str], weights: list[torch.Tensor], collector: GramCollector, ratio: Optional[float]
+    ) -> list[tuple[torch.Tensor, LayerReport]]:
+        unit_config = config.for_layer(members[0])
+        if ratio is not None:
+            unit_config = dataclasses.replace(unit_config, compression_ratio=ratio)
+        grams, shrinkages, tokens = unit_grams(members, collector)
+        if len(members) == 1:
+            return [compress_weight(members[0], weights[0], grams[0], unit_config, tokens, shrinkages[0], overwrite_gram=True)]
+        return compress_group(members, weights, grams, unit_config, tokens, shrinkages, group=label)
+
+    def survey(label: str, members: list[str], weights: list[torch.Tensor], collector: GramCollector, sensitivity: dict) -> dict:
+        grams, shrinkages, _ = unit_grams(members, collector)
+        menu, errors = _tabulate(config, members, weights, grams, shrinkages, sensitivity, overwrite_gram=len(members) == 1)
+        return {"ratios": [c.ratio for c in menu], "bytes": [c.stored_bytes for c in menu], "errors": errors}
+
+    def choose(tables: dict[str, dict]) -> dict[str, float]:
+        picks = solve_knapsack([t["bytes"] for t in tables.values()], [t["errors"] for t in tables.values()], _byte_budget(targets, config))
+        return {label: table["ratios"][pick] for (label, table), pick in zip(tables.items(), picks)}
+
+    allocation = GlobalAllocation(survey, choose, sensitivity) if config.allocation == "knapsack" else None
     with torch.no_grad(), eval_mode(model):
         layers, gram_bytes = run_sequential(
-            model, config, targets, calibration, solve, propagate=propagate, checkpoint_dir=checkpoint_dir, device=device, progress=progress
+            model, config, targets, calibration, solve, units=units, allocation=allocation, propagate=propagate,
+            checkpoint_dir=checkpoint_dir, device=device, progress=progress,
         )
+    relink_shared(targets[name].weight for name in targets)
     method = "cospadi" if isinstance(config, DictionaryConfig) else "svd-llm"
     report = CompressionReport(method=method, target_ratio=config.compression_ratio, layers=layers)
     report.calibration_tokens = max((layer.calibration_tokens for layer in layers), default=0)

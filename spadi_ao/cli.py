@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--allocation", choices=["uniform", "knapsack"], **field,
                           help=f"per-layer ratios: a knapsack over the whole-model budget or uniform (default: {d['allocation']} for cospadi, uniform for svd-llm)")
     compress.add_argument("--grouping", choices=["inputs", "paper", "none"], **field,
-                          help=f"cospadi: layers sharing one dictionary: 'inputs' (q/k/v and gate/up of a block), 'paper', 'none' (default: {d['grouping']})")
+                          help=f"cospadi: layers sharing one dictionary: 'inputs' (q/k/v and gate/up of a block), 'paper' (not with --sequential), 'none' (default: {d['grouping']})")
     compress.add_argument("--damping", type=float, **field, help=f"Gram ridge, relative to its mean diagonal (default: {d['damping']})")
     compress.add_argument("--seed", type=int, default=42, help="seed of the calibration sampling and the solvers")
     compress.add_argument("--sequential", action="store_true", help="one decoder block at a time (bounded memory; also under torchrun)")

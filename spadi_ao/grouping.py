@@ -29,6 +29,7 @@ __all__ = [
     "average_gram",
     "split_bytes",
     "relink_shared",
+    "share_dictionary",
     "storage_key",
 ]
 
@@ -126,6 +127,22 @@ def relink_shared(weights: Iterable[torch.Tensor], names: Sequence[str] = ("dict
             inner = getattr(weight, name, None)
             if inner is not None:
                 setattr(weight, name, first.setdefault(storage_key(inner), inner))
+
+
+def share_dictionary(weights: Sequence[torch.Tensor], names: Sequence[str] = ("dictionary", "dictionary_scale")) -> None:
+    """Point every member of a group at the first member's dictionary, in place.
+
+    Members solved together share one dictionary; read back from a checkpoint or received from another rank,
+    each holds its own equal copy, which would be kept in memory and stored once per member.
+    """
+    for weight in weights[1:]:
+        for name in names:
+            first, inner = getattr(weights[0], name, None), getattr(weight, name, None)
+            if first is None or inner is first:
+                continue
+            if type(first) is torch.Tensor and not torch.equal(first, inner):
+                raise ValueError(f"members of one group hold different {name}s: not from one solve")
+            setattr(weight, name, first)
 
 
 def storage_key(tensor: torch.Tensor) -> tuple:

@@ -12,6 +12,12 @@ loads finished layers instead of solving them and ends bit-identical. Inside an 
 (longest first, to the least-loaded rank) and the results exchanged, so every rank ends with the full
 compressed model.
 
+A whole-model allocation (the knapsack, ``GlobalAllocation``) adds a first pass: the loss sensitivities
+from one backward per calibration batch with each block recomputed in the backward (activation
+checkpointing: one block's activations at a time), then block by block with dense propagation each
+unit's small table of candidate sizes and errors, dealt to ranks like the solves. The ratios are chosen
+once from all tables, and the compress pass follows. Tables and sensitivities are checkpointed too.
+
 Memory stays near the model's own: block inputs wait on the host between blocks (in memory-mapped
 temporary files when they would not fit, see ``_InputStore``), one block's Grams exist at a time (each
 freed, widest first, once its last reader is solved, and whitened in its own memory; the rest wait in
@@ -26,25 +32,55 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from spadi_ao.allocation import output_sensitivity
 from spadi_ao.calibration import GramCollector
+from spadi_ao.grouping import share_dictionary
 from spadi_ao.kernels.cpu import forget_cached_codes
 from spadi_ao.layer import LayerReport
 from spadi_ao.offload import WeightSwap, dense_weight, execution_device, install_weight, is_dispatched
 
-__all__ = ["run_sequential", "decoder_blocks", "CheckpointMismatchError"]
+__all__ = ["run_sequential", "decoder_blocks", "blockwise_sensitivity", "GlobalAllocation", "CheckpointMismatchError"]
 
-SolveFn = Callable[[str, torch.Tensor, GramCollector], tuple[torch.Tensor, LayerReport]]
-"""``solve(name, dense weight on the compute device, collector)``; it reads the Gram with ``collector.take(name)``."""
+SolveFn = Callable[[str, list[str], list[torch.Tensor], GramCollector, Optional[float]], list[tuple[torch.Tensor, LayerReport]]]
+"""``solve(unit, members, their dense weights on the compute device, collector, ratio)``: one ``(weight, report)``
+per member. A unit is one Linear or a group sharing a dictionary; ``ratio`` is the one the global allocation
+chose (None: the config's). It reads the Grams from ``collector`` (``take`` / ``gram``, then ``release``)."""
+SurveyFn = Callable[[str, list[str], list[torch.Tensor], GramCollector, dict[str, torch.Tensor]], dict]
+"""``survey(unit, members, dense weights, collector, sensitivity)``: the unit's allocation table, small and
+JSON-able (e.g. each candidate's ratio, stored bytes and error)."""
 MANIFEST = "manifest.json"
+SENSITIVITY = "sensitivity.safetensors"
+
+
+@dataclass(frozen=True)
+class GlobalAllocation:
+    """A whole-model choice of per-unit ratios (the knapsack) made before anything is compressed.
+
+    ``survey`` tabulates a unit from its Grams (dense propagation) and the loss sensitivities;
+    ``choose`` maps every unit's table, in unit order, to its ratio. ``sensitivity``: given by the
+    caller, else computed with :func:`blockwise_sensitivity`.
+    """
+
+    survey: SurveyFn
+    choose: Callable[[dict[str, dict]], dict[str, float]]
+    sensitivity: Optional[dict[str, torch.Tensor]] = None
+
+
+class UnitShape(NamedTuple):
+    """A solve's size for dealing it: a group is one solve of its stacked outputs."""
+
+    out_features: int
+    in_features: int
 
 
 class CheckpointMismatchError(ValueError):
@@ -70,6 +106,53 @@ def decoder_blocks(model: nn.Module, targets: dict[str, nn.Linear]) -> tuple[str
     if outside:
         raise ValueError(f"sequential=True compresses only Linears inside {best[0]}; also selected: {outside[:3]}")
     return best
+
+
+def units_by_block(units: dict[str, list[str]], block_prefix: str, count: int) -> list[dict[str, list[str]]]:
+    """Each block's units (in unit order); a unit whose members sit in different blocks cannot be solved
+    one block at a time."""
+    blocks: list[dict[str, list[str]]] = [{} for _ in range(count)]
+    for label, members in units.items():
+        indices = {int(name[len(block_prefix) + 1 :].split(".", 1)[0]) for name in members}
+        if len(indices) != 1:
+            raise ValueError(
+                f"grouping puts {members} in one group across decoder blocks {sorted(indices)}; sequential, checkpointed "
+                "and distributed runs compress one block at a time and need groups inside one block (grouping='inputs'); "
+                "use sequential=False (the whole model at once) for cross-block groups such as grouping='paper'"
+            )
+        blocks[indices.pop()][label] = members
+    return blocks
+
+
+@contextmanager
+def _recomputed(blocks: nn.ModuleList) -> Iterator[None]:
+    """Each block's forward under activation checkpointing while inside: a backward then holds one block's
+    activations (plus every block's input) instead of every block's, and recomputes the same values."""
+    from torch.utils.checkpoint import checkpoint
+
+    saved = []
+    for block in blocks:
+        own = block.__dict__.get("forward")  # accelerate's hooks replace forward on the instance
+        forward = block.forward
+        saved.append(own)
+        block.forward = lambda *args, _forward=forward, **kwargs: checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+    try:
+        yield
+    finally:
+        for block, own in zip(blocks, saved):
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
+
+
+def blockwise_sensitivity(
+    model: nn.Module, blocks: nn.ModuleList, targets: dict[str, nn.Linear], batches: list[Any]
+) -> dict[str, torch.Tensor]:
+    """:func:`spadi_ao.allocation.output_sensitivity` with every decoder block recomputed in the backward:
+    the same gradients, in the memory of one block's activations and the per-output sums."""
+    with _recomputed(blocks), torch.enable_grad():
+        return output_sensitivity(model, targets, batches)
 
 
 def _input_device(model: nn.Module) -> torch.device:
@@ -209,8 +292,10 @@ class _Checkpoint:
                     "(model, config, layers or calibration); use a new directory or the original arguments"
                 )
             self.done: dict[str, dict] = state["layers"]
+            self.tables: dict[str, dict] = state.get("tables", {})
+            self.has_sensitivity: bool = state.get("sensitivity", False)
         else:
-            self.done = {}
+            self.done, self.tables, self.has_sensitivity = {}, {}, False
         self.fingerprint = fingerprint
         self._write_manifest()
 
@@ -225,7 +310,8 @@ class _Checkpoint:
             raise
 
     def _write_manifest(self) -> None:
-        payload = json.dumps({"fingerprint": self.fingerprint, "layers": self.done}, indent=1)
+        state = {"fingerprint": self.fingerprint, "layers": self.done, "tables": self.tables, "sensitivity": self.has_sensitivity}
+        payload = json.dumps(state, indent=1)
         self._atomic_write(self.directory / MANIFEST, lambda p: Path(p).write_text(payload))
 
     def load(self, name: str) -> Optional[tuple[torch.Tensor, LayerReport]]:
@@ -252,6 +338,30 @@ class _Checkpoint:
         file = f"{name}.safetensors"
         self._atomic_write(self.directory / file, lambda p: save_file(tensors, p))
         self.done[name] = {"file": file, "manifest": manifest, "report": report.to_dict()}
+        self._write_manifest()
+
+
+    def save_tables(self, tables: dict[str, dict]) -> None:
+        """The first pass's tables of some units (JSON keeps every float exactly)."""
+        self.tables.update(tables)
+        self._write_manifest()
+
+    def load_sensitivity(self) -> Optional[dict[str, torch.Tensor]]:
+        if not self.has_sensitivity:
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(self.directory / SENSITIVITY))
+        except Exception as exc:
+            raise CheckpointMismatchError(f"{SENSITIVITY} cannot be read ({exc}); delete the checkpoint directory to recompute") from None
+
+    def save_sensitivity(self, sensitivity: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {name: value.contiguous() for name, value in sensitivity.items()}
+        self._atomic_write(self.directory / SENSITIVITY, lambda p: save_file(tensors, p))
+        self.has_sensitivity = True
         self._write_manifest()
 
 
@@ -305,6 +415,19 @@ def _exchange(results: dict[str, tuple[torch.Tensor, LayerReport]], names: list[
     return merged
 
 
+def _exchange_tables(tables: dict[str, dict], labels: list[str]) -> dict[str, dict]:
+    """Every rank contributes the tables it computed (a few floats per candidate); every rank receives them all."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tables
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, tables)
+    merged = {label: table for part in gathered for label, table in part.items()}
+    missing = set(labels) - set(merged)
+    if missing:
+        raise RuntimeError(f"distributed allocation survey lost units {sorted(missing)}")
+    return {label: merged[label] for label in labels}
+
+
 def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -321,7 +444,7 @@ def solve_cost(linear: nn.Linear) -> float:
     return 4 * large * small**2 + 8 * small**3 + width**3 / 3 + 2 * width**2 * height
 
 
-def solve_costs(linears: list[nn.Linear], measured: dict[tuple[int, int], float]) -> list[float]:
+def solve_costs(linears: list[nn.Linear | UnitShape], measured: dict[tuple[int, int], float]) -> list[float]:
     """Seconds an earlier block took for the same shapes when all of them have been seen (a decoder repeats
     its blocks; the float64/float32 speed ratio of the machine is in them), else :func:`solve_cost`."""
     shapes = [(linear.out_features, linear.in_features) for linear in linears]
@@ -360,96 +483,152 @@ class _Blockwise:
     world: int = 1
     store: _InputStore = field(default_factory=_InputStore)
     measured: dict[tuple[int, int], float] = field(default_factory=dict)
-    """Solve seconds per ``(out, in)`` shape, from the exchanged reports: the same on every rank."""
+    """Solve seconds per unit shape ``(outputs, in)``, from the exchanged reports: the same on every rank."""
     gram_bytes: int = 0
     """The most bytes of Grams held at once (one block's)."""
 
+    def survey(
+        self, model: nn.Module, blocks: nn.ModuleList, units: list[dict[str, list[str]]], inputs: list[tuple[tuple, dict]],
+        batches: list[Any], allocation: GlobalAllocation, progress: bool,
+    ) -> dict[str, dict]:
+        """The first pass: every unit's table, in unit order (dense propagation; nothing is compressed)."""
+        tables = dict(self.checkpoint.tables) if self.checkpoint is not None else {}
+        todo = [index for index, block_units in enumerate(units) if set(block_units) - set(tables)]
+        if todo:
+            sensitivity = allocation.sensitivity or self._sensitivity(model, blocks, batches)
+            for index in tqdm(range(todo[-1] + 1), desc="allocation survey", disable=not progress):
+                pending = [label for label in units[index] if label not in tables]
+                job = lambda label, members, weights, collector: allocation.survey(label, members, weights, collector, sensitivity)  # noqa: E731
+                with self._on_compute(blocks[index]) as compute:
+                    mine, inputs = self._run_units(blocks[index], units[index], pending, inputs, compute, index < todo[-1], job)
+                found = _exchange_tables(mine, pending)
+                if self.checkpoint is not None and self.rank == 0:
+                    self.checkpoint.save_tables(found)
+                if self.checkpoint is not None and self.world > 1:
+                    dist.barrier()
+                tables.update(found)
+        return {label: tables[label] for block_units in units for label in block_units}
+
+    def _sensitivity(self, model: nn.Module, blocks: nn.ModuleList, batches: list[Any]) -> dict[str, torch.Tensor]:
+        """Every rank computes it (its float64 sums are not split, so every rank's is bit-identical); checkpointed."""
+        restored = self.checkpoint.load_sensitivity() if self.checkpoint is not None else None
+        if restored is not None:
+            return restored
+        sensitivity = blockwise_sensitivity(model, blocks, self.targets, batches)
+        if self.checkpoint is not None and self.rank == 0:
+            self.checkpoint.save_sensitivity(sensitivity)
+        if self.checkpoint is not None and self.world > 1:
+            dist.barrier()
+        return sensitivity
+
     def compress_block(
-        self, block: nn.Module, names: list[str], inputs: list[tuple[tuple, dict]], last: bool = False
+        self, block: nn.Module, units: dict[str, list[str]], inputs: list[tuple[tuple, dict]], ratios: dict[str, float], last: bool = False
     ) -> tuple[list[LayerReport], Optional[list[tuple[tuple, dict]]]]:
-        """Compress ``block``'s Linears and return their reports and the next block's inputs (none after the last).
+        """Compress ``block``'s units (at ``ratios`` where given) and return their reports and the next block's
+        inputs (none after the last).
 
         On the compute device only while it runs; on failure its dense weights are put back before it leaves.
         """
-        home = None if self.dispatched or self.device is None else next(block.parameters()).device
-        compute = self._compute_device(block)
+        names = [name for members in units.values() for name in members]
         swaps: list[WeightSwap] = []
-        try:
-            if home is not None:
-                block.to(compute)
-            results, next_inputs = self._solve_block(block, names, inputs, compute, keep_outputs=not last)
-            for name in names:
-                swaps.append(install_weight(self.targets[name], results[name][0], name))
-            if self.propagate == "compressed" and not last:
-                next_inputs = _run_block(block, inputs, compute, self.store)
-                # The CPU kernel cached each layer's decompressed codes (~2x the values' bytes); kept for
-                # every finished block they grew the host memory with depth (measured, benchmarks/scale.py).
-                forget_cached_codes(self.targets[name].weight for name in names)
-        except BaseException:
-            for swap in reversed(swaps):
-                swap.undo()
-            raise
-        finally:
-            if home is not None:
-                block.to(home)
+        with self._on_compute(block) as compute:
+            try:
+                results, next_inputs = self._solve_block(block, units, inputs, compute, ratios, keep_outputs=not last)
+                for name in names:
+                    swaps.append(install_weight(self.targets[name], results[name][0], name))
+                if self.propagate == "compressed" and not last:
+                    next_inputs = _run_block(block, inputs, compute, self.store)
+                    # The CPU kernel cached each layer's decompressed codes (~2x the values' bytes); kept for
+                    # every finished block they grew the host memory with depth (measured, benchmarks/scale.py).
+                    forget_cached_codes(self.targets[name].weight for name in names)
+            except BaseException:
+                for swap in reversed(swaps):
+                    swap.undo()
+                raise
         for swap in swaps:
             swap.release()
         return [results[name][1] for name in names], next_inputs
 
-    def _compute_device(self, block: nn.Module) -> torch.device:
-        if self.dispatched:
-            return execution_device(block) or _input_device(block)
-        return self.device or next(block.parameters()).device
+    @contextmanager
+    def _on_compute(self, block: nn.Module) -> Iterator[torch.device]:
+        """The block on its compute device while inside (moved there and back when ``device`` was given)."""
+        home = None if self.dispatched or self.device is None else next(block.parameters()).device
+        compute = (execution_device(block) or _input_device(block)) if self.dispatched else self.device or next(block.parameters()).device
+        if home is not None:
+            block.to(compute)
+        try:
+            yield compute
+        finally:
+            if home is not None:
+                block.to(home)
 
-    def _solve_block(
-        self, block: nn.Module, names: list[str], inputs: list[tuple[tuple, dict]], compute: torch.device, keep_outputs: bool
-    ) -> tuple[dict[str, tuple[torch.Tensor, LayerReport]], Optional[list[tuple[tuple, dict]]]]:
-        """Each Linear's compressed weight (from the checkpoint, or solved on this rank or another) and, with
-        dense propagation and ``keep_outputs``, the next block's inputs. Each Gram is freed as soon as its
-        last reader is done."""
-        results: dict[str, tuple[torch.Tensor, LayerReport]] = {}
-        pending = []
-        for name in names:
-            restored = self.checkpoint.load(name) if self.checkpoint is not None else None
-            if restored is not None:
-                results[name] = restored
-            else:
-                pending.append(name)
+    def _run_units(
+        self, block: nn.Module, units: dict[str, list[str]], pending: list[str], inputs: list[tuple[tuple, dict]],
+        compute: torch.device, keep_outputs: bool, job: Callable[[str, list[str], list[torch.Tensor], GramCollector], Any],
+    ) -> tuple[dict[str, Any], Optional[list[tuple[tuple, dict]]]]:
+        """Run the block over ``inputs`` (keeping its outputs when asked) while gathering the Grams of the
+        ``pending`` units, then ``job`` each of this rank's share of them, widest inputs first, with every
+        other Gram parked in a file. Each Gram is freed as soon as its last reader is done."""
+        keep = self.store if keep_outputs else None
+        if not pending:
+            return {}, _run_block(block, inputs, compute, keep) if keep is not None else None
+        names = [name for label in pending for name in units[label]]
+        with GramCollector({name: self.targets[name] for name in names}) as collector:
+            next_inputs = _run_block(block, inputs, compute, keep)
+        self.gram_bytes = max(self.gram_bytes, collector.memory_bytes)
         # Widest inputs first: the largest Gram (512 MiB at 8192 inputs) is solved, and freed, before the rest.
-        pending.sort(key=lambda name: -self.targets[name].in_features)
-        collector = None
-        next_inputs = None
-        # Compressed propagation runs the compressed block after the solves instead: the dense outputs
-        # (N x hidden floats, 256 MiB at 8B and 32 x 512 tokens) are not kept through them.
-        keep = self.store if self.propagate == "dense" and keep_outputs else None
-        if pending or keep is not None:
-            with GramCollector({name: self.targets[name] for name in names}) as collector:
-                next_inputs = _run_block(block, inputs, compute, keep)
-            self.gram_bytes = max(self.gram_bytes, collector.memory_bytes)
-            for name in results:
+        pending = sorted(pending, key=lambda label: -self.targets[units[label][0]].in_features)
+        shapes = [UnitShape(sum(self.targets[name].out_features for name in units[label]), self.targets[units[label][0]].in_features)
+                  for label in pending]
+        owners = deal_solves(solve_costs(shapes, self.measured), self.world)
+        mine = [label for label, owner in zip(pending, owners) if owner == self.rank]
+        for label in set(pending) - set(mine):
+            for name in units[label]:
                 collector.release(name)
-        solved = {}
-        owners = deal_solves(solve_costs([self.targets[name] for name in pending], self.measured), self.world)
-        mine = [name for name, owner in zip(pending, owners) if owner == self.rank]
-        for name in pending:
-            if name not in mine:
-                collector.release(name)
+        done = {}
         with tempfile.TemporaryDirectory(prefix="spadi-ao-grams-") as parking:
             if mine:
-                collector.park(parking, keep=mine[0])  # the widest solve runs beside no other Gram
-            for name in mine:
-                solved[name] = self.solve(name, dense_weight(self.targets[name]).to(compute), collector)
-        del collector
-        solved = _exchange(solved, pending)
+                collector.park(parking, keep=units[mine[0]][0])  # the widest solve runs beside no other Gram
+            for label in mine:
+                weights = [dense_weight(self.targets[name]).to(compute) for name in units[label]]
+                done[label] = job(label, units[label], weights, collector)
+        return done, next_inputs
+
+    def _solve_block(
+        self, block: nn.Module, units: dict[str, list[str]], inputs: list[tuple[tuple, dict]], compute: torch.device,
+        ratios: dict[str, float], keep_outputs: bool,
+    ) -> tuple[dict[str, tuple[torch.Tensor, LayerReport]], Optional[list[tuple[tuple, dict]]]]:
+        """Each Linear's compressed weight (from the checkpoint, or solved on this rank or another) and, with
+        dense propagation and ``keep_outputs``, the next block's inputs."""
+        results: dict[str, tuple[torch.Tensor, LayerReport]] = {}
+        pending = []
+        for label, members in units.items():
+            restored = [self.checkpoint.load(name) for name in members] if self.checkpoint is not None else [None]
+            if all(entry is not None for entry in restored):
+                results.update(zip(members, restored))
+                share_dictionary([results[name][0] for name in members])
+            else:
+                pending.append(label)
+        # Compressed propagation runs the compressed block after the solves instead: the dense outputs
+        # (N x hidden floats, 256 MiB at 8B and 32 x 512 tokens) are not kept through them.
+        keep = self.propagate == "dense" and keep_outputs
+        job = lambda label, members, weights, collector: self.solve(label, members, weights, collector, ratios.get(label))  # noqa: E731
+        mine, next_inputs = self._run_units(block, units, pending, inputs, compute, keep, job)
+        solved = {name: result for label, unit_results in mine.items() for name, result in zip(units[label], unit_results)}
+        pending_names = [name for label in pending for name in units[label]]
+        solved = _exchange(solved, pending_names)
+        for label in pending:  # members solved on another rank arrive with a copy of the dictionary each
+            share_dictionary([solved[name][0] for name in units[label]])
         if self.checkpoint is not None and self.rank == 0:
-            for name in pending:
+            for name in pending_names:
                 weight, report = solved[name]
                 self.checkpoint.save(name, weight.to("cpu"), report)
         if self.checkpoint is not None and self.world > 1:
             dist.barrier()
         results.update(solved)
-        for _, report in results.values():
-            self.measured[(report.out_features, report.in_features)] = report.seconds
+        for members in units.values():
+            shape = (sum(results[name][1].out_features for name in members), results[members[0]][1].in_features)
+            self.measured[shape] = sum(results[name][1].seconds for name in members)
         return results, next_inputs
 
 
@@ -460,6 +639,8 @@ def run_sequential(
     batches: Iterable[Any],
     solve: SolveFn,
     *,
+    units: Optional[dict[str, list[str]]] = None,
+    allocation: Optional[GlobalAllocation] = None,
     propagate: str = "compressed",
     checkpoint_dir: Optional[str | os.PathLike] = None,
     device: Optional[str | torch.device] = None,
@@ -467,6 +648,8 @@ def run_sequential(
 ) -> tuple[list[LayerReport], int]:
     """Compress ``targets`` block by block, swapping each block's weights in as it finishes.
 
+    ``units``: label -> the Linears solved together (sharing a dictionary), each inside one block (default:
+    one per Linear). ``allocation``: a first pass that chooses every unit's ratio before any is compressed.
     Returns the layer reports and the most bytes of Grams held at once. Host memory stays near the model's
     own size: block inputs are kept on the CPU, one block's Grams exist at a time (each freed once its
     layers are solved), and a block's dense weights are released as soon as it is done. ``device`` (e.g.
@@ -475,7 +658,7 @@ def run_sequential(
 
     On failure the block in flight gets its dense weights back; finished blocks keep their (working)
     compressed weights, the error says how many, and rerunning with ``checkpoint_dir`` on a freshly
-    loaded model resumes instead of redoing them.
+    loaded model resumes instead of redoing them (and the first pass).
     """
     if propagate not in ("dense", "compressed"):
         raise ValueError(f"propagate must be 'dense' or 'compressed', got {propagate!r}")
@@ -486,18 +669,22 @@ def run_sequential(
             "disk_offload), whose hooks decide where each block runs: pass device=None"
         )
     block_prefix, blocks = decoder_blocks(model, targets)
+    block_units = units_by_block(units or {name: [name] for name in targets}, block_prefix, len(blocks))
+    batches = list(batches)
     store = _InputStore(checkpoint_dir)
     inputs = _capture_block_inputs(model, blocks[0], batches, store)
     checkpoint = _Checkpoint(Path(checkpoint_dir), run_fingerprint(model, config, targets, inputs, propagate)) if checkpoint_dir else None
     rank, world = _rank_and_world()
     compute = torch.device(device) if device is not None else None
     run = _Blockwise(targets, solve, propagate, checkpoint, compute, dispatched, rank, world, store)
+    ratios: dict[str, float] = {}
+    if allocation is not None:
+        ratios = allocation.choose(run.survey(model, blocks, block_units, inputs, batches, allocation, progress))
     reports: list[LayerReport] = []
     finished = 0
     try:
         for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
-            names = [name for name in targets if name.startswith(f"{block_prefix}.{index}.")]
-            block_reports, inputs = run.compress_block(block, names, inputs, last=index == len(blocks) - 1)
+            block_reports, inputs = run.compress_block(block, block_units[index], inputs, ratios, last=index == len(blocks) - 1)
             reports.extend(block_reports)
             finished += 1
     except BaseException as exc:

@@ -120,8 +120,7 @@ def test_blended_calibration_and_config_flags_reach_the_report(tmp_path, tiny_mo
         (["--calibration", "stdlib", "wikitext2-valid", "--calibration-weights", "1"], "--calibration-weights gives 1 weights for 2"),
         (["--method", "svd-llm", "--grouping", "inputs"], "--method cospadi only"),
         (["--method", "svd-llm", "--solver", "fast"], "--solver applies to --method cospadi only"),
-        (["--sequential"], "allocation='uniform', grouping=None (CLI: --allocation uniform --grouping none)"),
-        (["--sequential", "--allocation", "knapsack"], "use sequential=False"),
+        (["--sequential", "--grouping", "paper"], "need groups inside one block (grouping='inputs')"),
         (["--device", "cpu"], "--device moves one decoder block at a time to it: it needs --sequential"),
     ],
 )
@@ -146,7 +145,7 @@ def test_cli_defaults_are_the_measured_best_for_cospadi_and_the_plain_baseline_o
     best = config()
     assert best == DictionaryConfig()  # the CLI takes the config's defaults as they are
     assert (best.allocation, best.solver, best.grouping, best.gram_shrinkage) == ("knapsack", "fast", "inputs", "auto")
-    assert config("--sequential") == DictionaryConfig()
+    assert config("--sequential") == DictionaryConfig()  # the same knapsack and groups, block by block
     baseline = config("--method", "svd-llm")
     assert baseline == LowRankConfig() and baseline.allocation == "uniform"
     paper = config("--allocation", "uniform", "--grouping", "none", "--solver", "ksvd", "--init", "random-columns", "--gram-shrinkage", "0")

@@ -173,12 +173,6 @@ def test_group_members_must_agree():
         DictionaryConfig(grouping="everything")
 
 
-def test_groups_and_knapsack_refuse_sequential():
-    with pytest.raises(ValueError, match="sequential=False"):
-        sparsify_dictionary_(tiny_llama(), DictionaryConfig(grouping="inputs", **ONE_SHOT), calibration=token_batches(1, 8),
-                             sequential=True, progress=False)
-
-
 def test_a_quantised_shared_dictionary_is_quantised_once_and_stays_shared(tmp_path):
     from torchao.quantization import Int8WeightOnlyConfig
 

@@ -1,3 +1,4 @@
+import dataclasses
 import gc
 import json
 import os
@@ -20,6 +21,7 @@ from spadi_ao.sequential import CheckpointMismatchError
 from models import tiny_llama, token_batches
 
 CONFIG = DictionaryConfig(compression_ratio=0.3, iterations=1, atoms_per_step=4, allocation="uniform", grouping=None)
+GLOBAL = dataclasses.replace(CONFIG, allocation="knapsack", grouping="inputs")
 
 
 def _compressed_state(model):
@@ -50,6 +52,89 @@ def test_sequential_with_dense_propagation_equals_one_shot(config):
     for name in a:
         for inner in a[name]:
             assert torch.allclose(a[name][inner].float(), b[name][inner].float(), atol=1e-5), (name, inner)
+
+
+@pytest.mark.parametrize("grouping", [None, "inputs"])
+def test_knapsack_with_dense_propagation_equals_one_shot_bit_for_bit(grouping):
+    """The first pass (blockwise sensitivity, per-unit tables) and the compress pass reproduce the whole-model run."""
+    config = dataclasses.replace(GLOBAL, grouping=grouping)
+    batches = token_batches(3, 16)
+    one_shot = tiny_llama()
+    expected = sparsify_dictionary_(one_shot, config, calibration=batches, progress=False)
+    sequential = tiny_llama()
+    report = sparsify_dictionary_(sequential, config, calibration=batches, sequential=True, propagate="dense", progress=False)
+    assert len({layer.k for layer in expected.layers}) > 3  # the knapsack gave the layers different sizes
+    assert [(l.name, l.k, l.s, l.group, l.stored_bytes) for l in report.layers] == [
+        (l.name, l.k, l.s, l.group, l.stored_bytes) for l in expected.layers
+    ]
+    _assert_identical(_compressed_state(one_shot), _compressed_state(sequential))
+    attention = sequential.model.layers[1].self_attn
+    shared = attention.q_proj.weight.dictionary is attention.k_proj.weight.dictionary is attention.v_proj.weight.dictionary
+    assert shared == (grouping == "inputs")
+    assert spadi_ao.api.compression_stats(sequential)["model_stored_bytes"] == spadi_ao.api.compression_stats(one_shot)["model_stored_bytes"]
+
+
+def test_blockwise_sensitivity_equals_the_plain_backward():
+    """Blocks recomputed in the backward give the very same gradients, counted once."""
+    from spadi_ao.allocation import output_sensitivity
+
+    model = tiny_llama(layers=3)
+    batches = token_batches(2, 16)
+    targets = spadi_ao.api.select_linears(model)
+    plain = output_sensitivity(model, targets, batches)
+    blockwise = spadi_ao.sequential.blockwise_sensitivity(model, model.model.layers, targets, batches)
+    assert plain.keys() == blockwise.keys() == targets.keys()
+    assert all(torch.equal(plain[name], blockwise[name]) for name in plain)
+    assert "forward" not in model.model.layers[0].__dict__  # the blocks' own forward is back
+
+
+def test_cross_block_groups_are_refused_before_any_weight_changes():
+    model = tiny_llama()
+    dense = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="across decoder blocks.*grouping='inputs'.*sequential=False"):
+        sparsify_dictionary_(model, dataclasses.replace(GLOBAL, grouping="paper"), calibration=token_batches(2, 16), sequential=True, progress=False)
+    assert all(torch.equal(p, dense[name]) for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("crash_in", ["survey", "compress"])
+def test_knapsack_resume_reuses_the_first_pass_and_is_bit_identical(tmp_path, monkeypatch, crash_in):
+    batches = token_batches(3, 16)
+    model = tiny_llama(layers=3)
+    reference = sparsify_dictionary_(model, GLOBAL, calibration=batches, sequential=True, progress=False)
+    expected = _compressed_state(model)
+
+    class Killed(Exception):
+        pass
+
+    name = "save_tables" if crash_in == "survey" else "save"
+    original = getattr(spadi_ao.sequential._Checkpoint, name)
+    calls = []
+
+    def crash_on_second(self, *args):
+        original(self, *args)
+        calls.append(args)
+        if len(calls) == 2:
+            raise Killed
+
+    monkeypatch.setattr(spadi_ao.sequential._Checkpoint, name, crash_on_second)
+    with pytest.raises(Killed):
+        sparsify_dictionary_(tiny_llama(layers=3), GLOBAL, calibration=batches, sequential=True, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(spadi_ao.sequential._Checkpoint, name, original)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["sensitivity"] and len(manifest["tables"]) == (8 if crash_in == "survey" else 12)  # 4 units a block: qkv, o, gate_up, down
+
+    recomputed = []
+    monkeypatch.setattr(spadi_ao.sequential, "blockwise_sensitivity", lambda *a: recomputed.append(a) or {})
+    surveyed = []
+    original_tabulate = spadi_ao.api._tabulate
+    monkeypatch.setattr(spadi_ao.api, "_tabulate", lambda config, unit, *a, **k: surveyed.append(unit) or original_tabulate(config, unit, *a, **k))
+    resumed = tiny_llama(layers=3)
+    report = sparsify_dictionary_(resumed, GLOBAL, calibration=batches, sequential=True, checkpoint_dir=tmp_path, progress=False)
+    assert not recomputed and len(surveyed) == (4 if crash_in == "survey" else 0)
+    _assert_identical(expected, _compressed_state(resumed))
+    assert [l.k for l in report.layers] == [l.k for l in reference.layers]
+    attention = resumed.model.layers[0].self_attn  # read back from the checkpoint, one dictionary again
+    assert attention.q_proj.weight.dictionary is attention.v_proj.weight.dictionary
 
 
 def test_compressed_propagation_changes_later_blocks_only():
@@ -133,10 +218,15 @@ def test_mismatched_or_corrupted_checkpoint_is_refused_and_touches_nothing(tmp_p
     assert not _compressed_state(model)
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["float", "torchao-int8-dictionary"])
-def test_two_gloo_processes_equal_one(tmp_path, quantized):
-    """The exchange carries every inner tensor, torchao's nested Int8Tensor and int8 values included."""
-    extra = "dictionary_quantization=Int8DynamicActivationInt8WeightConfig(), values_dtype='int8'" if quantized else ""
+@pytest.mark.parametrize("variant", ["float", "torchao-int8-dictionary", "knapsack-inputs-groups"])
+def test_two_gloo_processes_equal_one(tmp_path, variant):
+    """The exchange carries every inner tensor, torchao's nested Int8Tensor and int8 values included; with the
+    knapsack the ranks share the first pass's tables, and groups keep one dictionary."""
+    extra = {
+        "float": "",
+        "torchao-int8-dictionary": "dictionary_quantization=Int8DynamicActivationInt8WeightConfig(), values_dtype='int8'",
+        "knapsack-inputs-groups": "allocation='knapsack', grouping='inputs'",
+    }[variant]
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, torch, torch.distributed as dist
@@ -152,6 +242,8 @@ def test_two_gloo_processes_equal_one(tmp_path, quantized):
                              calibration=token_batches(3, 16), sequential=True, progress=False)
         rank = dist.get_rank() if dist.is_initialized() else "single"
         state = {{n: m.weight.dequantize() for n, m in model.named_modules() if type(getattr(m, "weight", None)).__name__ == "DictionaryTensor"}}
+        attention = model.model.layers[1].self_attn
+        state["shared"] = torch.tensor(attention.q_proj.weight.dictionary is attention.k_proj.weight.dictionary)
         torch.save(state, {str(tmp_path)!r} + f"/state_{{rank}}.pt")
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -163,8 +255,9 @@ def test_two_gloo_processes_equal_one(tmp_path, quantized):
     single = torch.load(tmp_path / "state_single.pt")
     for rank in (0, 1):
         distributed = torch.load(tmp_path / f"state_{rank}.pt")
-        assert single.keys() == distributed.keys() and len(single) == 14
+        assert single.keys() == distributed.keys() and len(single) == 15
         assert all(torch.equal(single[name], distributed[name]) for name in single)
+        assert bool(distributed["shared"]) == (variant == "knapsack-inputs-groups")
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -248,14 +341,16 @@ def _offload(model, how, directory):
     return model
 
 
+@pytest.mark.parametrize("config", [CONFIG, GLOBAL], ids=["uniform", "knapsack-inputs-groups"])
 @pytest.mark.parametrize("how", ["cpu_offload", "disk_offload", "device_map"])
-def test_accelerate_offloaded_model_compresses_like_a_loaded_one(how, tmp_path):
+def test_accelerate_offloaded_model_compresses_like_a_loaded_one(how, config, tmp_path):
+    """With the knapsack, the sensitivity backward also runs through accelerate's hooks (weights on meta)."""
     batches = token_batches(3, 16)
     reference = tiny_llama()
-    sparsify_dictionary_(reference, CONFIG, calibration=batches, sequential=True, progress=False)
+    sparsify_dictionary_(reference, config, calibration=batches, sequential=True, progress=False)
     model = _offload(tiny_llama(), how, tmp_path)
     assert model.model.layers[1].mlp.down_proj.weight.is_meta
-    sparsify_dictionary_(model, CONFIG, calibration=batches, sequential=True, progress=False)
+    sparsify_dictionary_(model, config, calibration=batches, sequential=True, progress=False)
     _assert_identical(_compressed_state(reference), _compressed_state(model))
     down = model.model.layers[1].mlp.down_proj
     assert type(down.weight).__name__ == "DictionaryTensor" and down.weight.device.type == "cpu"
