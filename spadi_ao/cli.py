@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--power-iterations", type=_positive, default=8)
     compress.add_argument("--atoms-per-step", type=_positive, default=8, help="OMP atoms per step (1 = exact OMP)")
     compress.add_argument("--init", choices=["svd", "random-columns"], default="svd")
-    compress.add_argument("--solver", choices=["ksvd", "fast"], default="fast", help="cospadi: the fast closed-form refits (default) or K-SVD (the paper's)")
+    compress.add_argument("--solver", choices=["ksvd", "fast", "procrustes"], default="fast",
+                          help="cospadi: the fast closed-form refits (default), K-SVD (the paper's) or orthonormal Procrustes atoms (COMPOT-style)")
     compress.add_argument("--allocation", choices=["uniform", "knapsack"], default=None,
                           help="per-layer ratios: a knapsack over the whole-model budget (cospadi default) or uniform (svd-llm and --sequential default)")
     compress.add_argument("--grouping", choices=["inputs", "paper", "none"], default=None,
