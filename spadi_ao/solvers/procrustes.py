@@ -18,7 +18,7 @@ import torch
 
 from spadi_ao.solvers.ksvd import KSVDResult, leading_left_singular_vectors
 
-__all__ = ["procrustes_dictionary", "threshold_codes", "procrustes_update"]
+__all__ = ["procrustes_dictionary", "procrustes_update", "threshold_codes"]
 
 
 def threshold_codes(dictionary: torch.Tensor, signals: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
