@@ -11,8 +11,9 @@
 calibration part, out of domain, and WikiText-2 validation, in domain), perplexity on the first 24 x 512
 windows of WikiText-2 test, every row of TABLE_ROWS at every ratio with the library's default
 ``gram_shrinkage`` (or ``--gram-shrinkage``). Each (calibration, row, ratio) result is saved to
-``<name>-<calibration>.json`` as soon as it is measured, so the table can be run in pieces; ``--merge``
-writes ``<name>.{json,md}`` from the parts.
+``<name>-<calibration>.json`` as soon as it is measured and a re-run skips the cells already there
+(``--redo`` re-measures them), so the table can be run in pieces; ``--merge`` writes ``<name>.{json,md}``
+from the parts.
 
 ``--variants`` compares CoSpaDi's extensions (see VARIANTS) instead of ``--methods``; every variant uses
 the same Grams, and the knapsack variants share one loss-sensitivity pass over the first
@@ -93,6 +94,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--paper-iterations", type=int, default=0, help="K-SVD iterations of the 'paper' row (exact OMP)")
     parser.add_argument("--procrustes-iterations", type=int, default=20, help="Procrustes iterations of the COMPOT-style rows")
     parser.add_argument("--merge", action="store_true", help="with --table: write <name>.{json,md} from the parts")
+    parser.add_argument("--redo", action="store_true", help="with --table: re-measure cells the parts already hold (default: resume)")
     args = parser.parse_args()
     if args.n_samples is None:
         args.n_samples = 32 if args.table else 64
@@ -267,12 +269,14 @@ def run_table(args: argparse.Namespace, model, tokenizer) -> None:
         sensitivity = None
         part.update(calibration={"source": calibration, "n_samples": args.n_samples, "seq_len": args.seq_len, "grams_seconds": grams_seconds},
                     evaluation={"source": args.eval_text, "windows": args.eval_windows, "seq_len": args.seq_len}, environment=environment())  # fmt: skip
-        if "dense" in args.rows:
+        if "dense" in args.rows and ("dense" not in part["rows"] or args.redo):
             part["rows"]["dense"] = evaluate(model, tokenizer, eval_text, args.seq_len, args.eval_windows)
             print(f"{calibration}: dense ppl {part['rows']['dense']['ppl']:.3f}", flush=True)
             path.write_text(json.dumps(part, indent=2))
         for ratio in args.ratios:
             for row in [r for r in args.rows if r != "dense"]:
+                if str(ratio) in part["rows"].get(row, {}) and not args.redo:
+                    continue  # measured by an earlier piece of the run
                 config = table_config(row, ratio, args)
                 if getattr(config, "allocation", "uniform") == "knapsack" and row != "sequential" and sensitivity is None:
                     start = time.perf_counter()  # one pass over the sequences the knapsack rows share
