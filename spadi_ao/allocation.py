@@ -23,7 +23,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from spadi_ao.budget import dictionary_budget, low_rank_budget
+from spadi_ao.budget import atom_limit, dictionary_budget, low_rank_budget
 from spadi_ao.configs import CompressionConfig, DictionaryConfig
 
 __all__ = ["Candidate", "candidate_sizes", "solve_knapsack", "threshold_errors", "output_sensitivity"]
@@ -47,7 +47,7 @@ def candidate_sizes(
     for ratio in ratios:
         try:
             if isinstance(config, DictionaryConfig):
-                budget = dictionary_budget(out_features, in_features, ratio, config.rho, element_size)
+                budget = dictionary_budget(out_features, in_features, ratio, config.rho, element_size, atom_limit(config.solver, in_features))
                 candidates.append(Candidate(ratio, budget.stored_bytes, budget.k, budget.s))
             else:
                 low_rank = low_rank_budget(out_features, in_features, ratio, element_size)

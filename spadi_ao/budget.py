@@ -8,6 +8,7 @@ the position bitmask and any quantisation scales.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from spadi_ao.format import bitmask_bytes
 
@@ -19,6 +20,7 @@ __all__ = [
     "dictionary_budget",
     "low_rank_budget",
     "paper_ratio",
+    "atom_limit",
 ]
 
 
@@ -85,11 +87,12 @@ class LowRankBudget:
 
 
 def dictionary_budget(
-    out_features: int, in_features: int, compression_ratio: float, rho: float, element_size: int
+    out_features: int, in_features: int, compression_ratio: float, rho: float, element_size: int, max_atoms: Optional[int] = None
 ) -> DictionaryBudget:
     """Largest ``k`` with ``s = round(k / rho)`` inside the budget, then ``s`` grown into what is left.
 
-    The result never exceeds ``(1 - compression_ratio) * dense`` bytes. Raises if no ``k, s >= 1`` fits.
+    ``max_atoms`` caps ``k`` (orthonormal atoms: at most ``in_features``); the bytes a capped ``k`` leaves
+    go to ``s``. The result never exceeds ``(1 - compression_ratio) * dense`` bytes. Raises if no ``k, s >= 1`` fits.
     """
     allowed = int((1.0 - compression_ratio) * out_features * in_features * element_size)
 
@@ -111,10 +114,15 @@ def dictionary_budget(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid, s_for(mid)) else (lo, mid)
-    k = lo
+    k = lo if max_atoms is None else min(lo, max_atoms)
     spare = allowed - dictionary_bytes(out_features, in_features, k, 0, element_size)
     s = max(s_for(k), min(k, spare // (out_features * element_size)))
     return DictionaryBudget(out_features, in_features, k, s, element_size)
+
+
+def atom_limit(solver: str, in_features: int) -> Optional[int]:
+    """The most atoms ``solver`` can use: orthonormal atoms (``"procrustes"``) number at most ``in_features``."""
+    return in_features if solver == "procrustes" else None
 
 
 def low_rank_budget(out_features: int, in_features: int, compression_ratio: float, element_size: int) -> LowRankBudget:

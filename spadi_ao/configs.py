@@ -136,7 +136,9 @@ class DictionaryConfig(_BaseConfig):
     in far fewer iterations) or ``"random-columns"`` (the paper's: random whitened columns, ``seed``)."""
     solver: str = "fast"
     """``"fast"``: SVD atoms and one-shot supports, then ``fast_steps`` closed-form dictionary / code refits
-    (``spadi_ao.solvers.fast``), or ``"ksvd"`` (the paper's: ``iterations`` of K-SVD with OMP)."""
+    (``spadi_ao.solvers.fast``); ``"ksvd"`` (the paper's: ``iterations`` of K-SVD with OMP); or
+    ``"procrustes"`` (COMPOT-style): orthonormal atoms (``k`` capped at ``in_features``), up to ``iterations``
+    alternating Procrustes / hard-thresholding updates (``spadi_ao.solvers.procrustes``)."""
     fast_steps: int = 8
     """Dictionary / code refits of the fast solver; 0 is the one-shot SVD solution."""
     grouping: Grouping = "inputs"
@@ -171,8 +173,8 @@ class DictionaryConfig(_BaseConfig):
         _check_positive_int("atoms_per_step", self.atoms_per_step)
         if self.init not in ("svd", "random-columns"):
             raise ValueError(f"init must be 'svd' or 'random-columns', got {self.init!r}")
-        if self.solver not in ("ksvd", "fast"):
-            raise ValueError(f"solver must be 'ksvd' or 'fast', got {self.solver!r}")
+        if self.solver not in ("ksvd", "fast", "procrustes"):
+            raise ValueError(f"solver must be 'ksvd', 'fast' or 'procrustes', got {self.solver!r}")
         _check_positive_int("fast_steps", self.fast_steps, minimum=0)
         if not (self.grouping is None or self.grouping in GROUPINGS or callable(self.grouping)):
             raise ValueError(f"grouping must be None, one of {sorted(GROUPINGS)} or a callable fqn -> group key, got {self.grouping!r}")

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from spadi_ao.budget import dictionary_budget, low_rank_budget
+from spadi_ao.budget import atom_limit, dictionary_budget, low_rank_budget
 from spadi_ao.configs import DictionaryConfig, LowRankConfig
 from spadi_ao.format import pack_codes
 from spadi_ao.grouping import average_gram, split_bytes
 from spadi_ao.integrations.torchao import quantize_dictionary
 from spadi_ao.solvers.fast import fast_dictionary
+from spadi_ao.solvers.procrustes import procrustes_dictionary
 from spadi_ao.solvers import BLOCK_ELEMENTS
 from spadi_ao.solvers.ksvd import KSVDResult, ksvd, squared_error
 from spadi_ao.solvers.lowrank import whitened_low_rank
@@ -131,9 +132,12 @@ def _whitened_weight(whitening: Whitening, weight: torch.Tensor) -> torch.Tensor
 
 
 def solve_dictionary(whitened: torch.Tensor, k: int, s: int, config: DictionaryConfig) -> KSVDResult:
-    """The configured solver on the whitened weight: K-SVD (the paper's) or the few-step fast solver."""
+    """The configured solver on the whitened weight: K-SVD (the paper's), the few-step fast solver or
+    orthonormal atoms by alternating Procrustes (COMPOT-style)."""
     if config.solver == "fast":
         return fast_dictionary(whitened, k, s, steps=config.fast_steps, seed=config.seed)
+    if config.solver == "procrustes":
+        return procrustes_dictionary(whitened, k, s, iterations=config.iterations, seed=config.seed)
     return ksvd(
         whitened,
         k,
@@ -171,7 +175,9 @@ def compress_group(
     whitening, whitened, shrinkage = whiten_group(weights, grams, config, shrinkages, overwrite_gram and len(weights) == 1)
     outs = [weight.shape[0] for weight in weights]
     in_features, dtype = weights[0].shape[1], weights[0].dtype
-    budget = dictionary_budget(sum(outs), in_features, config.compression_ratio, config.rho, weights[0].element_size())
+    budget = dictionary_budget(
+        sum(outs), in_features, config.compression_ratio, config.rho, weights[0].element_size(), atom_limit(config.solver, in_features)
+    )
     result = solve_dictionary(whitened, budget.k, budget.s, config)
     spans = _spans(outs)
     errors = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -71,22 +72,51 @@ def test_wikitext_shortcuts_resolve_through_env(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------- split_text
 
 
+def _documents(text: str) -> list[str]:
+    return [document.strip() for document in re.split(r"\n\s*\n", text) if document.strip()]
+
+
 def test_split_is_deterministic_disjoint_and_near_the_fraction(stdlib_text):
     calib, held_out = split_text(stdlib_text, eval_fraction=0.1)
     assert (calib, held_out) == split_text(stdlib_text, eval_fraction=0.1)
-    assert stdlib_text.startswith(calib) and stdlib_text.endswith(held_out)
-    assert len(calib) + len(held_out) < len(stdlib_text)  # the separator belongs to neither part
-    assert abs(len(held_out) / len(stdlib_text) - 0.1) < 0.01
+    assert stdlib_text.startswith(calib + "\n")
+    tail = stdlib_text[len(calib) :]
+    assert all(document in tail for document in _documents(held_out))  # held-out documents come from after the cut
+    assert 0.08 < len(held_out) / len(stdlib_text) < 0.11  # a tenth, less the duplicates dropped
+
+
+def test_no_held_out_document_occurs_in_the_calibration_part(stdlib_text):
+    """pydoc's topics repeat sections: without de-duplication dozens of held-out paragraphs were calibration text."""
+    calib, held_out = split_text(stdlib_text, eval_fraction=0.1)
+    documents = _documents(held_out)
+    assert len(documents) > 100
+    assert not [document for document in documents if document in calib]
+    # everything after the cut that the calibration part does not contain is kept
+    tail = stdlib_text[len(calib) :]
+    assert documents == [d for d in _documents(tail) if d not in calib]
+
+
+def test_split_drops_repeated_documents_from_the_held_out_part():
+    calib, held_out = split_text("intro\n\nshared section\n\nbody text\n\nshared section\n\nnew ending", 0.4)
+    assert calib == "intro\n\nshared section\n\nbody text"
+    assert held_out == "new ending"
+    with pytest.raises(PipelineError, match="also occurs in the calibration part"):
+        split_text("alpha beta\n\nbeta", 0.3)
 
 
 @given(st.lists(st.text("abc xyz", min_size=1, max_size=20), min_size=2, max_size=30), st.floats(0.05, 0.95))
 @settings(max_examples=50, deadline=None)
 def test_split_never_overlaps(paragraphs, fraction):
     text = "\n\n".join(paragraphs)
-    calib, held_out = split_text(text, fraction)
+    try:
+        calib, held_out = split_text(text, fraction)
+    except PipelineError as error:
+        assert "also occurs in the calibration part" in str(error)
+        return
     assert calib and held_out
-    assert text.startswith(calib) and text.endswith(held_out)
-    assert len(calib) + len(held_out) <= len(text) - 2
+    assert text.startswith(calib)
+    documents = [d.strip() for d in re.split(r"\n\s*\n", held_out)]
+    assert all(d and d not in calib for d in documents)
 
 
 def test_split_falls_back_to_lines_and_rejects_bad_input():

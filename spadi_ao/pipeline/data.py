@@ -108,18 +108,26 @@ def split_text(text: str, eval_fraction: float = 0.1) -> tuple[str, str]:
     """Split ``text`` into (calibration, evaluation) at a document boundary, holding out the end.
 
     Documents are blocks separated by blank lines (single line breaks if there is no blank line). The cut
-    is the boundary closest to ``(1 - eval_fraction) * len(text)`` characters; the separator itself goes to
-    neither part, so the parts never overlap and ``text`` starts with the first and ends with the second.
+    is the boundary closest to ``(1 - eval_fraction) * len(text)`` characters and the calibration part is
+    everything before it. The evaluation part is the documents after it *less every one that occurs
+    verbatim in the calibration part* (reference texts repeat sections: pydoc's topics do), joined by
+    the separator: a held-out score then measures text the calibration never saw.
     """
     if not 0.0 < eval_fraction < 1.0:
         raise PipelineError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    boundaries = list(re.finditer(r"\n\s*\n", text)) or list(re.finditer(r"\n", text))
+    paragraphs = re.search(r"\n\s*\n", text) is not None
+    boundaries = list(re.finditer(r"\n\s*\n" if paragraphs else r"\n", text))
     boundaries = [b for b in boundaries if b.start() > 0 and b.end() < len(text)]
     if not boundaries:
         raise PipelineError("split_text needs at least two lines or paragraphs of text")
     target = (1.0 - eval_fraction) * len(text)
     cut = min(boundaries, key=lambda b: abs(b.start() - target))
-    return text[: cut.start()], text[cut.end() :]
+    calibration = text[: cut.start()]
+    documents = re.split(r"\n\s*\n" if paragraphs else r"\n", text[cut.end() :])
+    held_out = [document for document in documents if document.strip() and document.strip() not in calibration]
+    if not held_out:
+        raise PipelineError("split_text: every document after the cut also occurs in the calibration part")
+    return calibration, ("\n\n" if paragraphs else "\n").join(held_out)
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:

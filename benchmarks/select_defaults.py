@@ -1,0 +1,201 @@
+"""Defaults chosen on validation text, never on test text: ``gram_shrinkage`` and the CLI's calibration source.
+
+    python benchmarks/select_defaults.py --sources stdlib                  # one part per calibration source
+    python benchmarks/select_defaults.py --sources wikitext2-valid-a
+    python benchmarks/select_defaults.py --sources generated stdlib+generated
+    python benchmarks/select_defaults.py --decide                          # merge the parts, apply the rules
+
+Every candidate runs the recommended settings (``DictionaryConfig(solver="fast", allocation="knapsack",
+grouping="inputs")``, CR 0.3, 32 x 512 calibration tokens; ``--fast-steps`` refits, 2 for the
+screening) with each ``--shrinkage`` value, and is scored on two validation texts unlike each other:
+the second half of WikiText-2 *validation* and the stdlib corpus' held-out part. WikiText-2 test is
+never read.
+
+Calibration sources: ``stdlib`` (the corpus' calibration part), ``generated`` (the model's own sampled
+text, ``calibration.generated_batches``), ``stdlib+generated`` (16 + 16) and ``wikitext2-valid-a`` (the
+first half of WikiText-2 validation: the in-domain case; it needs a download, so it informs the
+shrinkage only and is no candidate default source).
+
+Rules (stated before the runs):
+1. ``gram_shrinkage``: the value with the lowest geometric mean of perplexity over the four cells
+   {stdlib, wikitext2-valid-a calibration} x {two validation texts}: out-of-domain and in-domain
+   calibration, the two the quality table uses.
+2. CLI default calibration source: among the sources needing no download, the lowest geometric mean over
+   the two validation texts at the chosen shrinkage (the generated sources need only that value:
+   ``--shrinkage <chosen>``).
+
+Parts: benchmarks/results/select_defaults-<source>.json; the decision: select_defaults.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from spadi_ao import DictionaryConfig, sparsify_dictionary_
+from spadi_ao.allocation import output_sensitivity
+from spadi_ao.api import select_linears
+from spadi_ao.calibration import GramCollector, run_calibration
+from spadi_ao.pipeline.data import calibration_batches, load_text, split_text
+
+from calibration import generated_batches
+from common import RESULTS, environment, evaluate, fresh_copy, load_default, write_json
+
+SOURCES = ("stdlib", "generated", "stdlib+generated", "wikitext2-valid-a")
+NO_DOWNLOAD = ("stdlib", "generated", "stdlib+generated")
+SHRINKAGE_SOURCES = ("stdlib", "wikitext2-valid-a")
+VALIDATION = ("wikitext2-valid-b", "stdlib-held-out")
+GENERATED_CACHE = Path.home() / ".cache" / "spadi-ao"
+
+
+def validation_texts() -> dict[str, str]:
+    return {"wikitext2-valid-b": split_text(load_text("wikitext2-valid"), 0.5)[1], "stdlib-held-out": split_text(load_text("stdlib"))[1]}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sources", nargs="*", default=[], choices=SOURCES)
+    parser.add_argument("--shrinkage", nargs="+", default=["auto", "0", "0.3", "0.6"])
+    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--n-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=8, help="first N windows of each validation text")
+    parser.add_argument("--fast-steps", type=int, default=2)
+    parser.add_argument("--sensitivity-samples", type=int, default=8)
+    parser.add_argument("--decide", action="store_true", help="merge the parts present and apply the rules")
+    return parser.parse_args()
+
+
+def generated(model, tokenizer, n_samples: int, seq_len: int) -> list[torch.Tensor]:
+    """The model's own text, sampled once and cached (sampling 32 x 512 tokens takes minutes on a CPU)."""
+    path = GENERATED_CACHE / f"generated-{n_samples}x{seq_len}-seed0.pt"
+    if path.is_file():
+        return list(torch.load(path))
+    batches = generated_batches(model, tokenizer, n_samples, seq_len)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.cat(batches), path)
+    return batches
+
+
+def batches_for(source: str, model, tokenizer, args: argparse.Namespace) -> list[torch.Tensor]:
+    n, length = args.n_samples, args.seq_len
+    if source == "stdlib":
+        return calibration_batches(tokenizer, split_text(load_text("stdlib"))[0], n, length)
+    if source == "wikitext2-valid-a":
+        return calibration_batches(tokenizer, split_text(load_text("wikitext2-valid"), 0.5)[0], n, length)
+    if source == "generated":
+        return [row.view(1, -1) for row in generated(model, tokenizer, n, length)]
+    half = n // 2  # stdlib+generated: the first half of the generated set (the same sampling seeds)
+    return calibration_batches(tokenizer, split_text(load_text("stdlib"))[0], half, length) + [
+        row.view(1, -1) for row in generated(model, tokenizer, n, length)[: n - half]
+    ]
+
+
+def run_source(source: str, model, tokenizer, texts: dict[str, str], args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    batches = batches_for(source, model, tokenizer, args)
+    sample = batches[:: max(1, len(batches) // args.sensitivity_samples)][: args.sensitivity_samples]
+    sensitivity = output_sensitivity(model, select_linears(model), sample)
+    with GramCollector(select_linears(model)) as collector:
+        run_calibration(model, batches, progress=False)
+    calibration_seconds = time.perf_counter() - start
+    rows = []
+    for shrinkage in args.shrinkage:
+        value = shrinkage if shrinkage == "auto" else float(shrinkage)
+        config = DictionaryConfig(
+            compression_ratio=args.ratio, gram_shrinkage=value, solver="fast", fast_steps=args.fast_steps,
+            allocation="knapsack", grouping="inputs", iterations=0,
+        )  # fmt: skip
+        compressed = fresh_copy(model)
+        start = time.perf_counter()
+        report = sparsify_dictionary_(compressed, config, calibration=collector, sensitivity=sensitivity, progress=False)
+        seconds = time.perf_counter() - start
+        perplexity = {name: evaluate(compressed, tokenizer, text, args.seq_len, args.eval_windows)["ppl"] for name, text in texts.items()}
+        rows.append({"shrinkage": shrinkage, "compression_ratio": report.compression_ratio, "seconds": seconds, "perplexity": perplexity})
+        print(f"{source:18s} shrinkage {shrinkage:5s}: " + ", ".join(f"{k} {v:.2f}" for k, v in perplexity.items()) + f" ({seconds:.0f}s)", flush=True)
+        del compressed
+    return {"source": source, "calibration_seconds": calibration_seconds, "rows": rows}
+
+
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def decide(args: argparse.Namespace) -> None:
+    parts = {source: json.loads((RESULTS / f"select_defaults-{source}.json").read_text()) for source in SOURCES
+             if (RESULTS / f"select_defaults-{source}.json").is_file()}  # fmt: skip
+    if not parts:
+        raise SystemExit("no select_defaults-<source>.json parts yet: run --sources first")
+    cells = {(source, row["shrinkage"], text): row["perplexity"][text] for source, part in parts.items() for row in part["rows"] for text in VALIDATION}
+    if not all(source in parts for source in SHRINKAGE_SOURCES):
+        raise SystemExit(f"the shrinkage rule needs the parts of {SHRINKAGE_SOURCES}")
+    shrinkages = [s for s in args.shrinkage if all((source, s, text) in cells for source in SHRINKAGE_SOURCES for text in VALIDATION)]
+    by_shrinkage = {s: geometric_mean([cells[(source, s, text)] for source in SHRINKAGE_SOURCES for text in VALIDATION]) for s in shrinkages}
+    chosen = min(by_shrinkage, key=by_shrinkage.get)
+    candidates = [source for source in NO_DOWNLOAD if (source, chosen, VALIDATION[0]) in cells]
+    by_source = {source: geometric_mean([cells[(source, chosen, text)] for text in VALIDATION]) for source in candidates}
+    source = min(by_source, key=by_source.get) if by_source else None
+    dense = parts[next(iter(parts))]["dense"]
+    payload = {
+        "command": " ".join(["python", *sys.argv]),
+        "rules": {
+            "gram_shrinkage": f"lowest geometric mean of perplexity over {list(SHRINKAGE_SOURCES)} calibration x the validation texts",
+            "calibration_source": "among sources needing no download, lowest geometric mean over the validation texts at the chosen shrinkage",
+        },
+        "validation_texts": list(VALIDATION),
+        "settings": parts[next(iter(parts))]["settings"],
+        "dense": dense,
+        "geometric_mean_by_shrinkage": by_shrinkage,
+        "chosen_gram_shrinkage": chosen,
+        "geometric_mean_by_source": by_source,
+        "chosen_calibration_source": source,
+        "calibration_seconds": {s: part["calibration_seconds"] for s, part in parts.items()},
+        "cells": [{"source": s, "shrinkage": g, "text": t, "ppl": v} for (s, g, t), v in cells.items()],
+    }
+    write_json(RESULTS / "select_defaults.json", payload)
+    settings = payload["settings"]
+    lines = [
+        f"Selection on validation text only (CR {settings['ratio']}, knapsack + fast solver ({settings['fast_steps']} refits) + "
+        f"shared-input groups, calibration {settings['n_samples']} x {settings['seq_len']}, first {settings['eval_windows']} x "
+        f"{settings['seq_len']} tokens of each validation text). Dense: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()),
+        "",
+        "| calibration | gram_shrinkage | " + " | ".join(f"PPL {t}" for t in VALIDATION) + " | geometric mean |",
+        "|---|---|" + "---|" * (len(VALIDATION) + 1),
+    ]
+    for s, part in parts.items():
+        for row in part["rows"]:
+            values = [row["perplexity"][t] for t in VALIDATION]
+            lines.append(f"| {s} | {row['shrinkage']} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {geometric_mean(values):.2f} |")
+    lines += ["", f"| gram_shrinkage | geometric mean, {' and '.join(SHRINKAGE_SOURCES)} calibration |", "|---|---|"]
+    lines += [f"| {s} | {v:.2f}{' (chosen)' if s == chosen else ''} |" for s, v in by_shrinkage.items()]
+    lines += ["", f"| calibration source (no download), gram_shrinkage {chosen} | geometric mean |", "|---|---|"]
+    lines += [f"| {s} | {v:.2f}{' (chosen)' if s == source else ''} |" for s, v in by_source.items()]
+    (RESULTS / "select_defaults.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.decide:
+        decide(args)
+        return
+    torch.manual_seed(0)
+    model, tokenizer = load_default()
+    texts = validation_texts()
+    dense = {name: evaluate(model, tokenizer, text, args.seq_len, args.eval_windows)["ppl"] for name, text in texts.items()}
+    print(f"dense: {dense}", flush=True)
+    settings = {k: getattr(args, k) for k in ("ratio", "n_samples", "seq_len", "eval_windows", "fast_steps", "sensitivity_samples")}
+    for source in args.sources:
+        part = run_source(source, model, tokenizer, texts, args)
+        part.update(command=" ".join(["python", *sys.argv]), settings=settings, dense=dense, environment=environment())
+        write_json(RESULTS / f"select_defaults-{source}.json", part)
+
+
+if __name__ == "__main__":
+    main()
