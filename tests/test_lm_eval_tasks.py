@@ -145,6 +145,11 @@ def test_cli_eval_runs_lm_eval_on_a_compressed_model(tmp_path, tiny_llama, tiny_
     assert report["average"] == pytest.approx((arc_acc_norm + wino_acc) / 2)
     assert f"{report['average']:.4f}" in printed
 
+    # without --tasks, eval measures perplexity as before, and --output writes it too
+    assert main(["eval", str(out), "--seq-len", "32", "--eval-windows", "1", "--output", str(report_file)]) == 0
+    perplexity = json.loads(report_file.read_text())["perplexity"]
+    assert perplexity["n_tokens"] == 31 and f"{perplexity['ppl']:.3f}" in capsys.readouterr().out
+
 
 def test_local_records_become_hub_documents():
     (piqa,) = read_documents("piqa", FIXTURES)[:1]

@@ -181,7 +181,7 @@ class ZeroShotResult:
     """lm-eval's results for the requested tasks, its table, and the averages papers report.
 
     ``average`` takes ``acc_norm`` where the task reports it (PIQA, ARC, HellaSwag) and ``acc`` otherwise
-    (WinoGrande, BoolQ), the usual choice in compression papers; ``average_acc`` averages plain ``acc``.
+    (WinoGrande, BoolQ), a common choice in compression papers; ``average_acc`` averages plain ``acc``.
     ``reported`` names the metric each task contributes.
     """
 
