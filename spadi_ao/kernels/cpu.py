@@ -9,7 +9,7 @@ call, ``z = x @ D~^T``, and stage 2 block by block over the output rows: each bl
 expanded from the packed form into a small dense tile (by the native kernel where it runs, else by torch
 ops) and BLAS multiplies ``z`` by it straight into that block's columns of the output. The tile, at most
 :data:`SCRATCH_BYTES` (or one row), is the only scratch and is freed before the call returns, so a layer
-holds exactly its stored bytes between calls. A dense ``(out, k)`` copy of the codes kept per layer would
+holds exactly its stored bytes between calls (a small layer's tile is all of its codes, for that call only). A dense ``(out, k)`` copy of the codes kept per layer would
 cost ``out * k`` floats: twice the values' bytes at ``k / s = 2``, more than the dense weight on SmolLM2's
 gate/up projections at CR 0.3, and four times more again for int8 values. Expanding a tile that stays in
 the core's cache costs little next to the GEMM it feeds (``benchmarks/layer_latency.py``).
@@ -43,8 +43,9 @@ __all__ = [
 
 _CPU = torch.device("cpu")
 
-# Bytes of one dense tile of the codes: small enough to stay in a core's L2 cache next to its share of z.
-SCRATCH_BYTES = 1 << 20
+# Bytes of one dense tile of the codes, the only scratch of a call: wide enough that each block is a GEMM BLAS
+# runs near full speed (narrow blocks re-pack z for little work each), small next to any layer worth compressing.
+SCRATCH_BYTES = 8 << 20
 
 
 def row_blocks(out: int, k: int, dtype: torch.dtype) -> Iterator[tuple[int, int]]:
