@@ -10,6 +10,9 @@ tensor storage reachable from Python outlives the call except the result.
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 from typing import Callable
 
 import pytest
@@ -25,6 +28,7 @@ from spadi_ao.kernels import cpu, native, reference_dictionary_linear
 from spadi_ao.format import unpack_codes, unpack_mask
 from spadi_ao.kernels.op import dictionary_linear
 from spadi_ao.kernels.reference import dequantize_values
+from spadi_ao.kernels.selector import HAS_TRITON
 
 from models import tiny_llama, token_batches
 from test_kernels import args, assert_close, dense_output, magnitude, make_layer
@@ -200,3 +204,27 @@ def test_resident_bytes_count_a_view_s_whole_buffer():
     model[0].weight = torch.nn.Parameter(DictionaryTensor(layer["dictionary"], buffer[:8], layer["bitmask"], torch.float32), requires_grad=False)
     stats = compression_stats(model)
     assert stats["compressed_resident_bytes"] - stats["compressed_stored_bytes"] == (64 - 8) * 4 * 4
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not (INTERPRET and HAS_TRITON), reason="needs TRITON_INTERPRET=1 at import; see test_triton_prefill")
+def test_triton_prefill_interpreted():
+    from spadi_ao.kernels import triton_dictionary
+
+    layer = make_layer(OUT, IN, K, S, torch.float32, int8_values=True, bias=True)
+    x = torch.randn(TOKENS, IN)
+    triton_dictionary.dictionary_linear(*args(torch.randn(TOKENS, IN), make_layer(OUT, IN, K, S, torch.float32, seed=9)), "triton_prefill")
+    y = check_call(lambda: triton_dictionary.dictionary_linear(*args(x, layer), "triton_prefill"), activation_bound(torch.float32))
+    assert_close(y, reference_dictionary_linear(*args(x, layer)), torch.float32, magnitude(x, layer))
+
+
+def test_triton_prefill():
+    """Runs ``test_triton_prefill_interpreted`` in a child process with ``TRITON_INTERPRET=1`` (the Triton
+    kernels rebuild each tile of the codes in registers and keep nothing between calls)."""
+    if INTERPRET or not HAS_TRITON:
+        pytest.skip("this is the interpreted run already" if INTERPRET else "triton is not installed")
+    command = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
+    result = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-4000:] + result.stderr[-4000:]
