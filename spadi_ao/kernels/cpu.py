@@ -9,10 +9,11 @@ call, ``z = x @ D~^T``, and stage 2 block by block over the output rows: each bl
 expanded from the packed form into a small dense tile (by the native kernel where it runs, else by torch
 ops) and BLAS multiplies ``z`` by it straight into that block's columns of the output. The tile, at most
 :data:`SCRATCH_BYTES` (or one row), is the only scratch and is freed before the call returns, so a layer
-holds exactly its stored bytes between calls (a small layer's tile is all of its codes, for that call only). A dense ``(out, k)`` copy of the codes kept per layer would
-cost ``out * k`` floats: twice the values' bytes at ``k / s = 2``, more than the dense weight on SmolLM2's
-gate/up projections at CR 0.3, and four times more again for int8 values. Expanding a tile that stays in
-the core's cache costs little next to the GEMM it feeds (``benchmarks/layer_latency.py``).
+holds exactly its stored bytes between calls (a small layer's tile is all of its codes, for that call
+only). A dense ``(out, k)`` copy of the codes kept per layer would cost ``out * k`` floats: twice the
+values' bytes at ``k / s = 2``, more than the dense weight on SmolLM2's gate/up projections at CR 0.3,
+and four times more again for int8 values. Expanding a tile reads only the stored bytes and costs little
+next to the GEMM it feeds (``benchmarks/layer_latency.py``).
 
 :func:`transposed_codes_product` and :func:`values_gradient` are the same blocks for the backward pass, in
 plain torch ops so that ``torch.compile`` traces them.
