@@ -510,11 +510,25 @@ def _leaves(tensor: Optional[torch.Tensor]) -> list[torch.Tensor]:
     return [tensor]
 
 
+def _resident_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``' plain leaves: what they keep allocated right now
+    (a view keeps its whole buffer alive; tensors sharing one buffer count it once)."""
+    storages: dict[int, int] = {}
+    for tensor in tensors:
+        for leaf in _leaves(tensor.data if isinstance(tensor, nn.Parameter) else tensor):
+            storage = leaf.untyped_storage()
+            storages[storage.data_ptr() or id(storage)] = storage.nbytes()
+    return sum(storages.values())
+
+
 def compression_stats(model: nn.Module) -> dict[str, Any]:
     """Per-layer and whole-model byte figures read from the model's current weights (also after reload).
 
     Inner tensors shared between weights (a group's dictionary) are counted once in the totals; each
     layer's figure holds its own tensors plus a share of the shared ones in proportion to its outputs.
+    ``*_resident_bytes`` are the bytes those weights keep allocated right now, their storages as held:
+    the kernels keep no dense copy or other cache of a weight between calls, so after any forward pass
+    they equal the stored bytes unless a weight is a view into a larger buffer.
     """
     compressed = {
         name: module.weight
@@ -561,4 +575,6 @@ def compression_stats(model: nn.Module) -> dict[str, Any]:
         "model_dense_bytes": model_dense,
         "model_stored_bytes": model_stored,
         "model_compression_ratio": 1.0 - model_stored / model_dense if model_dense else 0.0,
+        "compressed_resident_bytes": _resident_bytes(list(compressed.values())),
+        "model_resident_bytes": _resident_bytes(list(model.parameters()) + list(model.buffers())),
     }

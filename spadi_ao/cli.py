@@ -234,7 +234,7 @@ def _init_distributed() -> None:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from spadi_ao import sparsify_dictionary_
+    from spadi_ao import compression_stats, sparsify_dictionary_
     from spadi_ao.integrations.transformers import compression_record
     from spadi_ao.pipeline.models import model_context_length
     from spadi_ao.serialization import save_compressed
@@ -265,9 +265,11 @@ def _compress(args: argparse.Namespace) -> int:
         model, config, calibration=batches, sequential=args.sequential, propagate=args.propagate, checkpoint_dir=args.checkpoint_dir,
         device=args.device,
     )
+    resident = compression_stats(model)["compressed_resident_bytes"]
     print(f"compressed {len(report.layers)} Linears with {report.method}: ratio {report.compression_ratio:.4f} "
-          f"({report.dense_bytes / 2**20:.1f} MiB -> {report.stored_bytes / 2**20:.1f} MiB) in {report.seconds:.0f}s", flush=True)
-    results["compression"] = report.to_dict()
+          f"({report.dense_bytes / 2**20:.1f} MiB -> {report.stored_bytes / 2**20:.1f} MiB stored, "
+          f"{resident / 2**20:.1f} MiB resident) in {report.seconds:.0f}s", flush=True)
+    results["compression"] = report.to_dict() | {"resident_bytes": resident}
     results["settings"] = compression_record(config, report)
     if not lead:
         return 0

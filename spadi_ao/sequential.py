@@ -45,7 +45,6 @@ from tqdm.auto import tqdm
 from spadi_ao.allocation import output_sensitivity
 from spadi_ao.calibration import GramCollector
 from spadi_ao.grouping import share_dictionary
-from spadi_ao.kernels.cpu import forget_cached_codes
 from spadi_ao.layer import LayerReport
 from spadi_ao.offload import WeightSwap, dense_weight, execution_device, install_weight, is_dispatched
 
@@ -538,9 +537,6 @@ class _Blockwise:
                     swaps.append(install_weight(self.targets[name], results[name][0], name))
                 if self.propagate == "compressed" and not last:
                     next_inputs = _run_block(block, inputs, compute, self.store)
-                    # The CPU kernel cached each layer's decompressed codes (~2x the values' bytes); kept for
-                    # every finished block they grew the host memory with depth (measured, benchmarks/scale.py).
-                    forget_cached_codes(self.targets[name].weight for name in names)
             except BaseException:
                 for swap in reversed(swaps):
                     swap.undo()

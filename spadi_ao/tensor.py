@@ -192,23 +192,15 @@ def _linear_args(args: tuple, kwargs: Optional[dict]) -> tuple[torch.Tensor, tor
     return given["input"], given["weight"], given.get("bias")
 
 
-def _traced_codes(weight: DictionaryTensor, dtype: torch.dtype) -> torch.Tensor:
-    """Dense ``(out, k)`` codes from plain ops and no module-level constant tensor, so fake tensors trace it."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=weight.bitmask.device)
-    mask = ((weight.bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : weight.num_atoms]
-    codes = torch.zeros(mask.shape, dtype=dtype, device=weight.values.device)
-    return codes.masked_scatter(mask, dequantize_values(weight.values, weight.value_scale, dtype))
-
-
 def _torchao_dictionary_linear(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``z = x D~^T`` on torchao's kernels, then the codes as a dense GEMM in plain torch ops.
+    """``z = x D~^T`` on torchao's kernels, then the codes from their packed form.
 
-    Eager calls run ``spadi_ao.kernels.cpu.multiply_codes`` (native decode kernel or cached dense codes); a
-    compiled graph decompresses the codes itself, since neither can be traced.
+    Eager calls run ``spadi_ao.kernels.cpu.multiply_codes`` (native decode kernel, or one small dense tile of
+    the codes at a time, also in the backward pass); a compiled graph traces the same tiles in torch ops.
     """
     atoms = F.linear(x, weight.dictionary)
     if torch.compiler.is_compiling():
-        return F.linear(atoms, _traced_codes(weight, atoms.dtype), bias)
+        return cpu.codes_product(atoms, weight.values, weight.value_scale, weight.bitmask, bias)
     return cpu.multiply_codes(atoms, weight.values, weight.value_scale, weight.bitmask, bias)
 
 

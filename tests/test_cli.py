@@ -30,6 +30,8 @@ def test_compress_writes_model_and_report(tmp_path, tiny_model_dir, method, caps
     assert set(report) >= {"model", "config", "dense_perplexity", "compressed_perplexity", "compression"}
     compression = report["compression"]
     assert compression["method"] == method and compression["compression_ratio"] >= 0.4
+    assert compression["resident_bytes"] == compression["stored_bytes"]  # the weights hold no more than that
+    assert f"{compression['resident_bytes'] / 2**20:.1f} MiB resident" in printed
     layer = compression["layers"][0]
     assert set(layer) >= {"name", "k", "s", "rank", "compression_ratio", "whitened_error", "seconds", "stored_bytes", "dense_bytes"}
     assert report["dense_perplexity"]["n_tokens"] == 2 * 31

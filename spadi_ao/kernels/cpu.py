@@ -2,40 +2,29 @@
 
 Decode (at most ``selector.NATIVE_MAX_TOKENS`` tokens of float32, bfloat16 or float16) runs both stages in
 the native C kernel (``spadi_ao.kernels.native``), which reads the packed codes themselves (16- or 32-bit
-floats, or int8 with row scales) and needs no cache. Everything else, and machines where that kernel cannot
-be built, takes the torch ops below.
+floats, or int8 with row scales) and needs no scratch beyond ``z``.
 
-Stage 1 is one BLAS call, ``z = x @ D~^T``. Stage 2 multiplies ``z`` by the codes, and on CPU the only
-fast way to do that with stock torch ops is a GEMM against the codes decompressed to a dense ``(out, k)``
-matrix. Measured on 2 Xeon (Sapphire Rapids) cores, fp32, a 4096x4096 layer at 50% honest compression
-(k=1337, s=669), per call:
+Everything else (prefill, evaluation, other dtypes, machines without that kernel) runs stage 1 as one BLAS
+call, ``z = x @ D~^T``, and stage 2 block by block over the output rows: each block of the codes is
+expanded from the packed form into a small dense tile (by the native kernel where it runs, else by torch
+ops) and BLAS multiplies ``z`` by it straight into that block's columns of the output. The tile, at most
+:data:`SCRATCH_BYTES` (or one row), is the only scratch and is freed before the call returns, so a layer
+holds exactly its stored bytes between calls (a small layer's tile is all of its codes, for that call
+only). A dense ``(out, k)`` copy of the codes kept per layer would cost ``out * k`` floats: twice the
+values' bytes at ``k / s = 2``, more than the dense weight on SmolLM2's gate/up projections at CR 0.3,
+and four times more again for int8 values. Expanding a tile reads only the stored bytes and costs little
+next to the GEMM it feeds (``benchmarks/layer_latency.py``).
 
-* dense GEMV over the decompressed codes: 0.77 ms at M=1, 2.5 ms at M=8;
-* gather-sum from unpacked indices: ``embedding_bag`` 10.6 ms (M=1) / 3.8 ms (M=8), ``take`` / advanced
-  indexing 4-12 ms, an Inductor-compiled gather-sum 2.3 ms; MKL CSR ``mv`` with int32 indices 0.9 ms;
-* decompressing the bitmask on every call: ~40-80 ms, against 2.4 ms for the whole dense layer at M=1.
-
-So the torch route caches the decompressed codes, which is what makes it faster than the dense layer at
-all. **The cache costs memory**: ``out * k * dtype_size`` bytes per layer and compute dtype, kept next
-to the stored ``out * s`` values, i.e. ``2x`` the values' bytes at ``k / s = 2`` in the same dtype (more
-for int8 values, which are cached dequantised). :func:`code_cache_nbytes` reports the total,
-:func:`clear_code_cache` frees it and :func:`code_cache_disabled` runs without it (decompressing every
-call). Entries are keyed weakly on the ``bitmask`` tensor and dropped with it; they are rebuilt when the
-``values``/``value_scale`` objects or any of the three tensors' version counters change. In-place edits
-of *inference* tensors are not tracked (they have no version counter). The cache lives inside the custom
-op's implementation, so compiled graphs never see it.
+:func:`transposed_codes_product` and :func:`values_gradient` are the same blocks for the backward pass, in
+plain torch ops so that ``torch.compile`` traces them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import weakref
-from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from spadi_ao.format import unpack_mask
 from spadi_ao.kernels import native
@@ -43,91 +32,109 @@ from spadi_ao.kernels.reference import dequantize_dictionary, dequantize_values
 from spadi_ao.kernels.selector import select_kernel
 
 __all__ = [
+    "SCRATCH_BYTES",
     "dictionary_linear",
     "multiply_codes",
-    "decompress_codes",
-    "dense_codes",
-    "code_cache_nbytes",
-    "clear_code_cache",
-    "forget_cached_codes",
-    "code_cache_disabled",
+    "codes_product",
+    "transposed_codes_product",
+    "values_gradient",
+    "code_rows",
+    "row_blocks",
 ]
 
-
-@dataclass
-class _Entry:
-    values: weakref.ref
-    value_scale: Optional[weakref.ref]
-    versions: tuple[int, ...]
-    codes: torch.Tensor
-
-
 _CPU = torch.device("cpu")
-_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()  # bitmask -> {dtype: _Entry}
-_cache_enabled = True
+
+# Bytes of one dense tile of the codes, the only scratch of a call: wide enough that each block is a GEMM BLAS
+# runs near full speed (narrow blocks re-pack z for little work each), small next to any layer worth compressing.
+SCRATCH_BYTES = 8 << 20
 
 
-def _version(tensor: Optional[torch.Tensor]) -> int:
-    return -1 if tensor is None or tensor.is_inference() else tensor._version
+def row_blocks(out: int, k: int, dtype: torch.dtype) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` blocks of output rows whose ``(rows, k)`` tile in ``dtype`` fits :data:`SCRATCH_BYTES`."""
+    rows = max(1, SCRATCH_BYTES // max(1, k * dtype.itemsize))
+    for start in range(0, out, rows):
+        yield start, min(start + rows, out)
 
 
-def _is(ref: Optional[weakref.ref], tensor: Optional[torch.Tensor]) -> bool:
-    return (ref is None and tensor is None) or (ref is not None and ref() is tensor)
-
-
-def decompress_codes(
-    values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, k: int, dtype: torch.dtype
+def code_rows(
+    values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, k: int, start: int, stop: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Dense ``(out, k)`` codes in ``dtype``, int8 values dequantised per output row."""
-    mask = unpack_mask(bitmask, k)
+    """Dense codes of output rows ``[start, stop)``, ``(stop - start, k)`` in ``dtype``, from torch ops
+    (traceable); int8 values are dequantised per output row."""
+    mask = unpack_mask(bitmask[start:stop], k)
+    scale = None if value_scale is None else value_scale[start:stop]
+    # masked_scatter fills the set bits in row-major order, i.e. in the increasing-atom order of ``values``.
     codes = torch.zeros(mask.shape, dtype=dtype, device=values.device)
-    # masked_scatter_ fills the set bits in row-major order, i.e. in the increasing-atom order of ``values``.
-    return codes.masked_scatter_(mask, dequantize_values(values, value_scale, dtype))
+    return codes.masked_scatter(mask, dequantize_values(values[start:stop], scale, dtype))
 
 
-def dense_codes(
-    values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, k: int, dtype: torch.dtype
+def _tile_plan(z: torch.Tensor, values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, k: int, plan: Optional[native.Plan]):
+    """The native plan that expands tiles for ``z``'s dtype, or ``None`` for the torch-ops tiles."""
+    if not (z.is_cpu and z.dtype in native.ACTIVATION_DTYPES and native.available()):
+        return None
+    return plan if plan is not None and plan.k == k else native.codes_plan(values, value_scale, bitmask, k)
+
+
+def _blocked_product(
+    z: torch.Tensor,
+    values: torch.Tensor,
+    value_scale: Optional[torch.Tensor],
+    bitmask: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    plan: Optional[native.Plan] = None,
 ) -> torch.Tensor:
-    """:func:`decompress_codes`, served from the cache while the packed tensors are unchanged."""
-    if not _cache_enabled:
-        return decompress_codes(values, value_scale, bitmask, k, dtype)
-    versions = (_version(values), _version(value_scale), _version(bitmask))
-    per_dtype = _cache.setdefault(bitmask, {})
-    entry = per_dtype.get(dtype)
-    if entry is None or entry.versions != versions or not (_is(entry.values, values) and _is(entry.value_scale, value_scale)):
-        scale_ref = None if value_scale is None else weakref.ref(value_scale)
-        entry = _Entry(weakref.ref(values), scale_ref, versions, decompress_codes(values, value_scale, bitmask, k, dtype))
-        per_dtype[dtype] = entry
-    return entry.codes
+    """``z @ C^T + b`` one tile of output rows at a time, written in place into the output (no autograd)."""
+    k, out = z.shape[-1], values.shape[0]
+    flat = z.reshape(-1, k)
+    y = flat.new_empty((flat.shape[0], out))
+    plan = _tile_plan(z, values, value_scale, bitmask, k, plan)
+    buffer = None
+    for start, stop in row_blocks(out, k, z.dtype):
+        if plan is not None:
+            if buffer is None:
+                buffer = flat.new_empty((stop - start, k))
+            tile = buffer[: stop - start]
+            native.codes_tile(plan, start, stop, tile)
+        else:
+            tile = code_rows(values, value_scale, bitmask, k, start, stop, z.dtype)
+        if bias is None:
+            torch.mm(flat, tile.T, out=y[:, start:stop])
+        else:
+            torch.addmm(bias[start:stop], flat, tile.T, out=y[:, start:stop])
+    return y.reshape(*z.shape[:-1], out)
 
 
-def code_cache_nbytes() -> int:
-    """Bytes currently held by cached dense codes (on top of the stored compressed weights)."""
-    return sum(e.codes.numel() * e.codes.element_size() for per_dtype in _cache.values() for e in per_dtype.values())
+def codes_product(
+    z: torch.Tensor, values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """``z @ C^T + b`` block by block in functional torch ops, for traced graphs and autograd."""
+    k, out = z.shape[-1], values.shape[0]
+    parts = [
+        F.linear(z, code_rows(values, value_scale, bitmask, k, start, stop, z.dtype), None if bias is None else bias[start:stop])
+        for start, stop in row_blocks(out, k, z.dtype)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
-def clear_code_cache() -> None:
-    _cache.clear()
+def transposed_codes_product(
+    g: torch.Tensor, values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, k: int
+) -> torch.Tensor:
+    """``g @ C`` (``(..., out)`` to ``(..., k)``): the gradient at ``z`` of ``z @ C^T``, block by block."""
+    flat = g.reshape(-1, g.shape[-1])
+    result = flat.new_zeros((flat.shape[0], k))
+    for start, stop in row_blocks(values.shape[0], k, g.dtype):
+        result = torch.addmm(result, flat[:, start:stop], code_rows(values, value_scale, bitmask, k, start, stop, g.dtype))
+    return result.reshape(*g.shape[:-1], k)
 
 
-def forget_cached_codes(weights: Iterable[torch.Tensor]) -> None:
-    """Drop the cached codes of these compressed weights (others are left alone): for callers that ran
-    them once, e.g. sequential compression propagating through a finished block."""
-    for weight in weights:
-        bitmask = getattr(weight, "bitmask", None)
-        if bitmask is not None:
-            _cache.pop(bitmask, None)
-
-
-@contextlib.contextmanager
-def code_cache_disabled() -> Iterator[None]:
-    """Decompress the codes on every call inside this block (nothing is cached or read from the cache)."""
-    global _cache_enabled
-    previous, _cache_enabled = _cache_enabled, False
-    try:
-        yield
-    finally:
-        _cache_enabled = previous
+def values_gradient(g: torch.Tensor, z: torch.Tensor, bitmask: torch.Tensor, k: int) -> torch.Tensor:
+    """``g^T z`` read at the stored positions, ``(out * s,)`` in row-major value order, block by block
+    (``g`` ``(tokens, out)``, ``z`` ``(tokens, k)``)."""
+    parts = [
+        (g[:, start:stop].T @ z).masked_select(unpack_mask(bitmask[start:stop], k))
+        for start, stop in row_blocks(bitmask.shape[0], k, g.dtype)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _project(x: torch.Tensor, dictionary: torch.Tensor, dictionary_scale: Optional[torch.Tensor]) -> torch.Tensor:
@@ -141,26 +148,63 @@ def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if tensor is None else tensor.contiguous()  # the tensor itself when it already is
 
 
+def _needs_grad(x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
+
+
 def _native_decode(x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether ``select_kernel`` sends these ``x`` to the native kernel and no gradient has to flow through
     it (it has no autograd formula; the op's own wraps this module)."""
-    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)):
+    if _needs_grad(x, values, bias):
         return False
     device = _CPU if x.is_cpu else x.device  # x.device builds a new object per call, a measurable cost here
     return select_kernel(device, x.dtype, x.numel() // max(x.shape[-1], 1)) == "native_decode"
 
 
+class _CodesProduct(torch.autograd.Function):
+    """``z @ C^T + b`` with gradients, for callers outside the op (a torchao-quantised dictionary): both
+    passes run one tile of the codes at a time and only ``z`` and the stored tensors are saved, so no dense
+    copy of the codes lives until the backward pass."""
+
+    @staticmethod
+    def forward(ctx, z, values, value_scale, bitmask, bias):
+        ctx.save_for_backward(z, values, value_scale, bitmask)
+        ctx.has_bias = bias is not None
+        return _blocked_product(z, values, value_scale, bitmask, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        z, values, value_scale, bitmask = ctx.saved_tensors
+        k = z.shape[-1]
+        grad_z = transposed_codes_product(grad_output, values, value_scale, bitmask, k) if ctx.needs_input_grad[0] else None
+        grad_values = grad_bias = None
+        flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
+        if ctx.needs_input_grad[1] and value_scale is None:
+            grad_values = values_gradient(flat_grad, z.reshape(-1, k), bitmask, k).view_as(values).to(values.dtype)
+        if ctx.needs_input_grad[4] and ctx.has_bias:
+            grad_bias = flat_grad.sum(0)
+        return grad_z, grad_values, None, None, grad_bias
+
+
 def multiply_codes(
-    z: torch.Tensor, values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, bias: Optional[torch.Tensor]
+    z: torch.Tensor,
+    values: torch.Tensor,
+    value_scale: Optional[torch.Tensor],
+    bitmask: torch.Tensor,
+    bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``z @ C^T + b``: the native kernel on the packed codes for decode, else the cached dense codes."""
+    """``z @ C^T + b``: the native kernel on the packed codes for decode, else tile by tile (with a tiled
+    backward pass when a gradient flows)."""
+    if _needs_grad(z, values, bias):
+        return _CodesProduct.apply(z, values, value_scale, bitmask, bias)
+    plan = None
     if _native_decode(z, values, bias):
         k = z.shape[-1]
         plan = native.codes_plan(values, value_scale, bitmask, k) or native.codes_plan(*map(_contiguous, (values, value_scale, bitmask)), k)
         y = None if plan is None else native.codes_gemv(plan, z.contiguous(), _contiguous(bias))
         if y is not None:
             return y
-    return F.linear(z, dense_codes(values, value_scale, bitmask, z.shape[-1], z.dtype), bias)
+    return _blocked_product(z, values, value_scale, bitmask, bias, plan)
 
 
 def dictionary_linear(
@@ -174,10 +218,14 @@ def dictionary_linear(
 ) -> torch.Tensor:
     """``y = (x @ D~^T) @ C^T + b``: both stages in the native kernel for decode, else BLAS for the
     first product and :func:`multiply_codes` for the second."""
+    plan = None
     if _native_decode(x, values, bias):
         stored = (dictionary, dictionary_scale, values, value_scale, bitmask)
         plan = native.dictionary_plan(*stored) or native.dictionary_plan(*map(_contiguous, stored))
         y = None if plan is None else native.dictionary_decode(plan, x.contiguous(), _contiguous(bias))
         if y is not None:
             return y
-    return multiply_codes(_project(x, dictionary, dictionary_scale), values, value_scale, bitmask, bias)
+    elif x.is_cpu and x.dtype in native.ACTIVATION_DTYPES and native.available():
+        plan = native.dictionary_plan(dictionary, dictionary_scale, values, value_scale, bitmask)
+    z = _project(x, dictionary, dictionary_scale)
+    return _blocked_product(z, values, value_scale, bitmask, bias, plan)

@@ -12,6 +12,8 @@ This kernel reads the stored values and bitmask themselves. Measured per call on
 dense layer). :func:`dictionary_decode` runs both stages in one call, which also saves the Python and
 dispatch cost of a second product (SmolLM2's 576-wide layers take 10-60 us each, so a few microseconds
 per call show end to end); :func:`codes_gemv` is stage 2 alone, behind a quantised dictionary.
+For prefill, :func:`codes_tile` expands a block of output rows of the codes into a small dense tile that
+BLAS multiplies (``spadi_ao.kernels.cpu``).
 
 The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$SPADI_AO_CACHE/kernels``, the way Triton and Inductor build theirs. Where that cannot work (not Linux
@@ -51,6 +53,7 @@ __all__ = [
     "codes_plan",
     "dictionary_decode",
     "codes_gemv",
+    "codes_tile",
 ]
 
 SWITCH_ENV = "SPADI_AO_NATIVE_KERNELS"
@@ -117,6 +120,7 @@ class _StoredWeight(ctypes.Structure):
 class _Kernels:
     codes_gemv: ctypes._CFuncPtr
     dictionary_decode: ctypes._CFuncPtr
+    codes_tile: ctypes._CFuncPtr
 
 
 @functools.cache
@@ -134,7 +138,10 @@ def _kernels() -> Optional[_Kernels]:
         # weight, x or z, tokens, bias, y, activation type, threads
         function.argtypes = [pointer, pointer, ctypes.c_int64, pointer, pointer, ctypes.c_int64, ctypes.c_int]
         function.restype = ctypes.c_int64
-    return _Kernels(library.spadi_codes_gemv, library.spadi_dictionary_decode)
+    # weight, first row, end row, tile, tile type, threads
+    library.spadi_codes_tile.argtypes = [pointer, ctypes.c_int64, ctypes.c_int64, pointer, ctypes.c_int64, ctypes.c_int]
+    library.spadi_codes_tile.restype = ctypes.c_int64
+    return _Kernels(library.spadi_codes_gemv, library.spadi_dictionary_decode, library.spadi_codes_tile)
 
 
 def available() -> bool:
@@ -282,3 +289,12 @@ def dictionary_decode(plan: Plan, x: torch.Tensor, bias: Optional[torch.Tensor])
 def codes_gemv(plan: Plan, z: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``z @ C^T + bias`` for ``z`` ``(..., k)``, or ``None`` as :func:`dictionary_decode`."""
     return _run(_kernels().codes_gemv, plan, z, plan.k, bias)
+
+
+def codes_tile(plan: Plan, start: int, stop: int, tile: torch.Tensor) -> None:
+    """Write output rows ``[start, stop)`` of the codes (``C^T``) into ``tile``, a contiguous CPU
+    ``(stop - start, k)`` tensor of one of ``ACTIVATION_DTYPES`` (int8 values times their row scale, rounded
+    to ``tile.dtype`` as ``dequantize_values`` rounds them)."""
+    invalid = _kernels().codes_tile(plan.address, start, stop, tile.data_ptr(), _ACTIVATION_TYPES[tile.dtype], torch.get_num_threads())
+    if invalid:
+        _refuse(invalid, plan)

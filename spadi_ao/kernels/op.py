@@ -3,7 +3,7 @@
 It is a ``torch.library.triton_op``: on CUDA, ``torch.compile`` decomposes it into its Triton kernels
 (``wrap_triton``) so Inductor schedules them itself; eager CUDA launches them directly. Every other
 device goes through ``select_kernel`` to ``spadi_ao::dictionary_linear_torch``, an opaque op over
-``spadi_ao.kernels.cpu`` (its code cache and the native decode kernel must stay out of traced graphs).
+``spadi_ao.kernels.cpu`` (its native kernels and in-place tile products must stay out of traced graphs).
 Eager CPU calls skip that hop: the CPU kernel is registered on the public op as well.
 """
 
@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from spadi_ao.format import unpack_mask
 from spadi_ao.kernels import cpu
 from spadi_ao.kernels.reference import dequantize_dictionary, dequantize_values, reference_dictionary_linear
 from spadi_ao.kernels.selector import HAS_TRITON, select_kernel
@@ -77,17 +76,14 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_output: torch.Tensor):
     """Gradients for ``x`` (fine-tuning around compressed layers, e.g. LoRA) and for the float tensors.
 
-    Dense math on the unpacked codes, traceable by ``torch.compile``: ``dL/dx = (g C^T) D~``; the
-    dictionary's gradient is ``(g C^T)^T x``, the values' is ``g^T z`` read at the stored positions.
-    Quantised (int8) tensors and the bitmask get none.
+    Plain torch ops, traceable by ``torch.compile``, over one small tile of the codes at a time (as the
+    forward pass): ``dL/dx = (g C^T) D~``; the dictionary's gradient is ``(g C^T)^T x``, the values' is
+    ``g^T z`` read at the stored positions. Quantised (int8) tensors and the bitmask get none.
     """
     x, dictionary, dictionary_scale, values, value_scale, bitmask = ctx.saved_tensors
     needs_x, needs_dictionary, _, needs_values, _, _, needs_bias = ctx.needs_input_grad
     k = dictionary.shape[0]
-    mask = unpack_mask(bitmask, k)
-    codes = torch.zeros(mask.shape, dtype=grad_output.dtype, device=grad_output.device)
-    codes = codes.masked_scatter(mask, dequantize_values(values, value_scale, grad_output.dtype))
-    grad_atoms = grad_output @ codes  # (..., k): the gradient at z = x D~^T
+    grad_atoms = cpu.transposed_codes_product(grad_output, values, value_scale, bitmask, k)  # the gradient at z = x D~^T
     atoms = dequantize_dictionary(dictionary, dictionary_scale, grad_output.dtype)
     grad_x = grad_atoms @ atoms if needs_x else None
     grad_dictionary = grad_values = grad_bias = None
@@ -96,7 +92,7 @@ def _backward(ctx, grad_output: torch.Tensor):
         grad_dictionary = (grad_atoms.reshape(-1, k).T @ x.reshape(-1, x.shape[-1]).to(grad_output.dtype)).to(dictionary.dtype)
     if needs_values and value_scale is None:
         projected = F.linear(x.to(grad_output.dtype), atoms).reshape(-1, k)
-        grad_values = (flat_grad.T @ projected).masked_select(mask).view_as(values).to(values.dtype)
+        grad_values = cpu.values_gradient(flat_grad, projected, bitmask, k).view_as(values).to(values.dtype)
     if needs_bias and ctx.bias_dtype is not None:
         grad_bias = flat_grad.sum(0).to(ctx.bias_dtype)
     return grad_x, grad_dictionary, None, grad_values, None, None, grad_bias

@@ -361,6 +361,65 @@ static int64_t run(const spadi_weight *w, const void *x, int64_t tokens, const v
     return invalid;
 }
 
+/* ------------------------------------------------------------------------------------------- tiles */
+
+/* Prefill (many tokens) multiplies z by the codes with BLAS, one block of output rows at a time: this expands
+   a block into a small dense tile (the only scratch; see spadi_ao/kernels/cpu.py), so no dense copy of the
+   codes outlives a call. Each row is written as dequantize_values does it: the value times its row's scale in
+   float32, then rounded to the tile type (float32, bfloat16 or float16; the activations' type). */
+static inline void store_lanes(int64_t type, void *row, int64_t at, __m512 v, __mmask16 lanes) {
+    if (type == F32) _mm512_mask_storeu_ps((float *)row + at, lanes, v);
+    else _mm256_mask_storeu_epi16((uint16_t *)row + at, lanes, round_to(type, v));
+}
+
+#define EXPAND_ROW(NAME, ELEMENT)                                                                         \
+    static void expand_row_##NAME(const ELEMENT *v, const uint8_t *mask, int64_t k, int64_t nbytes,       \
+                                  const float *scale, int64_t type, void *row) {                          \
+        __m512 factor = _mm512_set1_ps(scale ? *scale : 1.0f);                                            \
+        int64_t c = 0;                                                                                    \
+        for (; 16 * c + 16 <= k; ++c) {                                                                   \
+            uint16_t bits;                                                                                \
+            memcpy(&bits, mask + 2 * c, 2);                                                               \
+            __m512 e = expand_##NAME(&v, bits);                                                           \
+            store_lanes(type, row, 16 * c, scale ? _mm512_mul_ps(e, factor) : e, (__mmask16)0xffff);      \
+        }                                                                                                 \
+        if (16 * c < k) {                                                                                 \
+            unsigned high = 2 * c + 1 < nbytes ? mask[2 * c + 1] : 0u;                                    \
+            __m512 e = expand_##NAME(&v, (__mmask16)(mask[2 * c] | (high << 8)));                         \
+            store_lanes(type, row, 16 * c, scale ? _mm512_mul_ps(e, factor) : e,                          \
+                        (__mmask16)((1u << (k - 16 * c)) - 1u));                                          \
+        }                                                                                                 \
+    }
+
+EXPAND_ROW(F32, float)
+EXPAND_ROW(I8, int8_t)
+EXPAND_ROW(BF16, uint16_t)
+EXPAND_ROW(F16, uint16_t)
+
+/* Output rows [begin, end) as a dense (end - begin, k) row-major tile of tile_type. Returns the number of
+   malformed bitmask rows (their tile rows are left unwritten). */
+int64_t spadi_codes_tile(const spadi_weight *w, int64_t begin, int64_t end, void *tile, int64_t tile_type,
+                         int threads) {
+    int64_t k = w->k, s = w->s, nbytes = (k + 7) / 8, width = tile_type == F32 ? 4 : 2, invalid = 0;
+#pragma omp parallel for num_threads(threads) reduction(+ : invalid) schedule(static)
+    for (int64_t o = begin; o < end; ++o) {
+        const uint8_t *mask = w->bitmask + o * nbytes;
+        if (!row_is_valid(mask, nbytes, s, k)) {
+            ++invalid;
+            continue;
+        }
+        const float *scale = w->value_scale ? w->value_scale + o : NULL;
+        char *row = (char *)tile + (o - begin) * k * width;
+        switch (w->values_type) {
+        case I8: expand_row_I8((const int8_t *)w->values + o * s, mask, k, nbytes, scale, tile_type, row); break;
+        case BF16: expand_row_BF16((const uint16_t *)w->values + o * s, mask, k, nbytes, scale, tile_type, row); break;
+        case F16: expand_row_F16((const uint16_t *)w->values + o * s, mask, k, nbytes, scale, tile_type, row); break;
+        default: expand_row_F32((const float *)w->values + o * s, mask, k, nbytes, scale, tile_type, row);
+        }
+    }
+    return invalid;
+}
+
 /* Stage 2 alone: z (tokens, k), bias (out) or NULL, y (tokens, out), all of activation_type. Returns the
    number of malformed bitmask rows (their outputs are not written), or -1 if scratch could not be allocated. */
 int64_t spadi_codes_gemv(const spadi_weight *w, const void *z, int64_t tokens, const void *bias, void *y,

@@ -8,8 +8,7 @@ CPU: a median over interleaved rounds (dense, low-rank, dictionary in turn, so b
 three alike) under ``torch.inference_mode``, after waiting (``--max-wait``) for other processes to idle;
 each row records the cores other processes used while it was timed (``bg cores``). ``kernel`` is what
 ``select_kernel`` picks: on the CPU, decode (M <= 8) reads the packed codes with the native kernel,
-larger M multiplies by decompressed codes that the torch route caches; their extra resident bytes are
-reported as ``cache_bytes`` and, if M=1 takes that route, the uncached latency too.
+larger M expands one small tile of the codes at a time and multiplies it with BLAS (nothing is cached).
 The dictionary column is what a compressed layer runs, ``F.linear`` on its ``DictionaryTensor`` weight
 (eager CPU inference calls the CPU kernel directly); ``op us`` calls ``spadi_ao::dictionary_linear``
 itself, the route ``torch.compile`` and autograd take, and shows its dispatch cost.
@@ -18,9 +17,9 @@ cache, so each call reads its weights from memory as in a real decode step (``we
 copies); without it the same weights are called again and again and stay in cache.
 GPU: ``triton.testing.do_bench_cudagraph`` (CUDA-graph replay, no Python launch overhead).
 
-    python benchmarks/kernels.py --quick                      # SmolLM2-135M shapes only
-    python benchmarks/kernels.py --json benchmarks/results/kernels_cpu.json
-    python benchmarks/kernels.py --cold --json benchmarks/results/kernels_cpu_cold.json
+    python benchmarks/layer_latency.py --quick                      # SmolLM2-135M shapes only
+    python benchmarks/layer_latency.py --json benchmarks/results/kernels_cpu.json
+    python benchmarks/layer_latency.py --cold --json benchmarks/results/kernels_cpu_cold.json
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from spadi_ao import DictionaryTensor
 from spadi_ao.budget import dictionary_budget, dictionary_bytes, low_rank_budget, low_rank_bytes
 from spadi_ao.format import pack_codes
-from spadi_ao.kernels import cpu, select_kernel
+from spadi_ao.kernels import select_kernel
 
 SMOLLM2 = [("q/o", 576, 576), ("k/v", 192, 576), ("gate/up", 1536, 576), ("down", 576, 1536)]
 LLAMA3_8B = [("q/o", 4096, 4096), ("k/v", 1024, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336)]
@@ -52,7 +51,7 @@ TOKENS = (1, 8, 128, 512)
 RATIOS = (0.3, 0.5)
 # Targets for the dictionary/dense latency ratio (CPU): decode at M=1 per CR, prefill at M=512.
 DECODE_TARGETS = {0.5: 0.6, 0.3: 0.85}
-PREFILL_TARGET = 1.1
+PREFILL_TARGET = 1.0
 
 
 @dataclass
@@ -70,11 +69,9 @@ class Row:
     dense_bytes: int
     dictionary_bytes: int
     low_rank_bytes: int
-    cache_bytes: int
     dense_us: float
     low_rank_us: float
     dictionary_us: float
-    dictionary_uncached_us: float | None
     op_us: float
     background_cores: float  # CPU: cores other processes used while this row was timed
     weight_copies: int  # 1: hot caches; more: cycled through to read the weights from memory
@@ -190,25 +187,17 @@ def bench_layer(
             "dictionary": lambda: F.linear(x, next_layer()),
             "op": lambda: (lambda d, v, b: torch.ops.spadi_ao.dictionary_linear(x, d, None, v, None, b, None))(*next_packed()),
         }
-        if copies > 1 and kernel == "torch":  # every copy builds its code cache before the clock starts
-            for _ in range(copies):
-                fns["dictionary"](), fns["op"]()
         background = 0.0
         if device == "cpu":
             wait_for_quiet_cpu(max_wait_s)
             times, background = background_cores(lambda: measure(fns, budget_s))
         else:
             times = measure(fns, budget_s)
-        uncached = None
-        if device == "cpu" and tokens == 1 and kernel == "torch":
-            with cpu.code_cache_disabled():
-                uncached = measure({"dictionary": fns["dictionary"]}, budget_s / 3)["dictionary"]
         rows.append(
             Row(
                 model, layer, out_f, in_f, cr, tokens, k, s, rank, kernel,
                 out_f * in_f * size, dictionary_bytes(out_f, in_f, k, s, size), low_rank_bytes(out_f, in_f, rank, size),
-                out_f * k * size if device == "cpu" and kernel == "torch" else 0,
-                times["dense"], times["low_rank"], times["dictionary"], uncached, times["op"], round(background, 2), copies,
+                times["dense"], times["low_rank"], times["dictionary"], times["op"], round(background, 2), copies,
             )
         )  # fmt: skip
         print(format_row(rows[-1]), flush=True)
@@ -217,18 +206,17 @@ def bench_layer(
 
 HEADER = (
     "| model | layer | out x in | CR | M | k / s | rank | kernel | dense us | low-rank us | dictionary us "
-    "| dict/dense | low-rank/dense | op us | uncached us | cache MiB | bg cores | weights |"
+    "| dict/dense | low-rank/dense | op us | bg cores | weights |"
 )
 
 SEPARATOR = "|" + "---|" * (HEADER.count("|") - 1)
 
 
 def format_row(r: Row) -> str:
-    uncached = f"{r.dictionary_uncached_us:.0f}" if r.dictionary_uncached_us is not None else ""
     return (
         f"| {r.model} | {r.layer} | {r.out_features}x{r.in_features} | {r.cr} | {r.tokens} | {r.k} / {r.s} | {r.rank} "
         f"| {r.kernel} | {r.dense_us:.1f} | {r.low_rank_us:.1f} | {r.dictionary_us:.1f} | {r.dictionary_ratio:.2f} "
-        f"| {r.low_rank_ratio:.2f} | {r.op_us:.1f} | {uncached} | {r.cache_bytes / 2**20:.1f} | {r.background_cores:.2f} "
+        f"| {r.low_rank_ratio:.2f} | {r.op_us:.1f} | {r.background_cores:.2f} "
         f"| {'hot' if r.weight_copies == 1 else f'cold x{r.weight_copies}'} |"
     )
 
@@ -267,6 +255,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=1.5, help="seconds of timing per (shape, CR, M)")
     parser.add_argument("--max-wait", type=float, default=20.0, help="CPU: seconds to wait for other processes to idle")
     parser.add_argument("--cold", action="store_true", help="cycle through weight copies that overflow the last-level cache")
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS), help="token counts M to time")
     args = parser.parse_args()
     device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
@@ -282,8 +271,7 @@ def main() -> None:
                 for cr in RATIOS:
                     # Big layers get less timing: a 14336x4096 GEMM at M=512 takes ~0.4 s on 2 cores.
                     budget = args.budget if out_f * in_f <= 2**22 or device == "cuda" else args.budget / 2
-                    rows += bench_layer(model, layer, out_f, in_f, cr, TOKENS, dtype, device, budget, args.max_wait, args.cold)
-                    cpu.clear_code_cache()
+                    rows += bench_layer(model, layer, out_f, in_f, cr, args.tokens, dtype, device, budget, args.max_wait, args.cold)
     summary = target_summary(rows)
     print("\n".join(["", *summary]))
 
