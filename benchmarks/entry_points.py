@@ -14,15 +14,9 @@ the CLI's saved model bit for bit. Writes benchmarks/results/<name>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-# benchmarks/kernels.py must not shadow the `kernels` package transformers imports: this folder goes last.
-_HERE = str(Path(__file__).resolve().parent)
-sys.path[:] = [entry for entry in sys.path if entry != _HERE] + [_HERE]
 from torchao.quantization import quantize_
 
 from spadi_ao import DictionaryConfig, prepare_calibration, sparsify_dictionary_
