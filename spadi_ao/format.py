@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["bitmask_bytes", "pack_codes", "unpack_mask", "unpack_codes", "mask_to_indices"]
-
+__all__ = ["bitmask_bytes", "check_bitmask", "pack_codes", "unpack_mask", "unpack_codes", "mask_to_indices"]
 
 
 def _bit_weights(device: torch.device) -> torch.Tensor:
@@ -59,6 +58,25 @@ def unpack_mask(bitmask: torch.Tensor, k: int) -> torch.Tensor:
     weights = _bit_weights(bitmask.device)
     bits = (bitmask.unsqueeze(-1) & weights) != 0
     return bits.reshape(bitmask.shape[0], -1)[:, :k]
+
+
+def check_bitmask(bitmask: torch.Tensor, k: int, s: int) -> None:
+    """Raise ``ValueError`` unless every row sets exactly ``s`` of its ``k`` atom bits and no padding bit.
+
+    Every kernel reads row ``r``'s values by counting set bits, so one malformed row would read another row's
+    values (the native kernel checks rows as it runs; the Triton and torch routes do not). Loading checks it
+    once, so a damaged checkpoint fails with this message on every route.
+    """
+    expected = (bitmask.shape[0], bitmask_bytes(k)) if bitmask.dim() == 2 else None
+    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != expected:
+        raise ValueError(f"bitmask must be uint8 of shape (out, {bitmask_bytes(k)}) for k={k} atoms, got {bitmask.dtype} {tuple(bitmask.shape)}")
+    bits = unpack_mask(bitmask, bitmask.shape[1] * 8)
+    counts, padding = bits[:, :k].sum(1), bits[:, k:].any(1)
+    bad = ((counts != s) | padding).nonzero()
+    if bad.numel():
+        row = int(bad[0])
+        extra = " and padding bits past k" if bool(padding[row]) else ""
+        raise ValueError(f"bitmask row {row} sets {int(counts[row])} atoms{extra}; every row must set exactly s={s} of its k={k} atoms")
 
 
 def mask_to_indices(mask: torch.Tensor, s: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from spadi_ao.format import check_bitmask
 from spadi_ao.grouping import relink_shared, storage_key
 from spadi_ao.tensor import DictionaryTensor, LowRankTensor
 
@@ -153,7 +154,17 @@ def unflatten_tensor(key: str, entry: dict[str, Any], tensors: dict[str, torch.T
         raise CheckpointError(f"{key}: inner tensors do not form a {cls.__name__} ({exc!r})") from None
     if list(value.shape) != entry["shape"]:
         raise CheckpointError(f"{key}: inner tensors give shape {list(value.shape)}, manifest says {entry['shape']}")
+    check_loaded(key, value)
     return value
+
+
+def check_loaded(key: str, value: torch.Tensor) -> None:
+    """What a kernel assumes of a loaded weight and the shapes cannot show: each bitmask row's popcount."""
+    if isinstance(value, DictionaryTensor):
+        try:
+            check_bitmask(value.bitmask, value.num_atoms, value.nonzeros_per_row)
+        except ValueError as exc:
+            raise CheckpointError(f"{key}: {exc}; the checkpoint is damaged") from None
 
 
 def flatten_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

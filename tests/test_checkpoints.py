@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from torchao.quantization import Int8WeightOnlyConfig
 from transformers import AutoModelForCausalLM
@@ -87,3 +88,34 @@ def test_info_reads_a_save_pretrained_folder(tiny_llama, tmp_path, capsys):
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["quantization_config"]["compression"]["config"]["grouping"] == "inputs"
     assert isinstance(SpadiAoConfig.from_dict(config["quantization_config"]), SpadiAoConfig)
+
+
+def test_check_bitmask_counts_every_row_like_dense_math():
+    from spadi_ao.format import check_bitmask, pack_codes
+
+    generator = torch.Generator().manual_seed(0)
+    indices = torch.stack([torch.randperm(13, generator=generator)[:5] for _ in range(6)])
+    _, bitmask = pack_codes(indices, torch.randn(6, 5, generator=generator), 13)
+    check_bitmask(bitmask, 13, 5)  # well formed
+    for row, byte, bit in ((2, 0, 0), (4, 1, 7)):  # (4, 1, 7) is a padding bit: 13 atoms use 5 bits of byte 1
+        damaged = bitmask.clone()
+        damaged[row, byte] ^= 1 << bit
+        with pytest.raises(ValueError, match=f"bitmask row {row} sets"):
+            check_bitmask(damaged, 13, 5)
+
+
+def test_a_damaged_bitmask_fails_loading_with_a_clear_error(tiny_llama, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from spadi_ao.serialization import WEIGHTS_NAME, CheckpointError, load_compressed, save_compressed
+
+    save_compressed(_compressed(tiny_llama), tmp_path / "model")
+    with safe_open(tmp_path / "model" / WEIGHTS_NAME, framework="pt") as stored:
+        metadata = stored.metadata()
+    tensors = load_file(tmp_path / "model" / WEIGHTS_NAME)
+    key = next(name for name in tensors if name.endswith("q_proj.weight.bitmask"))
+    tensors[key][0, 0] ^= 1
+    save_file(tensors, tmp_path / "model" / WEIGHTS_NAME, metadata=metadata)
+    with pytest.raises(CheckpointError, match="bitmask row 0 sets .* the checkpoint is damaged"):
+        load_compressed(tmp_path / "model")

@@ -30,7 +30,14 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from spadi_ao.serialization import FORMAT_VERSION, CheckpointError, check_stored_shapes, flatten_state_dict, unflatten_tensor
+from spadi_ao.serialization import (
+    FORMAT_VERSION,
+    CheckpointError,
+    check_loaded,
+    check_stored_shapes,
+    flatten_state_dict,
+    unflatten_tensor,
+)
 from spadi_ao.grouping import storage_key
 from spadi_ao.tensor import is_compressed_weight
 from spadi_ao.tensor_ops import describe_linears, inner_tensors
@@ -187,6 +194,7 @@ class SpadiAoHfQuantizer(HfQuantizer):
                     f"{key} was not loaded as a {entry['type']} (got {type(weight).__name__}); the checkpoint is incomplete"
                 )
             weight.requires_grad_(False)
+            check_loaded(key, weight)
         _convert_dtype(model, self.quantization_config.layers, getattr(self, "target_dtype", None))
         _relink_shared(model, self.quantization_config.layers)
         _show_stored(model)
