@@ -340,8 +340,9 @@ def sparsify_dictionary_(
     ``sequential=True`` walks the decoder one block at a time (see ``spadi_ao.sequential``): only one
     block's Grams exist at once, each block's dense weights are released as it finishes (a failure
     leaves finished blocks compressed and restores the block in flight), ``propagate`` chooses
-    whether later blocks see dense or compressed activations (``"compressed"``, the default, measured
-    6 % / 43 % lower WikiText-2 perplexity on SmolLM2 at CR 0.3 / 0.5), and ``checkpoint_dir`` makes the run resumable. Called inside an initialised
+    whether later blocks see dense or compressed activations (``"compressed"``, the default: later blocks are
+    calibrated on what they will really see; ``docs/results.md`` measures both), and ``checkpoint_dir`` makes
+    the run resumable. Called inside an initialised
     ``torch.distributed`` process group, the per-layer solves are split across ranks. ``device`` (e.g.
     ``"cuda"``) is where each block is moved to be calibrated and solved, one at a time, while the model
     stays where it is. Models dispatched by accelerate (``device_map``, ``cpu_offload``, ``disk_offload``)

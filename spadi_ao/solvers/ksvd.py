@@ -74,9 +74,9 @@ def _small_gram(signals: torch.Tensor) -> torch.Tensor:
 def leading_left_singular_vectors(signals: torch.Tensor, count: int) -> torch.Tensor:
     """Up to ``count`` leading left singular vectors of ``signals`` (n x m), fewer beyond its numerical rank.
 
-    From the eigendecomposition of the smaller float64 Gram rather than a float32 SVD: on one core it is
-    2-4x faster for a wide whitened weight (gate/up: ``in x out`` with ``out = 4 in``) and needs none of
-    the SVD's ``n x m`` scratch. Squaring the spectrum in float64 resolves the leading vectors at least as
+    From the eigendecomposition of the smaller float64 Gram rather than a float32 SVD: ``min(n, m)^3`` work
+    instead of the SVD's ``max * min^2`` for a wide whitened weight (gate/up: ``in x out`` with
+    ``out = 4 in``; timings in ``docs/scaling.md``), and none of the SVD's ``n x m`` scratch. Squaring the spectrum in float64 resolves the leading vectors at least as
     well as float32 does unsquared; a tall ``signals`` maps its right vectors back, ``u = S v / sigma``.
     """
     n, m = signals.shape
