@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 from torchao.core.config import AOBaseConfig
+from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig
 
-from spadi_ao.integrations.torchao import check_dictionary_quantization, check_values_dtype
 from spadi_ao.grouping import GROUPINGS, Grouping
 
 __all__ = ["DictionaryConfig", "LowRankConfig", "CompressionConfig"]
@@ -25,6 +25,26 @@ __all__ = ["DictionaryConfig", "LowRankConfig", "CompressionConfig"]
 GramShrinkage = Union[float, str]
 DEFAULT_CANDIDATES = tuple(round(0.05 * step, 2) for step in range(1, 19))
 """0.05, 0.10, ..., 0.90: the knapsack's menu of per-layer compression ratios."""
+
+
+DICTIONARY_CONFIGS: tuple[type[AOBaseConfig], ...] = (
+    Int8WeightOnlyConfig,
+    Int8DynamicActivationInt8WeightConfig,
+    IntxWeightOnlyConfig,
+)
+"""torchao configs accepted for the dictionary (all run on CPU in torchao 0.18)."""
+
+VALUES_DTYPES = ("bfloat16", "int8")
+
+def check_dictionary_quantization(config: Optional[AOBaseConfig]) -> None:
+    if config is not None and not isinstance(config, DICTIONARY_CONFIGS):
+        allowed = ", ".join(cls.__name__ for cls in DICTIONARY_CONFIGS)
+        raise ValueError(f"dictionary_quantization must be None or a torchao {allowed}, got {config!r}")
+
+
+def check_values_dtype(values_dtype: Optional[str]) -> None:
+    if values_dtype is not None and values_dtype not in VALUES_DTYPES:
+        raise ValueError(f"values_dtype must be None (the weight dtype), 'bfloat16' or 'int8', got {values_dtype!r}")
 
 
 def _check_ratio(name: str, value: float) -> None:

@@ -39,9 +39,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.weak import WeakIdKeyDictionary
 from torchao.core.config import AOBaseConfig
 from torchao.quantization import (
-    Int8DynamicActivationInt8WeightConfig,
     Int8WeightOnlyConfig,
-    IntxWeightOnlyConfig,
     MappingType,
     PerGroup,
     PerRow,
@@ -51,6 +49,14 @@ from torchao.quantization import (
 from torchao.quantization.quant_primitives import choose_qparams_affine, quantize_affine
 from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER
 
+from spadi_ao.configs import (
+    DICTIONARY_CONFIGS,
+    VALUES_DTYPES,
+    DictionaryConfig,
+    LowRankConfig,
+    check_dictionary_quantization,
+    check_values_dtype,
+)
 from spadi_ao.grouping import relink_shared
 from spadi_ao.tensor import DictionaryTensor, is_compressed_weight
 
@@ -65,27 +71,7 @@ __all__ = [
     "quantize_dictionary_",
 ]
 
-DICTIONARY_CONFIGS: tuple[type[AOBaseConfig], ...] = (
-    Int8WeightOnlyConfig,
-    Int8DynamicActivationInt8WeightConfig,
-    IntxWeightOnlyConfig,
-)
-"""torchao configs accepted for the dictionary (all run on CPU in torchao 0.18)."""
-
-VALUES_DTYPES = ("bfloat16", "int8")
-
 _INT8_MIN, _INT8_MAX = torch.iinfo(torch.int8).min, torch.iinfo(torch.int8).max
-
-
-def check_dictionary_quantization(config: Optional[AOBaseConfig]) -> None:
-    if config is not None and not isinstance(config, DICTIONARY_CONFIGS):
-        allowed = ", ".join(cls.__name__ for cls in DICTIONARY_CONFIGS)
-        raise ValueError(f"dictionary_quantization must be None or a torchao {allowed}, got {config!r}")
-
-
-def check_values_dtype(values_dtype: Optional[str]) -> None:
-    if values_dtype is not None and values_dtype not in VALUES_DTYPES:
-        raise ValueError(f"values_dtype must be None (the weight dtype), 'bfloat16' or 'int8', got {values_dtype!r}")
 
 
 def int8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,11 +205,6 @@ def _unchanged_reason(weight: torch.Tensor, config: AOBaseConfig) -> Optional[st
 
 
 def _is_compression_config(config_type: type) -> bool:
-    from spadi_ao.configs import (  # configs imports this module
-        DictionaryConfig,
-        LowRankConfig,
-    )
-
     return issubclass(config_type, (DictionaryConfig, LowRankConfig))
 
 
