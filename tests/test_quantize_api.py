@@ -155,7 +155,8 @@ def test_layer_overrides_and_fqn_to_config_give_per_layer_settings():
 
 def test_quantize_refuses_bad_input_before_changing_the_weight():
     model = tiny_llama()
-    quantize_(model, DictionaryConfig(**PER_LAYER), filter_fn=_not_head)
+    with pytest.warns(UserWarning, match="without prepared Grams"):
+        quantize_(model, DictionaryConfig(**PER_LAYER), filter_fn=_not_head)
     compressed = model.model.layers[0].mlp.up_proj.weight
     with pytest.raises(ValueError, match="already compressed"):
         quantize_(model, DictionaryConfig(**PER_LAYER), filter_fn=_not_head)
