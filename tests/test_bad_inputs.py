@@ -48,13 +48,6 @@ def _gpt2() -> nn.Module:
     return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).eval()
 
 
-def _prepared_knapsack(model: nn.Module) -> None:
-    prepare_calibration(model)
-    with torch.no_grad():
-        model(IDS)
-    sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3, allocation="knapsack"), progress=False)
-
-
 @dataclass(frozen=True)
 class Case:
     input: str
@@ -99,7 +92,7 @@ CASES = [
     Case('device="cpu" without sequential=True', lambda m: _compress(m, device="cpu"), ValueError),
     Case("a model compressed already", lambda m: _compress(m), ValueError, _compressed_llama),
     Case("a NaN in a weight", lambda m: _compress(m), ValueError, _nan_llama),
-    Case("knapsack allocation with a prepared collector and no sensitivity", _prepared_knapsack, ValueError),
+    Case("grouping='paper' (pairs of blocks) with sequential=True", lambda m: _compress(m, DictionaryConfig(compression_ratio=0.3, grouping="paper"), sequential=True), ValueError),
     Case("sensitivity= missing layers", lambda m: _compress(m, DictionaryConfig(compression_ratio=0.3, allocation="knapsack"), sensitivity={}), ValueError),
     Case("LowRankConfig(compression_ratio=0.0)", lambda m: _compress(m, LowRankConfig(compression_ratio=0.0)), ValueError),
 ]

@@ -83,7 +83,7 @@ def test_info_reads_a_save_pretrained_folder(tiny_llama, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "14 Linear weights as DictionaryTensor" in out
     assert "int8 parts: dictionary in 2 weights, values in 6 weights" in out
-    for line in ("method cospadi", "solver: ksvd", "allocation: knapsack", "grouping: inputs", "gram_shrinkage: auto", "calibration: 64 tokens"):
+    for line in ("method cospadi", "solver: fast", "allocation: knapsack", "grouping: inputs", "gram_shrinkage: auto", "calibration: 64 tokens"):
         assert line in out, out
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["quantization_config"]["compression"]["config"]["grouping"] == "inputs"

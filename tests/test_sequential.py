@@ -181,8 +181,8 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
 
     resumed = tiny_llama()
     solved = []
-    original_solve = spadi_ao.layer.compress_weight
-    monkeypatch.setattr(spadi_ao.layer, "compress_weight", lambda name, *a, **k: solved.append(name) or original_solve(name, *a, **k))
+    original_solve = spadi_ao.api.compress_weight
+    monkeypatch.setattr(spadi_ao.api, "compress_weight", lambda name, *a, **k: solved.append(name) or original_solve(name, *a, **k))
     sparsify_dictionary_(resumed, CONFIG, calibration=batches, sequential=True, propagate="compressed", checkpoint_dir=tmp_path, progress=False)
     assert len(solved) == 14 - 9
     _assert_identical(_compressed_state(reference), _compressed_state(resumed))
@@ -207,8 +207,8 @@ def test_two_gloo_processes_equal_one(tmp_path, variant):
     """The exchange carries every inner tensor, torchao's nested Int8Tensor and int8 values included; with the
     knapsack the ranks share the first pass's tables, and groups keep one dictionary."""
     extra = {
-        "float": "",
-        "torchao-int8-dictionary": "dictionary_quantization=Int8DynamicActivationInt8WeightConfig(), values_dtype='int8'",
+        "float": "allocation='uniform', grouping=None",
+        "torchao-int8-dictionary": "allocation='uniform', grouping=None, dictionary_quantization=Int8DynamicActivationInt8WeightConfig(), values_dtype='int8'",
         "knapsack-inputs-groups": "allocation='knapsack', grouping='inputs'",
     }[variant]
     script = tmp_path / "worker.py"
@@ -222,7 +222,7 @@ def test_two_gloo_processes_equal_one(tmp_path, variant):
         if os.environ.get("WORLD_SIZE"):
             dist.init_process_group("gloo")
         model = tiny_llama()
-        sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3, iterations=1, atoms_per_step=4, allocation="uniform", grouping=None, {extra}),
+        sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3, iterations=1, atoms_per_step=4, {extra}),
                              calibration=token_batches(3, 16), sequential=True, progress=False)
         rank = dist.get_rank() if dist.is_initialized() else "single"
         state = {{n: m.weight.dequantize() for n, m in model.named_modules() if type(getattr(m, "weight", None)).__name__ == "DictionaryTensor"}}
@@ -283,7 +283,7 @@ def test_failure_keeps_finished_blocks_compressed_and_restores_the_block_in_flig
     dense = {name: p.detach().clone() for name, p in model.named_parameters()}
     finished_block = [weakref.ref(m.weight) for m in model.model.layers[0].modules() if isinstance(m, nn.Linear)]
     released_in_flight = []
-    original_solve = spadi_ao.layer.compress_weight
+    original_solve = spadi_ao.api.compress_weight
 
     def fail_in_block_two(name, *args, **kwargs):
         if name.startswith("model.layers.2.mlp"):
@@ -292,7 +292,7 @@ def test_failure_keeps_finished_blocks_compressed_and_restores_the_block_in_flig
             raise RuntimeError("solver blew up")
         return original_solve(name, *args, **kwargs)
 
-    monkeypatch.setattr(spadi_ao.layer, "compress_weight", fail_in_block_two)
+    monkeypatch.setattr(spadi_ao.api, "compress_weight", fail_in_block_two)
     with pytest.raises(RuntimeError, match="solver blew up") as failure:
         sparsify_dictionary_(model, CONFIG, calibration=batches, sequential=True, progress=False)
     assert released_in_flight == [True]  # block 0's dense weights were gone while block 2 was solved

@@ -138,9 +138,13 @@ def test_short_repr_and_print_model():
 
 
 def test_memory_footprint_counts_stored_bytes():
+    shared = tiny_llama()  # the default shares dictionaries: each is counted once
+    sparsify_dictionary_(shared, DictionaryConfig(compression_ratio=0.3), calibration=token_batches(2, 16), progress=False)
+    assert shared.get_memory_footprint() == compression_stats(shared)["model_stored_bytes"]
     model = tiny_llama()
     dense = model.get_memory_footprint()
-    sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3), calibration=token_batches(2, 16), progress=False)
+    config = DictionaryConfig(compression_ratio=0.3, grouping=None)
+    sparsify_dictionary_(model, config, calibration=token_batches(2, 16), progress=False)
     removed = sum(m.weight.shape[0] * m.weight.shape[1] * 4 - m.weight.stored_bytes()
                   for m in model.modules() if isinstance(m, nn.Linear) and isinstance(m.weight, DictionaryTensor))
     assert model.get_memory_footprint() == dense - removed
