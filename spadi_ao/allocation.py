@@ -161,7 +161,7 @@ def output_sensitivity(
     device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))  # offloaded ones are on meta
     requires = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
-        with eval_mode(model):
+        with eval_mode(model), torch.enable_grad():  # also when the caller runs under torch.no_grad()
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
             embeddings = model.get_input_embeddings()
