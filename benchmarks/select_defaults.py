@@ -24,7 +24,8 @@ Rules (stated before the runs):
    the two validation texts at the chosen shrinkage (the generated sources need only that value:
    ``--shrinkage <chosen>``).
 
-Parts: benchmarks/results/select_defaults-<source>.json; the decision: select_defaults.{json,md}.
+Parts: benchmarks/results/select_defaults-<source>.json, saved after every candidate (a re-run resumes); the
+decision: select_defaults.{json,md}.
 """
 
 from __future__ import annotations
@@ -97,16 +98,20 @@ def batches_for(source: str, model, tokenizer, args: argparse.Namespace) -> list
     ]
 
 
-def run_source(source: str, model, tokenizer, texts: dict[str, str], args: argparse.Namespace) -> dict:
+def run_source(source: str, model, tokenizer, texts: dict[str, str], args: argparse.Namespace, part: dict, save) -> None:
+    """Every ``--shrinkage`` value not yet in ``part``; ``save()`` after each, so a run can be resumed."""
+    done = {row["shrinkage"] for row in part.setdefault("rows", [])}
+    todo = [shrinkage for shrinkage in args.shrinkage if shrinkage not in done]
+    if not todo:
+        return
     start = time.perf_counter()
     batches = batches_for(source, model, tokenizer, args)
     sample = batches[:: max(1, len(batches) // args.sensitivity_samples)][: args.sensitivity_samples]
     sensitivity = output_sensitivity(model, select_linears(model), sample)
     with GramCollector(select_linears(model)) as collector:
         run_calibration(model, batches, progress=False)
-    calibration_seconds = time.perf_counter() - start
-    rows = []
-    for shrinkage in args.shrinkage:
+    part.update(source=source, calibration_seconds=time.perf_counter() - start)
+    for shrinkage in todo:
         value = shrinkage if shrinkage == "auto" else float(shrinkage)
         config = DictionaryConfig(
             compression_ratio=args.ratio, gram_shrinkage=value, solver="fast", fast_steps=args.fast_steps,
@@ -117,10 +122,10 @@ def run_source(source: str, model, tokenizer, texts: dict[str, str], args: argpa
         report = sparsify_dictionary_(compressed, config, calibration=collector, sensitivity=sensitivity, progress=False)
         seconds = time.perf_counter() - start
         perplexity = {name: evaluate(compressed, tokenizer, text, args.seq_len, args.eval_windows)["ppl"] for name, text in texts.items()}
-        rows.append({"shrinkage": shrinkage, "compression_ratio": report.compression_ratio, "seconds": seconds, "perplexity": perplexity})
+        part["rows"].append({"shrinkage": shrinkage, "compression_ratio": report.compression_ratio, "seconds": seconds, "perplexity": perplexity})
+        save()
         print(f"{source:18s} shrinkage {shrinkage:5s}: " + ", ".join(f"{k} {v:.2f}" for k, v in perplexity.items()) + f" ({seconds:.0f}s)", flush=True)
         del compressed
-    return {"source": source, "calibration_seconds": calibration_seconds, "rows": rows}
 
 
 def geometric_mean(values: list[float]) -> float:
@@ -192,9 +197,10 @@ def main() -> None:
     print(f"dense: {dense}", flush=True)
     settings = {k: getattr(args, k) for k in ("ratio", "n_samples", "seq_len", "eval_windows", "fast_steps", "sensitivity_samples")}
     for source in args.sources:
-        part = run_source(source, model, tokenizer, texts, args)
+        path = RESULTS / f"select_defaults-{source}.json"
+        part = json.loads(path.read_text()) if path.is_file() else {}
         part.update(command=" ".join(["python", *sys.argv]), settings=settings, dense=dense, environment=environment())
-        write_json(RESULTS / f"select_defaults-{source}.json", part)
+        run_source(source, model, tokenizer, texts, args, part, lambda: write_json(path, part))
 
 
 if __name__ == "__main__":
