@@ -13,7 +13,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -40,15 +40,16 @@ TEXT_SUFFIXES = (".txt", ".raw", ".tokens")
 DOCUMENT_SEPARATOR = "\n\n"
 
 
-def data_root() -> Path:
-    """Shared data folder: ``$SPADI_AO_DATA`` if set, else ``../shared/data`` from the working directory."""
+def data_root() -> Optional[Path]:
+    """The data folder the user points at with ``$SPADI_AO_DATA`` (None when unset): spadi-ao ships no data."""
     env = os.environ.get(DATA_ENV)
-    return Path(env).expanduser() if env else Path.cwd().parent / "shared" / "data"
+    return Path(env).expanduser() if env else None
 
 
-def zeroshot_data_dir() -> Path:
+def zeroshot_data_dir() -> Optional[Path]:
     """Default folder of the local zero-shot task files (piqa/, arc/, hellaswag/, winogrande/, boolq/)."""
-    return data_root() / "zeroshot"
+    root = data_root()
+    return None if root is None else root / "zeroshot"
 
 
 def load_text(source: str | None = None) -> str:
@@ -59,7 +60,13 @@ def load_text(source: str | None = None) -> str:
 
         text = DOCUMENT_SEPARATOR.join(topics[key] for key in sorted(topics))
     elif source in WIKITEXT_FILES:
-        path = data_root() / WIKITEXT_FILES[source]
+        root = data_root()
+        if root is None:
+            raise PipelineError(
+                f"text source {source!r}: set {DATA_ENV} to the folder holding {WIKITEXT_FILES[source].parent}/ "
+                "(spadi-ao ships no third-party text)"
+            )
+        path = root / WIKITEXT_FILES[source]
         if not path.is_file():
             raise PipelineError(
                 f"text source {source!r}: {path} not found; set {DATA_ENV} to the folder holding "

@@ -167,7 +167,7 @@ def task_specs(tasks: Sequence[str], data_dir: str | Path | None = None) -> tupl
         local = LOCAL_TASKS.get(task)
         if local is not None and data_dir is not None:
             _check_files(task, root)
-        if local is not None and all(path.is_file() for path in local.paths(root)):
+        if local is not None and root is not None and all(path.is_file() for path in local.paths(root)):
             specs.append(local_task_config(task, root))
             sources[task] = str(root / local.records)
         else:
