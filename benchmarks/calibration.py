@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+from common import ONE_SHOT, RESULTS, environment, evaluate, fresh_copy, load_default, write_json
 
 from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
 from spadi_ao.allocation import output_sensitivity
@@ -25,13 +26,17 @@ from spadi_ao.api import select_linears
 from spadi_ao.calibration import GramCollector, run_calibration
 from spadi_ao.pipeline.data import calibration_batches, load_text, mix_calibration, split_text
 
-from common import ONE_SHOT, RESULTS, environment, evaluate, fresh_copy, load_default, write_json
-
-SOURCES = {"wikitext2-valid": lambda: load_text("wikitext2-valid"), "stdlib": lambda: split_text(load_text("stdlib"))[0]}
+SOURCES = {
+    "wikitext2-valid": lambda: load_text("wikitext2-valid"),
+    "stdlib": lambda: split_text(load_text("stdlib"))[0],
+}
 BLEND = {"stdlib": 0.5, "wikitext2-valid": 0.5}
 """The 'blend' source: half the sequences from each (``mix_calibration``), what a user mixing their own text with a generic one gets."""
 GENERATED = ("generated", "stdlib+generated")
-EVALUATIONS = {"wikitext2-test": lambda: load_text("wikitext2-test"), "stdlib-held-out": lambda: split_text(load_text("stdlib"))[1]}
+EVALUATIONS = {
+    "wikitext2-test": lambda: load_text("wikitext2-test"),
+    "stdlib-held-out": lambda: split_text(load_text("stdlib"))[1],
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,13 +47,25 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--shrinkage", nargs="+", default=["0", "auto"])
     parser.add_argument("--methods", nargs="+", default=["cospadi", "svd-llm"])
-    parser.add_argument("--sizes", type=int, nargs="*", default=[], help="calibration-size sweep (stdlib source, auto shrinkage)")
+    parser.add_argument(
+        "--sizes", type=int, nargs="*", default=[], help="calibration-size sweep (stdlib source, auto shrinkage)"
+    )
     parser.add_argument("--sources", nargs="*", default=list(SOURCES), choices=[*SOURCES, "blend", *GENERATED])
-    parser.add_argument("--one-shot", action="store_true", help="cospadi: the one-shot setting of the first tables (benchmarks/common.py: ONE_SHOT)")
-    parser.add_argument("--allocation", choices=["uniform", "knapsack"], default=None, help="both methods (default: the config's)")
+    parser.add_argument(
+        "--one-shot",
+        action="store_true",
+        help="cospadi: the one-shot setting of the first tables (benchmarks/common.py: ONE_SHOT)",
+    )
+    parser.add_argument(
+        "--allocation", choices=["uniform", "knapsack"], default=None, help="both methods (default: the config's)"
+    )
     parser.add_argument("--solver", choices=["ksvd", "fast"], default=None, help="cospadi (default: the config's)")
-    parser.add_argument("--grouping", choices=["paper", "inputs", "none"], default=None, help="cospadi (default: the config's)")
-    parser.add_argument("--sensitivity-samples", type=int, default=8, help="knapsack: calibration sequences for the loss sensitivity")
+    parser.add_argument(
+        "--grouping", choices=["paper", "inputs", "none"], default=None, help="cospadi (default: the config's)"
+    )
+    parser.add_argument(
+        "--sensitivity-samples", type=int, default=8, help="knapsack: calibration sequences for the loss sensitivity"
+    )
     parser.add_argument("--name", default="calibration", help="writes benchmarks/results/<name>.{json,md,png}")
     return parser.parse_args()
 
@@ -70,7 +87,9 @@ def config_for(method: str, shrinkage: str, args: argparse.Namespace):
     return DictionaryConfig(**fields)
 
 
-def generated_batches(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0, batch: int = 16) -> list[torch.Tensor]:
+def generated_batches(
+    model, tokenizer, n_samples: int, seq_len: int, seed: int = 0, batch: int = 16
+) -> list[torch.Tensor]:
     """The model's own text: each sequence starts from a random non-special token and is sampled on
     (temperature 1, top-p 0.95), the data-free calibration of e.g. LLM-QAT. Needs no text at all."""
     generator = torch.Generator().manual_seed(seed)
@@ -95,7 +114,9 @@ def batches_for(source: str, tokenizer, n_samples: int, seq_len: int, model) -> 
         return generated_batches(model, tokenizer, n_samples, seq_len)
     if source == "stdlib+generated":
         half = n_samples // 2
-        return calibration_batches(tokenizer, SOURCES["stdlib"](), half, seq_len) + generated_batches(model, tokenizer, n_samples - half, seq_len)
+        return calibration_batches(tokenizer, SOURCES["stdlib"](), half, seq_len) + generated_batches(
+            model, tokenizer, n_samples - half, seq_len
+        )
     return calibration_batches(tokenizer, SOURCES[source](), n_samples, seq_len)
 
 
@@ -122,7 +143,10 @@ def run(model, tokenizer, calibration, method, shrinkage, eval_texts, args) -> d
         "seconds": seconds,
         "chosen_shrinkage": {layer.name: layer.gram_shrinkage for layer in report.layers},
         "mean_shrinkage": sum(shrinkages) / len(shrinkages),
-        "perplexity": {name: evaluate(compressed, tokenizer, text, args.seq_len, args.eval_windows)["ppl"] for name, text in eval_texts.items()},
+        "perplexity": {
+            name: evaluate(compressed, tokenizer, text, args.seq_len, args.eval_windows)["ppl"]
+            for name, text in eval_texts.items()
+        },
     }
     return row
 
@@ -130,7 +154,9 @@ def run(model, tokenizer, calibration, method, shrinkage, eval_texts, args) -> d
 def calibrate(model, tokenizer, source: str, n_samples: int, args: argparse.Namespace):
     batches = batches_for(source, tokenizer, n_samples, args.seq_len, model)
     sensitivity = None
-    if any(config_for(method, "auto", args).allocation == "knapsack" for method in args.methods):  # interleaved so the sensitivity sees every source of a blend
+    if any(
+        config_for(method, "auto", args).allocation == "knapsack" for method in args.methods
+    ):  # interleaved so the sensitivity sees every source of a blend
         sample = batches[:: max(1, len(batches) // args.sensitivity_samples)][: args.sensitivity_samples]
         sensitivity = output_sensitivity(model, select_linears(model), sample)
     return grams(model, batches), sensitivity
@@ -164,7 +190,10 @@ def main() -> None:
     args = parse_args()
     model, tokenizer = load_default()
     eval_texts = {name: load() for name, load in EVALUATIONS.items()}
-    dense = {name: evaluate(model, tokenizer, text, args.seq_len, args.eval_windows)["ppl"] for name, text in eval_texts.items()}
+    dense = {
+        name: evaluate(model, tokenizer, text, args.seq_len, args.eval_windows)["ppl"]
+        for name, text in eval_texts.items()
+    }
     print(f"dense: {dense}", flush=True)
     rows = []
     for source in args.sources:
@@ -174,8 +203,11 @@ def main() -> None:
                 row = run(model, tokenizer, calibration, method, shrinkage, eval_texts, args)
                 row["calibration"] = source
                 rows.append(row)
-                print(f"calib {source:16s} {method:8s} shrink {shrinkage:5s} (mean {row['mean_shrinkage']:.3f}): "
-                      + ", ".join(f"{k} {v:.2f}" for k, v in row["perplexity"].items()), flush=True)
+                print(
+                    f"calib {source:16s} {method:8s} shrink {shrinkage:5s} (mean {row['mean_shrinkage']:.3f}): "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in row["perplexity"].items()),
+                    flush=True,
+                )
         del calibration
     sweep = []
     for size in args.sizes:
@@ -184,7 +216,11 @@ def main() -> None:
             row = run(model, tokenizer, calibration, method, "auto", eval_texts, args)
             row["n_samples"] = size
             sweep.append(row)
-            print(f"stdlib x{size:4d} {method:8s} auto: " + ", ".join(f"{k} {v:.2f}" for k, v in row["perplexity"].items()), flush=True)
+            print(
+                f"stdlib x{size:4d} {method:8s} auto: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in row["perplexity"].items()),
+                flush=True,
+            )
     payload = {
         "command": " ".join(["python", *sys.argv]),
         "ratio": args.ratio,
@@ -192,8 +228,10 @@ def main() -> None:
         "blend": BLEND,
         "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len},
         "evaluation_windows": args.eval_windows,
-        "cospadi": {field: str(getattr(config_for("cospadi", "auto", args), field))
-                    for field in ("solver", "fast_steps", "iterations", "atoms_per_step", "init", "grouping")},
+        "cospadi": {
+            field: str(getattr(config_for("cospadi", "auto", args), field))
+            for field in ("solver", "fast_steps", "iterations", "atoms_per_step", "init", "grouping")
+        },
         "dense": dense,
         "rows": rows,
         "size_sweep": sweep,
@@ -201,17 +239,31 @@ def main() -> None:
     }
     write_json(RESULTS / f"{args.name}.json", payload)
     cospadi = config_for("cospadi", "auto", args)
-    lines = [f"CR {args.ratio} (cospadi: allocation {cospadi.allocation}, solver {cospadi.solver}, grouping {cospadi.grouping}), calibration {args.n_samples} x {args.seq_len}, evaluation first {args.eval_windows} x {args.seq_len} tokens. "
-             f"Dense: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()), "",
-             "| calibration | method | gram_shrinkage | mean chosen | " + " | ".join(f"PPL {k}" for k in EVALUATIONS) + " |",
-             "|---|---|---|---|" + "---|" * len(EVALUATIONS)]
+    lines = [
+        f"CR {args.ratio} (cospadi: allocation {cospadi.allocation}, solver {cospadi.solver}, grouping {cospadi.grouping}), calibration {args.n_samples} x {args.seq_len}, evaluation first {args.eval_windows} x {args.seq_len} tokens. "
+        f"Dense: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()),
+        "",
+        "| calibration | method | gram_shrinkage | mean chosen | " + " | ".join(f"PPL {k}" for k in EVALUATIONS) + " |",
+        "|---|---|---|---|" + "---|" * len(EVALUATIONS),
+    ]
     for row in rows:
-        lines.append(f"| {row['calibration']} | {row['method']} | {row['shrinkage']} | {row['mean_shrinkage']:.3f} | "
-                     + " | ".join(f"{row['perplexity'][k]:.2f}" for k in EVALUATIONS) + " |")
+        lines.append(
+            f"| {row['calibration']} | {row['method']} | {row['shrinkage']} | {row['mean_shrinkage']:.3f} | "
+            + " | ".join(f"{row['perplexity'][k]:.2f}" for k in EVALUATIONS)
+            + " |"
+        )
     if sweep:
-        lines += ["", "| stdlib sequences | method | " + " | ".join(f"PPL {k}" for k in EVALUATIONS) + " |", "|---|---|" + "---|" * len(EVALUATIONS)]
+        lines += [
+            "",
+            "| stdlib sequences | method | " + " | ".join(f"PPL {k}" for k in EVALUATIONS) + " |",
+            "|---|---|" + "---|" * len(EVALUATIONS),
+        ]
         for row in sweep:
-            lines.append(f"| {row['n_samples']} | {row['method']} | " + " | ".join(f"{row['perplexity'][k]:.2f}" for k in EVALUATIONS) + " |")
+            lines.append(
+                f"| {row['n_samples']} | {row['method']} | "
+                + " | ".join(f"{row['perplexity'][k]:.2f}" for k in EVALUATIONS)
+                + " |"
+            )
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if rows:

@@ -30,8 +30,12 @@ def _commit() -> str:
     """The checkout's commit, with ``+dirty`` when the working tree differs from it (results cite their code)."""
     root = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True)
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
@@ -48,7 +52,9 @@ def environment() -> dict[str, Any]:
     }
 
 
-def calibration_grams(model, tokenizer, source: str, n_samples: int, seq_len: int, seed: int = 42) -> tuple[GramCollector, float]:
+def calibration_grams(
+    model, tokenizer, source: str, n_samples: int, seq_len: int, seed: int = 42
+) -> tuple[GramCollector, float]:
     """Grams of every selected Linear over ``n_samples x seq_len`` tokens, computed once and reused."""
     batches = calibration_batches(tokenizer, load_text(source), n_samples, seq_len, seed=seed)
     start = time.perf_counter()

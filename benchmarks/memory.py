@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import RESULTS, environment, fresh_copy, load_default, write_json
 from torchao.quantization import Int8WeightOnlyConfig
 
 from spadi_ao import DictionaryConfig, compression_stats, quantize_dictionary_, sparsify_dictionary_
 from spadi_ao.pipeline.data import calibration_batches, load_text
-
-from common import RESULTS, environment, fresh_copy, load_default, write_json
 
 MIB = 2**20
 
@@ -172,8 +171,12 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512, help="prefill tokens")
     parser.add_argument("--decode", type=int, default=64, help="decode steps after the prefill")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "spadi-ao-memory-benchmark",
-                        help="where the saved models go (reused by later runs)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "spadi-ao-memory-benchmark",
+        help="where the saved models go (reused by later runs)",
+    )
     parser.add_argument("--name", default="memory")
     parser.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)  # child process: one model
     parser.add_argument("--kind", default="dense", help=argparse.SUPPRESS)
@@ -191,8 +194,10 @@ def main() -> None:
         child = subprocess.run(command, capture_output=True, text=True, check=True)
         results[name] = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"{name}: {results[name][-1]}", flush=True)
-    header = (f"SmolLM2-135M-Instruct, float32, {args.threads} threads; one process per model; prefill of {args.prompt} "
-              f"random tokens, then {args.decode} greedy decode steps with a KV cache.")
+    header = (
+        f"SmolLM2-135M-Instruct, float32, {args.threads} threads; one process per model; prefill of {args.prompt} "
+        f"random tokens, then {args.decode} greedy decode steps with a KV cache."
+    )
     lines = table(results)
     print("\n" + header + "\n\n" + "\n".join(lines))
     payload = {"environment": environment(), "command": " ".join(sys.argv), "seconds": round(time.time() - started, 1),

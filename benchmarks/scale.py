@@ -43,12 +43,19 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SETTINGS = {"global": {"allocation": "knapsack", "grouping": "inputs"}, "uniform": {"allocation": "uniform", "grouping": None}}
+SETTINGS = {
+    "global": {"allocation": "knapsack", "grouping": "inputs"},
+    "uniform": {"allocation": "uniform", "grouping": None},
+}
 """``global``: the knapsack over the whole model and in-block shared dictionaries (a first pass, then the
 compress pass); ``uniform``: every Linear at CR 0.3 on its own dictionary (the compress pass alone)."""
 SHAPES = {
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
-    "quick": dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2, vocab_size=4000),
+    "1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000
+    ),
+    "quick": dict(
+        hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2, vocab_size=4000
+    ),
 }
 
 
@@ -69,7 +76,9 @@ def build_model(shape: str, layers: int, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**SHAPES[shape], num_hidden_layers=layers, tie_word_embeddings=True, max_position_embeddings=1024)
+    config = LlamaConfig(
+        **SHAPES[shape], num_hidden_layers=layers, tie_word_embeddings=True, max_position_embeddings=1024
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.to_empty(device="cpu")
@@ -86,7 +95,6 @@ def build_model(shape: str, layers: int, seed: int = 0):
 
 def _rotary_fix(model) -> None:
     """``to_empty`` leaves non-persistent buffers (the rotary frequencies) uninitialised: recompute them."""
-    import torch
 
     rotary = model.model.rotary_emb
     inv_freq, _ = type(rotary).compute_default_rope_parameters(rotary.config)
@@ -117,7 +125,11 @@ class SolveClock:
 
         self.seconds = 0.0
         self._start: float | None = None
-        solve, solve_group, exchange = spadi_ao.api.compress_weight, spadi_ao.api.compress_group, spadi_ao.sequential._exchange
+        solve, solve_group, exchange = (
+            spadi_ao.api.compress_weight,
+            spadi_ao.api.compress_group,
+            spadi_ao.sequential._exchange,
+        )
 
         def timed(function):
             def run(*args, **kwargs):
@@ -177,7 +189,10 @@ class FirstPassClock:
                 self._start = None
             return result
 
-        spadi_ao.sequential._Blockwise.survey, spadi_ao.sequential.blockwise_sensitivity = timed_survey, timed_sensitivity
+        spadi_ao.sequential._Blockwise.survey, spadi_ao.sequential.blockwise_sensitivity = (
+            timed_survey,
+            timed_sensitivity,
+        )
         spadi_ao.api._tabulate, spadi_ao.sequential._exchange_tables = timed_tabulate, timed_exchange
 
 
@@ -198,12 +213,16 @@ def child(args: argparse.Namespace) -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     built = _current_rss_bytes()
     generator = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=generator) for _ in range(args.samples)]
+    batches = [
+        torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=generator) for _ in range(args.samples)
+    ]
     config = DictionaryConfig(compression_ratio=0.3, solver="fast", fast_steps=0, **SETTINGS[args.setting])
     clock = SolveClock()
     first_pass = FirstPassClock()
     start = time.perf_counter()
-    report = sparsify_dictionary_(model, config, calibration=batches, sequential=True, checkpoint_dir=args.checkpoint_dir, progress=False)
+    report = sparsify_dictionary_(
+        model, config, calibration=batches, sequential=True, checkpoint_dir=args.checkpoint_dir, progress=False
+    )
     seconds = time.perf_counter() - start
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     result = {
@@ -233,8 +252,13 @@ def child(args: argparse.Namespace) -> None:
 
 
 LAYER_SHAPES = {
-    "SmolLM2 q/o": (576, 576), "SmolLM2 k/v": (192, 576), "SmolLM2 gate/up": (1536, 576), "SmolLM2 down": (576, 1536),
-    "Llama-3-8B q/o": (4096, 4096), "Llama-3-8B k/v": (1024, 4096), "Llama-3-8B gate/up": (14336, 4096),
+    "SmolLM2 q/o": (576, 576),
+    "SmolLM2 k/v": (192, 576),
+    "SmolLM2 gate/up": (1536, 576),
+    "SmolLM2 down": (576, 1536),
+    "Llama-3-8B q/o": (4096, 4096),
+    "Llama-3-8B k/v": (1024, 4096),
+    "Llama-3-8B gate/up": (14336, 4096),
     "Llama-3-8B down": (4096, 14336),
 }
 WHITENING = "Gram + whitening"
@@ -264,7 +288,13 @@ def _gram_and_whitening(in_features: int, generator) -> dict:
     gram_seconds = time.perf_counter() - start
     start = time.perf_counter()
     whitening_for(collector.take("probe"), in_features, 1e-2, 0.0, torch.device("cpu"), overwrite=True)
-    return {"gram_seconds": gram_seconds, "seconds": time.perf_counter() - start, "rss_before_solve": before, "k": None, "s": None}
+    return {
+        "gram_seconds": gram_seconds,
+        "seconds": time.perf_counter() - start,
+        "rss_before_solve": before,
+        "k": None,
+        "s": None,
+    }
 
 
 def _solve(out_features: int, in_features: int, solver: str, generator) -> dict:
@@ -297,8 +327,16 @@ def layer_child(args: argparse.Namespace) -> None:
         result = _gram_and_whitening(in_features, generator)
     else:
         result = _solve(out_features, in_features, args.solver_name, generator)
-    result.update(shape=args.layer_shape, out=out_features, solver=args.solver_name, peak_rss=_rss_bytes(), threads=args.threads,
-                  weight_bytes=out_features * in_features * 4, gram_bytes=in_features**2 * 8, **{"in": in_features})
+    result.update(
+        shape=args.layer_shape,
+        out=out_features,
+        solver=args.solver_name,
+        peak_rss=_rss_bytes(),
+        threads=args.threads,
+        weight_bytes=out_features * in_features * 4,
+        gram_bytes=in_features**2 * 8,
+        **{"in": in_features},
+    )
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -312,17 +350,38 @@ def part_layers(args: argparse.Namespace) -> list[dict]:
             row = _run([__file__, "--child", "--layer-shape", shape, "--solver-name", solver, "--threads", "1"])
             rows.append(row)
             gram = f"Gram {row['gram_seconds']:.1f}s, " if "gram_seconds" in row else ""
-            print(f"layer {shape} ({row['out']}x{row['in']}, k={row['k']}, s={row['s']}), {solver}: {gram}{row['seconds']:.1f}s, "
-                  f"peak RSS {row['peak_rss'] / 2**30:.2f} GiB (+{(row['peak_rss'] - row['rss_before_solve']) / 2**30:.2f} GiB during it)", flush=True)
+            print(
+                f"layer {shape} ({row['out']}x{row['in']}, k={row['k']}, s={row['s']}), {solver}: {gram}{row['seconds']:.1f}s, "
+                f"peak RSS {row['peak_rss'] / 2**30:.2f} GiB (+{(row['peak_rss'] - row['rss_before_solve']) / 2**30:.2f} GiB during it)",
+                flush=True,
+            )
     return rows
 
 
 def _child_command(
-    args: argparse.Namespace, layers: int, threads: int | None = None, checkpoint_dir: str | None = None, digest: bool = False,
+    args: argparse.Namespace,
+    layers: int,
+    threads: int | None = None,
+    checkpoint_dir: str | None = None,
+    digest: bool = False,
     force_spill: bool = False,
 ) -> list[str]:
-    command = [__file__, "--child", "--shape", args.shape, "--layers", str(layers), "--threads", str(threads or args.threads),
-               "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--setting", args.setting]
+    command = [
+        __file__,
+        "--child",
+        "--shape",
+        args.shape,
+        "--layers",
+        str(layers),
+        "--threads",
+        str(threads or args.threads),
+        "--samples",
+        str(args.samples),
+        "--seq-len",
+        str(args.seq_len),
+        "--setting",
+        args.setting,
+    ]
     if checkpoint_dir:
         command += ["--checkpoint-dir", checkpoint_dir]
     return command + (["--digest"] if digest else []) + (["--force-spill"] if force_spill else [])
@@ -334,7 +393,7 @@ def _run(command: list[str], launcher: list[str] | None = None) -> dict:
     if completed.returncode != 0:
         raise RuntimeError(f"child failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
     line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def part_rss(args: argparse.Namespace) -> dict:
@@ -343,15 +402,19 @@ def part_rss(args: argparse.Namespace) -> dict:
         result = _run(_child_command(args, layers))
         result["peak_over_weights"] = result["peak_rss"] / result["weight_bytes"]
         runs.append(result)
-        print(f"rss: {layers} layers, {result['parameters'] / 1e9:.2f}B params, weights {result['weight_bytes'] / 2**30:.2f} GiB, "
-              f"peak RSS {result['peak_rss'] / 2**30:.2f} GiB ({result['peak_over_weights']:.2f}x), {result['seconds']:.0f}s; first pass "
-              f"{result['first_pass_seconds']:.0f}s (sensitivity {result['sensitivity_seconds']:.0f}s), peak RSS by its end "
-              f"{result['peak_rss_after_first_pass'] / 2**30:.2f} GiB (after the sensitivity {result['peak_rss_after_sensitivity'] / 2**30:.2f} GiB)",
-              flush=True)
+        print(
+            f"rss: {layers} layers, {result['parameters'] / 1e9:.2f}B params, weights {result['weight_bytes'] / 2**30:.2f} GiB, "
+            f"peak RSS {result['peak_rss'] / 2**30:.2f} GiB ({result['peak_over_weights']:.2f}x), {result['seconds']:.0f}s; first pass "
+            f"{result['first_pass_seconds']:.0f}s (sensitivity {result['sensitivity_seconds']:.0f}s), peak RSS by its end "
+            f"{result['peak_rss_after_first_pass'] / 2**30:.2f} GiB (after the sensitivity {result['peak_rss_after_sensitivity'] / 2**30:.2f} GiB)",
+            flush=True,
+        )
     growth = None
     if len(runs) >= 2:
-        growth = {"added_weight_bytes": runs[-1]["weight_bytes"] - runs[0]["weight_bytes"],
-                  "added_peak_rss": runs[-1]["peak_rss"] - runs[0]["peak_rss"]}
+        growth = {
+            "added_weight_bytes": runs[-1]["weight_bytes"] - runs[0]["weight_bytes"],
+            "added_peak_rss": runs[-1]["peak_rss"] - runs[0]["peak_rss"],
+        }
     return {"runs": runs, "growth": growth}
 
 
@@ -360,15 +423,26 @@ def part_speedup(args: argparse.Namespace) -> dict:
     single = _run(_child_command(args, layers, threads=1, digest=True))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
     double = _run(_child_command(args, layers, threads=1, digest=True), launcher=launcher)
-    result = {"layers": layers, "one_rank_solve_seconds": single["solve_seconds"], "two_ranks_solve_seconds": double["solve_seconds"],
-              "speedup": single["solve_seconds"] / double["solve_seconds"],
-              "one_rank_table_seconds": single["table_seconds"], "two_ranks_table_seconds": double["table_seconds"],
-              "one_rank_first_pass_seconds": single["first_pass_seconds"], "two_ranks_first_pass_seconds": double["first_pass_seconds"], "one_rank_total_seconds": single["seconds"],
-              "two_ranks_total_seconds": double["seconds"], "identical": single["digest"] == double["digest"]}
-    print(f"speedup: solve phase 1 rank {single['solve_seconds']:.1f}s, 2 ranks {double['solve_seconds']:.1f}s -> {result['speedup']:.2f}x "
-          f"(whole run {single['seconds']:.1f}s vs {double['seconds']:.1f}s), identical output: {result['identical']}; first pass "
-          f"{single['first_pass_seconds']:.1f}s vs {double['first_pass_seconds']:.1f}s, its table phase {single['table_seconds']:.1f}s vs "
-          f"{double['table_seconds']:.1f}s", flush=True)
+    result = {
+        "layers": layers,
+        "one_rank_solve_seconds": single["solve_seconds"],
+        "two_ranks_solve_seconds": double["solve_seconds"],
+        "speedup": single["solve_seconds"] / double["solve_seconds"],
+        "one_rank_table_seconds": single["table_seconds"],
+        "two_ranks_table_seconds": double["table_seconds"],
+        "one_rank_first_pass_seconds": single["first_pass_seconds"],
+        "two_ranks_first_pass_seconds": double["first_pass_seconds"],
+        "one_rank_total_seconds": single["seconds"],
+        "two_ranks_total_seconds": double["seconds"],
+        "identical": single["digest"] == double["digest"],
+    }
+    print(
+        f"speedup: solve phase 1 rank {single['solve_seconds']:.1f}s, 2 ranks {double['solve_seconds']:.1f}s -> {result['speedup']:.2f}x "
+        f"(whole run {single['seconds']:.1f}s vs {double['seconds']:.1f}s), identical output: {result['identical']}; first pass "
+        f"{single['first_pass_seconds']:.1f}s vs {double['first_pass_seconds']:.1f}s, its table phase {single['table_seconds']:.1f}s vs "
+        f"{double['table_seconds']:.1f}s",
+        flush=True,
+    )
     return result
 
 
@@ -376,11 +450,20 @@ def part_spill(args: argparse.Namespace) -> dict:
     layers = args.layers[0]
     kept = _run(_child_command(args, layers, digest=True))
     spilled = _run(_child_command(args, layers, digest=True, force_spill=True))
-    result = {"layers": layers, "in_memory_peak_rss": kept["peak_rss"], "spilled_peak_rss": spilled["peak_rss"],
-              "in_memory_seconds": kept["seconds"], "spilled_seconds": spilled["seconds"], "identical": kept["digest"] == spilled["digest"],
-              "input_bytes_per_block": args.samples * args.seq_len * SHAPES[args.shape]["hidden_size"] * 4}
-    print(f"spill: peak RSS {kept['peak_rss'] / 2**30:.2f} GiB in memory, {spilled['peak_rss'] / 2**30:.2f} GiB spilled; "
-          f"{kept['seconds']:.1f} s vs {spilled['seconds']:.1f} s; identical output: {result['identical']}", flush=True)
+    result = {
+        "layers": layers,
+        "in_memory_peak_rss": kept["peak_rss"],
+        "spilled_peak_rss": spilled["peak_rss"],
+        "in_memory_seconds": kept["seconds"],
+        "spilled_seconds": spilled["seconds"],
+        "identical": kept["digest"] == spilled["digest"],
+        "input_bytes_per_block": args.samples * args.seq_len * SHAPES[args.shape]["hidden_size"] * 4,
+    }
+    print(
+        f"spill: peak RSS {kept['peak_rss'] / 2**30:.2f} GiB in memory, {spilled['peak_rss'] / 2**30:.2f} GiB spilled; "
+        f"{kept['seconds']:.1f} s vs {spilled['seconds']:.1f} s; identical output: {result['identical']}",
+        flush=True,
+    )
     return result
 
 
@@ -398,7 +481,9 @@ def _killed_run(command: list[str], directory: Path, kill_after_layers: int) -> 
 
     start_count = done()
     env = {**os.environ, "OMP_NUM_THREADS": command[command.index("--threads") + 1]}
-    process = subprocess.Popen([sys.executable] + command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen(
+        [sys.executable] + command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
     while process.poll() is None and done() < start_count + kill_after_layers:
         time.sleep(0.05)
     if process.poll() is None:
@@ -418,9 +503,17 @@ def part_resume(args: argparse.Namespace) -> dict:
         for _ in range(2):
             kills.append(_killed_run(command, Path(directory), rng.randint(1, max(1, total // 3))))
         finished = _run(command)
-    result = {"layers": layers, "linears": total, "layers_done_at_kills": kills, "identical": finished["digest"] == reference["digest"]}
-    print(f"resume: killed with {kills} of {total} checkpoint entries (first-pass tables and Linears) done; final model identical "
-          f"to uninterrupted: {result['identical']}", flush=True)
+    result = {
+        "layers": layers,
+        "linears": total,
+        "layers_done_at_kills": kills,
+        "identical": finished["digest"] == reference["digest"],
+    }
+    print(
+        f"resume: killed with {kills} of {total} checkpoint entries (first-pass tables and Linears) done; final model identical "
+        f"to uninterrupted: {result['identical']}",
+        flush=True,
+    )
     return result
 
 
@@ -428,61 +521,97 @@ MALLOC_NOTE = ", glibc MALLOC_MMAP_THRESHOLD_={} (freed weights go back to the s
 
 
 def write(results: dict, args: argparse.Namespace) -> None:
-    lines = [f"Model shape `{args.shape}` ({SHAPES[args.shape]}), calibration {args.samples} x {args.seq_len} random tokens, "
-             f"CoSpaDi CR 0.3, solver='fast', fast_steps=0, {args.setting} allocation, sequential=True, "
-             f"{args.threads} thread(s) per process (rss, resume)"
-             f"{MALLOC_NOTE.format(os.environ['MALLOC_MMAP_THRESHOLD_']) if 'MALLOC_MMAP_THRESHOLD_' in os.environ else ''}.", ""]
+    lines = [
+        f"Model shape `{args.shape}` ({SHAPES[args.shape]}), calibration {args.samples} x {args.seq_len} random tokens, "
+        f"CoSpaDi CR 0.3, solver='fast', fast_steps=0, {args.setting} allocation, sequential=True, "
+        f"{args.threads} thread(s) per process (rss, resume)"
+        f"{MALLOC_NOTE.format(os.environ['MALLOC_MMAP_THRESHOLD_']) if 'MALLOC_MMAP_THRESHOLD_' in os.environ else ''}.",
+        "",
+    ]
     if "rss" in results:
-        lines += ["| layers | parameters | fp32 weights GiB | RSS after imports GiB | peak RSS GiB | peak / weights | seconds | "
-                  "first pass s (sensitivity s) | peak RSS by the end of the first pass GiB (of the sensitivity) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| layers | parameters | fp32 weights GiB | RSS after imports GiB | peak RSS GiB | peak / weights | seconds | "
+            "first pass s (sensitivity s) | peak RSS by the end of the first pass GiB (of the sensitivity) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for run in results["rss"]["runs"]:
-            lines.append(f"| {run['layers']} | {run['parameters'] / 1e9:.3f}B | {run['weight_bytes'] / 2**30:.2f} | "
-                         f"{run['baseline_rss'] / 2**30:.2f} | {run['peak_rss'] / 2**30:.2f} | {run['peak_over_weights']:.2f} | {run['seconds']:.0f} | "
-                         f"{run['first_pass_seconds']:.0f} ({run['sensitivity_seconds']:.0f}) | {run['peak_rss_after_first_pass'] / 2**30:.2f} "
-                         f"({run['peak_rss_after_sensitivity'] / 2**30:.2f}) |")
+            lines.append(
+                f"| {run['layers']} | {run['parameters'] / 1e9:.3f}B | {run['weight_bytes'] / 2**30:.2f} | "
+                f"{run['baseline_rss'] / 2**30:.2f} | {run['peak_rss'] / 2**30:.2f} | {run['peak_over_weights']:.2f} | {run['seconds']:.0f} | "
+                f"{run['first_pass_seconds']:.0f} ({run['sensitivity_seconds']:.0f}) | {run['peak_rss_after_first_pass'] / 2**30:.2f} "
+                f"({run['peak_rss_after_sensitivity'] / 2**30:.2f}) |"
+            )
         growth = results["rss"]["growth"]
         if growth:
-            lines += ["", f"Doubling the layers added {growth['added_weight_bytes'] / 2**30:.2f} GiB of weights and "
-                          f"{growth['added_peak_rss'] / 2**30:.2f} GiB of peak RSS."]
+            lines += [
+                "",
+                f"Doubling the layers added {growth['added_weight_bytes'] / 2**30:.2f} GiB of weights and "
+                f"{growth['added_peak_rss'] / 2**30:.2f} GiB of peak RSS.",
+            ]
     if "speedup" in results:
         r = results["speedup"]
-        lines += ["", f"Solve phase ({r['layers']} layers): 1 rank x 1 thread {r['one_rank_solve_seconds']:.1f} s, 2 ranks x 1 thread "
-                      f"{r['two_ranks_solve_seconds']:.1f} s: {r['speedup']:.2f}x (whole run {r['one_rank_total_seconds']:.1f} s vs "
-                      f"{r['two_ranks_total_seconds']:.1f} s); identical output: {r['identical']}. First pass {r['one_rank_first_pass_seconds']:.1f} s "
-                      f"vs {r['two_ranks_first_pass_seconds']:.1f} s, its table phase {r['one_rank_table_seconds']:.1f} s vs "
-                      f"{r['two_ranks_table_seconds']:.1f} s."]
+        lines += [
+            "",
+            f"Solve phase ({r['layers']} layers): 1 rank x 1 thread {r['one_rank_solve_seconds']:.1f} s, 2 ranks x 1 thread "
+            f"{r['two_ranks_solve_seconds']:.1f} s: {r['speedup']:.2f}x (whole run {r['one_rank_total_seconds']:.1f} s vs "
+            f"{r['two_ranks_total_seconds']:.1f} s); identical output: {r['identical']}. First pass {r['one_rank_first_pass_seconds']:.1f} s "
+            f"vs {r['two_ranks_first_pass_seconds']:.1f} s, its table phase {r['one_rank_table_seconds']:.1f} s vs "
+            f"{r['two_ranks_table_seconds']:.1f} s.",
+        ]
     if "resume" in results:
         r = results["resume"]
-        lines += ["", f"Kill and resume ({r['linears']} checkpoint entries: first-pass tables and Linears): killed twice with "
-                      f"{r['layers_done_at_kills']} entries checkpointed; "
-                      f"final model bit-identical to an uninterrupted run: {r['identical']}."]
+        lines += [
+            "",
+            f"Kill and resume ({r['linears']} checkpoint entries: first-pass tables and Linears): killed twice with "
+            f"{r['layers_done_at_kills']} entries checkpointed; "
+            f"final model bit-identical to an uninterrupted run: {r['identical']}.",
+        ]
     if "spill" in results:
         r = results["spill"]
-        lines += ["", f"Block inputs ({r['layers']} layers, {r['input_bytes_per_block'] / 2**20:.0f} MiB a block): peak RSS "
-                      f"{r['in_memory_peak_rss'] / 2**30:.2f} GiB kept in memory, {r['spilled_peak_rss'] / 2**30:.2f} GiB spilled to "
-                      f"memory-mapped files; {r['in_memory_seconds']:.1f} s vs {r['spilled_seconds']:.1f} s; identical output: {r['identical']}."]
+        lines += [
+            "",
+            f"Block inputs ({r['layers']} layers, {r['input_bytes_per_block'] / 2**20:.0f} MiB a block): peak RSS "
+            f"{r['in_memory_peak_rss'] / 2**30:.2f} GiB kept in memory, {r['spilled_peak_rss'] / 2**30:.2f} GiB spilled to "
+            f"memory-mapped files; {r['in_memory_seconds']:.1f} s vs {r['spilled_seconds']:.1f} s; identical output: {r['identical']}.",
+        ]
     if "layers" in results:
-        lines += ["", f"Per layer, CR 0.3, 1 thread, a fresh process per row (peak RSS of the whole process; 'added' is what the "
-                      f"step added to the weight and Gram already in memory). '{WHITENING}': Gram accumulation over "
-                      f"{GRAM_TOKENS[0]} x {GRAM_TOKENS[1]} tokens, then the in-place whitening; the solver rows include whitening.", "",
-                  "| layer | out x in | k / s | step | Gram s | seconds | Gram MiB | peak RSS GiB | added GiB |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Per layer, CR 0.3, 1 thread, a fresh process per row (peak RSS of the whole process; 'added' is what the "
+            f"step added to the weight and Gram already in memory). '{WHITENING}': Gram accumulation over "
+            f"{GRAM_TOKENS[0]} x {GRAM_TOKENS[1]} tokens, then the in-place whitening; the solver rows include whitening.",
+            "",
+            "| layer | out x in | k / s | step | Gram s | seconds | Gram MiB | peak RSS GiB | added GiB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in results["layers"]:
             sizes = f"{r['k']} / {r['s']}" if r["k"] is not None else "-"
             gram = f"{r['gram_seconds']:.2f}" if "gram_seconds" in r else "-"
-            lines.append(f"| {r['shape']} | {r['out']}x{r['in']} | {sizes} | {r['solver']} | {gram} | {r['seconds']:.2f} | "
-                         f"{r['gram_bytes'] / 2**20:.0f} | {r['peak_rss'] / 2**30:.2f} | {(r['peak_rss'] - r['rss_before_solve']) / 2**30:.2f} |")
+            lines.append(
+                f"| {r['shape']} | {r['out']}x{r['in']} | {sizes} | {r['solver']} | {gram} | {r['seconds']:.2f} | "
+                f"{r['gram_bytes'] / 2**20:.0f} | {r['peak_rss'] / 2**30:.2f} | {(r['peak_rss'] - r['rss_before_solve']) / 2**30:.2f} |"
+            )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    malloc = {"MALLOC_MMAP_THRESHOLD_": os.environ["MALLOC_MMAP_THRESHOLD_"]} if "MALLOC_MMAP_THRESHOLD_" in os.environ else {}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "environment": malloc, **results}, indent=1))
+    malloc = (
+        {"MALLOC_MMAP_THRESHOLD_": os.environ["MALLOC_MMAP_THRESHOLD_"]}
+        if "MALLOC_MMAP_THRESHOLD_" in os.environ
+        else {}
+    )
+    (RESULTS / f"{args.name}.json").write_text(
+        json.dumps({"command": " ".join(["python", *sys.argv]), "environment": malloc, **results}, indent=1)
+    )
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["rss", "speedup", "resume"], choices=["rss", "speedup", "resume", "layers", "spill"])
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["rss", "speedup", "resume"],
+        choices=["rss", "speedup", "resume", "layers", "spill"],
+    )
     parser.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     parser.add_argument("--layers", type=int, nargs="+", default=[16, 32], help="rss: decoder layers of each run")
     parser.add_argument("--speedup-layers", type=int, default=2)
@@ -493,10 +622,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes: a smoke test")
     parser.add_argument("--name", default="scale")
     parser.add_argument("--layer-shapes", nargs="+", default=list(LAYER_SHAPES), choices=list(LAYER_SHAPES))
-    parser.add_argument("--solvers", nargs="+", default=list(SOLVERS)[:3], choices=list(SOLVERS),
-                        help="layers: solvers timed after the Gram + whitening row (default: all but K-SVD, 1 iteration)")
-    parser.add_argument("--setting", default="global", choices=sorted(SETTINGS), help="global: knapsack + grouping='inputs' (default); uniform")
-    parser.add_argument("--threads", type=int, default=2, help="threads per process of the rss and resume parts (speedup: 1, layers: 1)")
+    parser.add_argument(
+        "--solvers",
+        nargs="+",
+        default=list(SOLVERS)[:3],
+        choices=list(SOLVERS),
+        help="layers: solvers timed after the Gram + whitening row (default: all but K-SVD, 1 iteration)",
+    )
+    parser.add_argument(
+        "--setting",
+        default="global",
+        choices=sorted(SETTINGS),
+        help="global: knapsack + grouping='inputs' (default); uniform",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="threads per process of the rss and resume parts (speedup: 1, layers: 1)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layer-shape", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--solver-name", default=None, help=argparse.SUPPRESS)
@@ -516,7 +657,13 @@ def main() -> None:
         args.threads, args.layer_shapes, args.solvers = 1, ["SmolLM2 q/o", "SmolLM2 down"], ["fast, 0 steps"]
     results = {}
     for part in args.parts:
-        parts = {"rss": part_rss, "speedup": part_speedup, "resume": part_resume, "layers": part_layers, "spill": part_spill}
+        parts = {
+            "rss": part_rss,
+            "speedup": part_speedup,
+            "resume": part_resume,
+            "layers": part_layers,
+            "spill": part_spill,
+        }
         results[part] = parts[part](args)
     write(results, args)
 

@@ -38,15 +38,14 @@ import time
 from pathlib import Path
 
 import torch
+from calibration import generated_batches
+from common import RESULTS, environment, evaluate, fresh_copy, load_default, write_json
 
 from spadi_ao import DictionaryConfig, sparsify_dictionary_
 from spadi_ao.allocation import output_sensitivity
 from spadi_ao.api import select_linears
 from spadi_ao.calibration import GramCollector, run_calibration
 from spadi_ao.pipeline.data import calibration_batches, load_text, split_text
-
-from calibration import generated_batches
-from common import RESULTS, environment, evaluate, fresh_copy, load_default, write_json
 
 SOURCES = ("stdlib", "generated", "stdlib+generated", "wikitext2-valid-a")
 NO_DOWNLOAD = ("stdlib", "generated", "stdlib+generated")
@@ -56,7 +55,10 @@ GENERATED_CACHE = Path.home() / ".cache" / "spadi-ao"
 
 
 def validation_texts() -> dict[str, str]:
-    return {"wikitext2-valid-b": split_text(load_text("wikitext2-valid"), 0.5)[1], "stdlib-held-out": split_text(load_text("stdlib"))[1]}
+    return {
+        "wikitext2-valid-b": split_text(load_text("wikitext2-valid"), 0.5)[1],
+        "stdlib-held-out": split_text(load_text("stdlib"))[1],
+    }
 
 
 def parse_args() -> argparse.Namespace:
@@ -98,7 +100,9 @@ def batches_for(source: str, model, tokenizer, args: argparse.Namespace) -> list
     ]
 
 
-def run_source(source: str, model, tokenizer, texts: dict[str, str], args: argparse.Namespace, part: dict, save) -> None:
+def run_source(
+    source: str, model, tokenizer, texts: dict[str, str], args: argparse.Namespace, part: dict, save
+) -> None:
     """Every ``--shrinkage`` value not yet in ``part``; ``save()`` after each, so a run can be resumed."""
     done = {row["shrinkage"] for row in part.setdefault("rows", [])}
     todo = [shrinkage for shrinkage in args.shrinkage if shrinkage not in done]
@@ -119,12 +123,29 @@ def run_source(source: str, model, tokenizer, texts: dict[str, str], args: argpa
         )  # fmt: skip
         compressed = fresh_copy(model)
         start = time.perf_counter()
-        report = sparsify_dictionary_(compressed, config, calibration=collector, sensitivity=sensitivity, progress=False)
+        report = sparsify_dictionary_(
+            compressed, config, calibration=collector, sensitivity=sensitivity, progress=False
+        )
         seconds = time.perf_counter() - start
-        perplexity = {name: evaluate(compressed, tokenizer, text, args.seq_len, args.eval_windows)["ppl"] for name, text in texts.items()}
-        part["rows"].append({"shrinkage": shrinkage, "compression_ratio": report.compression_ratio, "seconds": seconds, "perplexity": perplexity})
+        perplexity = {
+            name: evaluate(compressed, tokenizer, text, args.seq_len, args.eval_windows)["ppl"]
+            for name, text in texts.items()
+        }
+        part["rows"].append(
+            {
+                "shrinkage": shrinkage,
+                "compression_ratio": report.compression_ratio,
+                "seconds": seconds,
+                "perplexity": perplexity,
+            }
+        )
         save()
-        print(f"{source:18s} shrinkage {shrinkage:5s}: " + ", ".join(f"{k} {v:.2f}" for k, v in perplexity.items()) + f" ({seconds:.0f}s)", flush=True)
+        print(
+            f"{source:18s} shrinkage {shrinkage:5s}: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in perplexity.items())
+            + f" ({seconds:.0f}s)",
+            flush=True,
+        )
         del compressed
 
 
@@ -137,14 +158,28 @@ def decide(args: argparse.Namespace) -> None:
              if (RESULTS / f"select_defaults-{source}.json").is_file()}  # fmt: skip
     if not parts:
         raise SystemExit("no select_defaults-<source>.json parts yet: run --sources first")
-    cells = {(source, row["shrinkage"], text): row["perplexity"][text] for source, part in parts.items() for row in part["rows"] for text in VALIDATION}
+    cells = {
+        (source, row["shrinkage"], text): row["perplexity"][text]
+        for source, part in parts.items()
+        for row in part["rows"]
+        for text in VALIDATION
+    }
     if not all(source in parts for source in SHRINKAGE_SOURCES):
         raise SystemExit(f"the shrinkage rule needs the parts of {SHRINKAGE_SOURCES}")
-    shrinkages = [s for s in args.shrinkage if all((source, s, text) in cells for source in SHRINKAGE_SOURCES for text in VALIDATION)]
-    by_shrinkage = {s: geometric_mean([cells[(source, s, text)] for source in SHRINKAGE_SOURCES for text in VALIDATION]) for s in shrinkages}
+    shrinkages = [
+        s
+        for s in args.shrinkage
+        if all((source, s, text) in cells for source in SHRINKAGE_SOURCES for text in VALIDATION)
+    ]
+    by_shrinkage = {
+        s: geometric_mean([cells[(source, s, text)] for source in SHRINKAGE_SOURCES for text in VALIDATION])
+        for s in shrinkages
+    }
     chosen = min(by_shrinkage, key=by_shrinkage.get)
     candidates = [source for source in NO_DOWNLOAD if (source, chosen, VALIDATION[0]) in cells]
-    by_source = {source: geometric_mean([cells[(source, chosen, text)] for text in VALIDATION]) for source in candidates}
+    by_source = {
+        source: geometric_mean([cells[(source, chosen, text)] for text in VALIDATION]) for source in candidates
+    }
     source = min(by_source, key=by_source.get) if by_source else None
     dense = parts[next(iter(parts))]["dense"]
     payload = {
@@ -168,7 +203,8 @@ def decide(args: argparse.Namespace) -> None:
     lines = [
         f"Selection on validation text only (CR {settings['ratio']}, knapsack + fast solver ({settings['fast_steps']} refits) + "
         f"shared-input groups, calibration {settings['n_samples']} x {settings['seq_len']}, first {settings['eval_windows']} x "
-        f"{settings['seq_len']} tokens of each validation text). Dense: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()),
+        f"{settings['seq_len']} tokens of each validation text). Dense: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()),
         "",
         "| calibration | gram_shrinkage | " + " | ".join(f"PPL {t}" for t in VALIDATION) + " | geometric mean |",
         "|---|---|" + "---|" * (len(VALIDATION) + 1),
@@ -176,7 +212,11 @@ def decide(args: argparse.Namespace) -> None:
     for s, part in parts.items():
         for row in part["rows"]:
             values = [row["perplexity"][t] for t in VALIDATION]
-            lines.append(f"| {s} | {row['shrinkage']} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {geometric_mean(values):.2f} |")
+            lines.append(
+                f"| {s} | {row['shrinkage']} | "
+                + " | ".join(f"{v:.2f}" for v in values)
+                + f" | {geometric_mean(values):.2f} |"
+            )
     lines += ["", f"| gram_shrinkage | geometric mean, {' and '.join(SHRINKAGE_SOURCES)} calibration |", "|---|---|"]
     lines += [f"| {s} | {v:.2f}{' (chosen)' if s == chosen else ''} |" for s, v in by_shrinkage.items()]
     lines += ["", f"| calibration source (no download), gram_shrinkage {chosen} | geometric mean |", "|---|---|"]
@@ -193,9 +233,14 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_default()
     texts = validation_texts()
-    dense = {name: evaluate(model, tokenizer, text, args.seq_len, args.eval_windows)["ppl"] for name, text in texts.items()}
+    dense = {
+        name: evaluate(model, tokenizer, text, args.seq_len, args.eval_windows)["ppl"] for name, text in texts.items()
+    }
     print(f"dense: {dense}", flush=True)
-    settings = {k: getattr(args, k) for k in ("ratio", "n_samples", "seq_len", "eval_windows", "fast_steps", "sensitivity_samples")}
+    settings = {
+        k: getattr(args, k)
+        for k in ("ratio", "n_samples", "seq_len", "eval_windows", "fast_steps", "sensitivity_samples")
+    }
     for source in args.sources:
         path = RESULTS / f"select_defaults-{source}.json"
         part = json.loads(path.read_text()) if path.is_file() else {}

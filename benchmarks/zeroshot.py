@@ -20,13 +20,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def merge(parts: list[dict]) -> dict:
     """One model's reports from runs over different tasks, as one (the averages taken over all of them)."""
-    merged = {key: {k: v for part in parts for k, v in part[key].items()} for key in ("results", "reported", "n_samples", "sources")}
+    merged = {
+        key: {k: v for part in parts for k, v in part[key].items()}
+        for key in ("results", "reported", "n_samples", "sources")
+    }
     limits = {part["limit"] for part in parts}
     if len(limits) > 1:
         raise SystemExit(f"reports of one model use different --limit values {sorted(limits, key=str)}")
     reported = [merged["results"][t][f"{m},none"] for t, m in merged["reported"].items()]
     accs = [merged["results"][t]["acc,none"] for t in merged["reported"] if "acc,none" in merged["results"][t]]
-    return {**merged, "limit": limits.pop(), "average": statistics.fmean(reported), "average_acc": statistics.fmean(accs)}
+    return {
+        **merged,
+        "limit": limits.pop(),
+        "average": statistics.fmean(reported),
+        "average_acc": statistics.fmean(accs),
+    }
 
 
 def table(reports: dict[str, dict]) -> str:
@@ -40,7 +48,9 @@ def table(reports: dict[str, dict]) -> str:
         cells = [f"{100 * report['results'][t][report['reported'][t] + ',none']:.1f}" for t in tasks]
         counts = sorted(set(report["n_samples"].values()))
         lines.append(
-            f"| {label} | " + " | ".join(cells) + f" | {100 * report['average']:.1f} | {100 * report['average_acc']:.1f}"
+            f"| {label} | "
+            + " | ".join(cells)
+            + f" | {100 * report['average']:.1f} | {100 * report['average_acc']:.1f}"
             f" | {'/'.join(map(str, counts))} |"
         )
     return "\n".join(lines)
@@ -48,8 +58,12 @@ def table(reports: dict[str, dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("reports", nargs="+", metavar="LABEL=REPORT.json[,REPORT.json...]",
-                        help="one model's reports (several when its tasks ran in separate runs)")
+    parser.add_argument(
+        "reports",
+        nargs="+",
+        metavar="LABEL=REPORT.json[,REPORT.json...]",
+        help="one model's reports (several when its tasks ran in separate runs)",
+    )
     parser.add_argument("--name", default="zeroshot", help="results/<name>.json and .md")
     args = parser.parse_args()
     reports = {}

@@ -47,7 +47,9 @@ def candidate_sizes(
     for ratio in ratios:
         try:
             if isinstance(config, DictionaryConfig):
-                budget = dictionary_budget(out_features, in_features, ratio, config.rho, element_size, atom_limit(config.solver, in_features))
+                budget = dictionary_budget(
+                    out_features, in_features, ratio, config.rho, element_size, atom_limit(config.solver, in_features)
+                )
                 candidates.append(Candidate(ratio, budget.stored_bytes, budget.k, budget.s))
             else:
                 low_rank = low_rank_budget(out_features, in_features, ratio, element_size)
@@ -76,7 +78,9 @@ def solve_knapsack(
         raise ValueError(f"max_bins must be >= 1, got {max_bins}")
     cheapest = sum(min(unit) for unit in costs)
     if cheapest > budget:
-        raise ValueError(f"the budget of {budget} bytes is below the cheapest choice ({cheapest} bytes); raise the budget")
+        raise ValueError(
+            f"the budget of {budget} bytes is below the cheapest choice ({cheapest} bytes); raise the budget"
+        )
     quantum = max(1, math.ceil(budget / max_bins))
     capacity = budget // quantum
     weights = [[math.ceil(cost / quantum) for cost in unit] for unit in costs]
@@ -115,7 +119,11 @@ def threshold_errors(
     """
     _, sigma, vh = torch.linalg.svd(whitened, full_matrices=False)
     energy = (sigma.unsqueeze(1) * vh).to(torch.float64).pow(2)  # (r, m): energy of each atom in each column
-    weights = torch.ones(whitened.shape[1], dtype=torch.float64) if column_weights is None else column_weights.to(torch.float64)
+    weights = (
+        torch.ones(whitened.shape[1], dtype=torch.float64)
+        if column_weights is None
+        else column_weights.to(torch.float64)
+    )
     total = float((whitened.to(torch.float64).pow(2).sum(0) * weights).sum())
     errors = []
     for k, s in sizes:
@@ -158,7 +166,9 @@ def output_sensitivity(
         return hook
 
     handles = [module.register_forward_hook(track(name)) for name, module in modules.items()]
-    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))  # offloaded ones are on meta
+    device = next(
+        (p.device for p in model.parameters() if not p.is_meta), torch.device("cpu")
+    )  # offloaded ones are on meta
     requires = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         with eval_mode(model), torch.enable_grad():  # also when the caller runs under torch.no_grad()

@@ -6,12 +6,12 @@ layer into *new* tensors, and swap them in only once every layer has succeeded.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
-import dataclasses
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -23,9 +23,16 @@ from spadi_ao.allocation import Candidate, candidate_sizes, output_sensitivity, 
 from spadi_ao.budget import dictionary_budget, low_rank_budget
 from spadi_ao.calibration import CALIBRATION_ATTR, GramCollector, attach_collector, run_calibration
 from spadi_ao.configs import DictionaryConfig, LowRankConfig
-from spadi_ao.inputs import calibration_batches, eval_mode
 from spadi_ao.grouping import group_layers, relink_shared, split_bytes, storage_key
-from spadi_ao.layer import LayerReport, compress_group, compress_linear, compress_weight, resolve_shrinkage, whiten_group
+from spadi_ao.inputs import calibration_batches, eval_mode
+from spadi_ao.layer import (
+    LayerReport,
+    compress_group,
+    compress_linear,
+    compress_weight,
+    resolve_shrinkage,
+    whiten_group,
+)
 from spadi_ao.offload import dense_weight, offload_hook
 from spadi_ao.tensor import is_compressed_weight
 
@@ -120,7 +127,9 @@ def _units(targets: dict[str, nn.Linear], config: DictionaryConfig | LowRankConf
     for unit in units.values():
         weights = [targets[name].weight for name in unit]
         if len({w.shape[1] for w in weights}) > 1 or len({w.dtype for w in weights}) > 1:
-            raise ValueError(f"grouping puts {unit} in one group, but they differ in in_features or dtype; they cannot share a dictionary")
+            raise ValueError(
+                f"grouping puts {unit} in one group, but they differ in in_features or dtype; they cannot share a dictionary"
+            )
         if any(config.for_layer(name) != config.for_layer(unit[0]) for name in unit[1:]):
             raise ValueError(f"grouping puts {unit} in one group, but layer_overrides give them different settings")
     return units
@@ -217,7 +226,9 @@ def _is_pretrained(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def _collect(model: nn.Module, targets: dict[str, nn.Linear], calibration: Any, progress: bool) -> Optional[GramCollector]:
+def _collect(
+    model: nn.Module, targets: dict[str, nn.Linear], calibration: Any, progress: bool
+) -> Optional[GramCollector]:
     prepared = getattr(model, CALIBRATION_ATTR, None)
     if isinstance(calibration, GramCollector):
         return calibration
@@ -244,7 +255,9 @@ def _tabulate(
     unit_config = config.for_layer(unit[0])
     pinned = "compression_ratio" in config.overrides_for(unit[0])
     ratios = (unit_config.compression_ratio,) if pinned else config.allocation_candidates
-    menu = candidate_sizes(unit_config, sum(w.shape[0] for w in weights), weights[0].shape[1], weights[0].element_size(), ratios)
+    menu = candidate_sizes(
+        unit_config, sum(w.shape[0] for w in weights), weights[0].shape[1], weights[0].element_size(), ratios
+    )
     if not menu:
         raise ValueError(f"{unit[0]}: no ratio in allocation_candidates leaves k, s >= 1; add smaller candidates")
     _, whitened, _ = whiten_group(weights, grams, unit_config, shrinkages, overwrite_gram)
@@ -282,7 +295,11 @@ def _allocate(
 
 
 def _sensitivity(
-    model: nn.Module, targets: dict[str, nn.Linear], calibration: Any, given: Optional[dict[str, torch.Tensor]], progress: bool = False
+    model: nn.Module,
+    targets: dict[str, nn.Linear],
+    calibration: Any,
+    given: Optional[dict[str, torch.Tensor]],
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     if given is not None:
         missing = sorted(set(targets) - set(given))
@@ -303,7 +320,11 @@ def _sensitivity(
 
 def _has_language_model_loss(model: nn.Module, calibration: Any) -> bool:
     """Whether ``output_sensitivity`` applies: a model with input embeddings, calibrated on token-id tensors."""
-    if calibration is None or isinstance(calibration, GramCollector) or not callable(getattr(model, "get_input_embeddings", None)):
+    if (
+        calibration is None
+        or isinstance(calibration, GramCollector)
+        or not callable(getattr(model, "get_input_embeddings", None))
+    ):
         return False
     return all(not _ids(batch).is_floating_point() for batch in calibration)
 
@@ -388,7 +409,12 @@ def sparsify_dictionary_(
         )
         _finish(model, config, report)
         return report
-    if config.allocation == "knapsack" and sensitivity is None and calibration is not None and not isinstance(calibration, GramCollector):
+    if (
+        config.allocation == "knapsack"
+        and sensitivity is None
+        and calibration is not None
+        and not isinstance(calibration, GramCollector)
+    ):
         sensitivity = _sensitivity(model, targets, calibration, None, progress)
     collector = _collect(model, targets, calibration, progress)
     if collector is None:
@@ -403,7 +429,14 @@ def sparsify_dictionary_(
         with torch.no_grad():
             ratios = None
             if config.allocation == "knapsack":
-                ratios = _allocate(units, targets, config, collector, _sensitivity(model, targets, calibration, sensitivity, progress), progress)
+                ratios = _allocate(
+                    units,
+                    targets,
+                    config,
+                    collector,
+                    _sensitivity(model, targets, calibration, sensitivity, progress),
+                    progress,
+                )
             for label, unit in tqdm(units.items(), desc=f"compressing ({method})", disable=not progress):
                 unit_config = config.for_layer(unit[0])
                 if ratios is not None:
@@ -449,13 +482,22 @@ def _sparsify_sequential(
     from spadi_ao.sequential import GlobalAllocation, run_sequential
 
     if calibration is None or isinstance(calibration, GramCollector):
-        raise ValueError("sequential / distributed / checkpointed compression needs calibration batches, not a prepared collector")
-    if any(isinstance(batch, dict) and batch.get("attention_mask") is not None and not bool(batch["attention_mask"].all()) for batch in calibration):
-        raise ValueError("sequential=True does not leave padding out of the Grams yet: pass unpadded sequences (no 0 in attention_mask)")
+        raise ValueError(
+            "sequential / distributed / checkpointed compression needs calibration batches, not a prepared collector"
+        )
+    if any(
+        isinstance(batch, dict) and batch.get("attention_mask") is not None and not bool(batch["attention_mask"].all())
+        for batch in calibration
+    ):
+        raise ValueError(
+            "sequential=True does not leave padding out of the Grams yet: pass unpadded sequences (no 0 in attention_mask)"
+        )
     if sensitivity is not None:
         _sensitivity(model, targets, calibration, sensitivity)  # checks it covers every Linear
 
-    def unit_grams(members: list[str], collector: GramCollector) -> tuple[list[Optional[torch.Tensor]], list[float], int]:
+    def unit_grams(
+        members: list[str], collector: GramCollector
+    ) -> tuple[list[Optional[torch.Tensor]], list[float], int]:
         """The members' Grams as the one-shot transform reads them, then released from the collector."""
         shrinkages = [resolve_shrinkage(config.for_layer(name).gram_shrinkage, collector, name) for name in members]
         tokens = max(collector.tokens(name) for name in members)
@@ -474,23 +516,42 @@ def _sparsify_sequential(
             unit_config = dataclasses.replace(unit_config, compression_ratio=ratio)
         grams, shrinkages, tokens = unit_grams(members, collector)
         if len(members) == 1:
-            return [compress_weight(members[0], weights[0], grams[0], unit_config, tokens, shrinkages[0], overwrite_gram=True)]
+            return [
+                compress_weight(
+                    members[0], weights[0], grams[0], unit_config, tokens, shrinkages[0], overwrite_gram=True
+                )
+            ]
         return compress_group(members, weights, grams, unit_config, tokens, shrinkages, group=label)
 
-    def survey(label: str, members: list[str], weights: list[torch.Tensor], collector: GramCollector, sensitivity: dict) -> dict:
+    def survey(
+        label: str, members: list[str], weights: list[torch.Tensor], collector: GramCollector, sensitivity: dict
+    ) -> dict:
         grams, shrinkages, _ = unit_grams(members, collector)
-        menu, errors = _tabulate(config, members, weights, grams, shrinkages, sensitivity, overwrite_gram=len(members) == 1)
+        menu, errors = _tabulate(
+            config, members, weights, grams, shrinkages, sensitivity, overwrite_gram=len(members) == 1
+        )
         return {"ratios": [c.ratio for c in menu], "bytes": [c.stored_bytes for c in menu], "errors": errors}
 
     def choose(tables: dict[str, dict]) -> dict[str, float]:
-        picks = solve_knapsack([t["bytes"] for t in tables.values()], [t["errors"] for t in tables.values()], _byte_budget(targets, config))
+        picks = solve_knapsack(
+            [t["bytes"] for t in tables.values()], [t["errors"] for t in tables.values()], _byte_budget(targets, config)
+        )
         return {label: table["ratios"][pick] for (label, table), pick in zip(tables.items(), picks)}
 
     allocation = GlobalAllocation(survey, choose, sensitivity) if config.allocation == "knapsack" else None
     with torch.no_grad(), eval_mode(model):
         layers, gram_bytes = run_sequential(
-            model, config, targets, calibration, solve, units=units, allocation=allocation, propagate=propagate,
-            checkpoint_dir=checkpoint_dir, device=device, progress=progress,
+            model,
+            config,
+            targets,
+            calibration,
+            solve,
+            units=units,
+            allocation=allocation,
+            propagate=propagate,
+            checkpoint_dir=checkpoint_dir,
+            device=device,
+            progress=progress,
         )
     relink_shared(targets[name].weight for name in targets)
     method = "cospadi" if isinstance(config, DictionaryConfig) else "svd-llm"
@@ -551,8 +612,12 @@ def compression_stats(model: nn.Module) -> dict[str, Any]:
     for name, weight in compressed.items():
         dense = weight.shape[0] * weight.shape[1] * weight.element_size()
         stored = stored_by_layer[name]
-        layers[name] = {"type": type(weight).__name__, "dense_bytes": dense, "stored_bytes": stored,
-                        "compression_ratio": 1.0 - stored / dense}
+        layers[name] = {
+            "type": type(weight).__name__,
+            "dense_bytes": dense,
+            "stored_bytes": stored,
+            "compression_ratio": 1.0 - stored / dense,
+        }
     counted: set[tuple] = set()
     seen: set[int] = set()
     model_dense = model_stored = 0

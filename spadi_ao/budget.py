@@ -87,7 +87,12 @@ class LowRankBudget:
 
 
 def dictionary_budget(
-    out_features: int, in_features: int, compression_ratio: float, rho: float, element_size: int, max_atoms: Optional[int] = None
+    out_features: int,
+    in_features: int,
+    compression_ratio: float,
+    rho: float,
+    element_size: int,
+    max_atoms: Optional[int] = None,
 ) -> DictionaryBudget:
     """Largest ``k`` with ``s = round(k / rho)`` inside the budget, then ``s`` grown into what is left.
 

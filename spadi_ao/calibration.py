@@ -49,7 +49,9 @@ class GramCollector:
         self._moments: dict[str, SequenceMoments] = {}
         self._owner: dict[str, str] = {}
         self._recent: dict[int, tuple[weakref.ref, str]] = {}
-        self._handles = {name: module.register_forward_pre_hook(self._make_hook(name)) for name, module in modules.items()}
+        self._handles = {
+            name: module.register_forward_pre_hook(self._make_hook(name)) for name, module in modules.items()
+        }
         self._modules = {name: weakref.ref(module) for name, module in modules.items()}
         self._mask_handles = []
         if model is not None:
@@ -63,7 +65,9 @@ class GramCollector:
     def _take_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """The forward's ``attention_mask`` (batch, seq): its zeros are padding, left out of every statistic."""
         mask = kwargs.get("attention_mask")
-        self._mask = mask.detach().bool() if torch.is_tensor(mask) and mask.dim() == 2 and not bool(mask.all()) else None
+        self._mask = (
+            mask.detach().bool() if torch.is_tensor(mask) and mask.dim() == 2 and not bool(mask.all()) else None
+        )
 
     def _drop_mask(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._mask = None

@@ -23,7 +23,18 @@ from typing import Any, Optional, Sequence
 __all__ = ["main", "build_parser"]
 
 DTYPES = ("bfloat16", "float16", "float32")
-_SAFETENSORS_ITEM_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_SAFETENSORS_ITEM_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 class CLIError(Exception):
@@ -54,9 +65,17 @@ def _shrinkage(text: str) -> float | str:
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser, default_windows: Optional[int]) -> None:
-    parser.add_argument("--eval-text", default=None, help="evaluation text: 'stdlib' (held-out part; used when omitted), a file/dir, 'wikitext2-test', 'hf:NAME[:CONFIG[:SPLIT]]'")
-    parser.add_argument("--eval-windows", type=_positive, default=default_windows, help="evaluate the first N windows only (None: all)")
-    parser.add_argument("--seq-len", type=_positive, default=512, help="tokens per calibration sample and evaluation window")
+    parser.add_argument(
+        "--eval-text",
+        default=None,
+        help="evaluation text: 'stdlib' (held-out part; used when omitted), a file/dir, 'wikitext2-test', 'hf:NAME[:CONFIG[:SPLIT]]'",
+    )
+    parser.add_argument(
+        "--eval-windows", type=_positive, default=default_windows, help="evaluate the first N windows only (None: all)"
+    )
+    parser.add_argument(
+        "--seq-len", type=_positive, default=512, help="tokens per calibration sample and evaluation window"
+    )
     parser.add_argument("--batch-size", type=_positive, default=4, help="evaluation windows per forward pass")
     parser.add_argument("--word-level", action="store_true", help="also report lm-eval's word perplexity")
 
@@ -79,62 +98,168 @@ _CONFIG_DEFAULTS = {
 
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="spadi-ao", description="Sparse dictionary (CoSpaDi) compression of causal LMs.", formatter_class=formatter)
+    parser = argparse.ArgumentParser(
+        prog="spadi-ao", description="Sparse dictionary (CoSpaDi) compression of causal LMs.", formatter_class=formatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    compress = commands.add_parser("compress", help="compress a model and save it with a JSON report", formatter_class=formatter)
-    compress.add_argument("--model", default=None, help="embedded default (SmolLM2-135M-Instruct; used when omitted), a .gguf file, a local HF folder or a hub id")
-    compress.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the model is loaded and compressed in")
-    compress.add_argument("--method", choices=["cospadi", "svd-llm"], default="cospadi", help="sparse dictionaries (CoSpaDi) or the low-rank SVD-LLM baseline")
-    compress.add_argument("--ratio", type=_ratio, default=0.3, help="compression ratio in (0, 1): fraction of Linear bytes removed")
-    compress.add_argument("--calibration", nargs="+", default=None, metavar="SOURCE",
-                          help="calibration text(s): 'stdlib' (default, calibration part), a file/dir, 'wikitext2-valid', 'hf:...'; "
-                               "several sources are blended by --calibration-weights")
-    compress.add_argument("--calibration-weights", type=float, nargs="+", default=None, metavar="W",
-                          help="share of the calibration sequences per --calibration source (None: equal)")
-    compress.add_argument("--n-samples", type=_positive, default=32, help="calibration sequences (in all, across sources)")
+    compress = commands.add_parser(
+        "compress", help="compress a model and save it with a JSON report", formatter_class=formatter
+    )
+    compress.add_argument(
+        "--model",
+        default=None,
+        help="embedded default (SmolLM2-135M-Instruct; used when omitted), a .gguf file, a local HF folder or a hub id",
+    )
+    compress.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="dtype the model is loaded and compressed in"
+    )
+    compress.add_argument(
+        "--method",
+        choices=["cospadi", "svd-llm"],
+        default="cospadi",
+        help="sparse dictionaries (CoSpaDi) or the low-rank SVD-LLM baseline",
+    )
+    compress.add_argument(
+        "--ratio", type=_ratio, default=0.3, help="compression ratio in (0, 1): fraction of Linear bytes removed"
+    )
+    compress.add_argument(
+        "--calibration",
+        nargs="+",
+        default=None,
+        metavar="SOURCE",
+        help="calibration text(s): 'stdlib' (default, calibration part), a file/dir, 'wikitext2-valid', 'hf:...'; "
+        "several sources are blended by --calibration-weights",
+    )
+    compress.add_argument(
+        "--calibration-weights",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="W",
+        help="share of the calibration sequences per --calibration source (None: equal)",
+    )
+    compress.add_argument(
+        "--n-samples", type=_positive, default=32, help="calibration sequences (in all, across sources)"
+    )
     # Config fields left out keep the config's own defaults (DictionaryConfig() is the recommended setting);
     # the help names them from _CONFIG_DEFAULTS, so --help imports no torch.
     field = dict(default=argparse.SUPPRESS)
     d = _CONFIG_DEFAULTS
-    compress.add_argument("--gram-shrinkage", type=_shrinkage, **field, help=f"float in [0, 1] or 'auto': shrink Grams toward their diagonal (default: {d['gram_shrinkage']})")
+    compress.add_argument(
+        "--gram-shrinkage",
+        type=_shrinkage,
+        **field,
+        help=f"float in [0, 1] or 'auto': shrink Grams toward their diagonal (default: {d['gram_shrinkage']})",
+    )
     compress.add_argument("--rho", type=float, **field, help=f"cospadi: atoms per non-zero, k/s (default: {d['rho']})")
-    compress.add_argument("--solver", choices=["fast", "ksvd", "procrustes"], **field, help=f"cospadi: the fast closed-form refits, K-SVD (the paper's) or orthonormal Procrustes dictionaries (default: {d['solver']})")
-    compress.add_argument("--fast-steps", type=int, **field, help=f"cospadi, fast solver: dictionary / code refits (default: {d['fast_steps']})")
-    compress.add_argument("--iterations", type=int, **field, help=f"cospadi, K-SVD: iterations (default: {d['iterations']}, the paper's)")
-    compress.add_argument("--power-iterations", type=_positive, **field, help=f"cospadi, K-SVD: power iterations per atom (default: {d['power_iterations']})")
-    compress.add_argument("--atoms-per-step", type=_positive, **field, help=f"cospadi, K-SVD: OMP atoms per step, 1 = exact OMP (default: {d['atoms_per_step']})")
-    compress.add_argument("--init", choices=["svd", "random-columns"], **field, help=f"cospadi, K-SVD: initial dictionary (default: {d['init']})")
-    compress.add_argument("--allocation", choices=["uniform", "knapsack"], **field,
-                          help=f"per-layer ratios: a knapsack over the whole-model budget or uniform (default: {d['allocation']} for cospadi, uniform for svd-llm)")
-    compress.add_argument("--grouping", choices=["inputs", "paper", "none"], **field,
-                          help=f"cospadi: layers sharing one dictionary: 'inputs' (q/k/v and gate/up of a block), 'paper' (not with --sequential), 'none' (default: {d['grouping']})")
-    compress.add_argument("--damping", type=float, **field, help=f"Gram ridge, relative to its mean diagonal (default: {d['damping']})")
+    compress.add_argument(
+        "--solver",
+        choices=["fast", "ksvd", "procrustes"],
+        **field,
+        help=f"cospadi: the fast closed-form refits, K-SVD (the paper's) or orthonormal Procrustes dictionaries (default: {d['solver']})",
+    )
+    compress.add_argument(
+        "--fast-steps",
+        type=int,
+        **field,
+        help=f"cospadi, fast solver: dictionary / code refits (default: {d['fast_steps']})",
+    )
+    compress.add_argument(
+        "--iterations", type=int, **field, help=f"cospadi, K-SVD: iterations (default: {d['iterations']}, the paper's)"
+    )
+    compress.add_argument(
+        "--power-iterations",
+        type=_positive,
+        **field,
+        help=f"cospadi, K-SVD: power iterations per atom (default: {d['power_iterations']})",
+    )
+    compress.add_argument(
+        "--atoms-per-step",
+        type=_positive,
+        **field,
+        help=f"cospadi, K-SVD: OMP atoms per step, 1 = exact OMP (default: {d['atoms_per_step']})",
+    )
+    compress.add_argument(
+        "--init",
+        choices=["svd", "random-columns"],
+        **field,
+        help=f"cospadi, K-SVD: initial dictionary (default: {d['init']})",
+    )
+    compress.add_argument(
+        "--allocation",
+        choices=["uniform", "knapsack"],
+        **field,
+        help=f"per-layer ratios: a knapsack over the whole-model budget or uniform (default: {d['allocation']} for cospadi, uniform for svd-llm)",
+    )
+    compress.add_argument(
+        "--grouping",
+        choices=["inputs", "paper", "none"],
+        **field,
+        help=f"cospadi: layers sharing one dictionary: 'inputs' (q/k/v and gate/up of a block), 'paper' (not with --sequential), 'none' (default: {d['grouping']})",
+    )
+    compress.add_argument(
+        "--damping", type=float, **field, help=f"Gram ridge, relative to its mean diagonal (default: {d['damping']})"
+    )
     compress.add_argument("--seed", type=int, default=42, help="seed of the calibration sampling and the solvers")
-    compress.add_argument("--sequential", action="store_true", help="one decoder block at a time (bounded memory; also under torchrun)")
-    compress.add_argument("--propagate", choices=["dense", "compressed"], default="compressed", help="activations later blocks calibrate on (sequential; compressed measured better)")
-    compress.add_argument("--device", default=None,
-                          help="sequential: solve each block on this device (e.g. cuda), the model staying where it loaded")
-    compress.add_argument("--checkpoint-dir", default=None, help="resumable: finished layers are saved here and skipped on restart")
-    compress.add_argument("--output", default=None, help="output directory (None: runs/<model>-<method>-cr<ratio>-<time>)")
+    compress.add_argument(
+        "--sequential", action="store_true", help="one decoder block at a time (bounded memory; also under torchrun)"
+    )
+    compress.add_argument(
+        "--propagate",
+        choices=["dense", "compressed"],
+        default="compressed",
+        help="activations later blocks calibrate on (sequential; compressed measured better)",
+    )
+    compress.add_argument(
+        "--device",
+        default=None,
+        help="sequential: solve each block on this device (e.g. cuda), the model staying where it loaded",
+    )
+    compress.add_argument(
+        "--checkpoint-dir", default=None, help="resumable: finished layers are saved here and skipped on restart"
+    )
+    compress.add_argument(
+        "--output", default=None, help="output directory (None: runs/<model>-<method>-cr<ratio>-<time>)"
+    )
     compress.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     compress.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
     _add_eval_arguments(compress, default_windows=16)
 
-    evaluate = commands.add_parser("eval", help="perplexity, or lm-eval zero-shot accuracy (--tasks), of a dense or compressed model", formatter_class=formatter)
-    evaluate.add_argument("model", nargs="?", default=None, help="a spadi-ao output dir, a save_pretrained folder, or any --model source of 'compress' (None: the embedded default)")
+    evaluate = commands.add_parser(
+        "eval",
+        help="perplexity, or lm-eval zero-shot accuracy (--tasks), of a dense or compressed model",
+        formatter_class=formatter,
+    )
+    evaluate.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="a spadi-ao output dir, a save_pretrained folder, or any --model source of 'compress' (None: the embedded default)",
+    )
     evaluate.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype a dense model is loaded in")
     _add_eval_arguments(evaluate, default_windows=None)
-    evaluate.add_argument("--tasks", default=None, metavar="T1,T2,...",
-                          help="lm-eval-harness tasks, e.g. piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq: "
-                               "zero-shot accuracy instead of perplexity (needs pip install 'spadi-ao[eval]')")
-    evaluate.add_argument("--limit", type=_positive, default=None, help="--tasks: the first N documents of each task (default: all)")
-    evaluate.add_argument("--data-dir", default=None,
-                          help="--tasks: folder of local task files (piqa/, arc/, hellaswag/, winogrande/, boolq/); default "
-                               "$SPADI_AO_DATA/zeroshot where they are there, else lm-eval downloads the datasets")
+    evaluate.add_argument(
+        "--tasks",
+        default=None,
+        metavar="T1,T2,...",
+        help="lm-eval-harness tasks, e.g. piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq: "
+        "zero-shot accuracy instead of perplexity (needs pip install 'spadi-ao[eval]')",
+    )
+    evaluate.add_argument(
+        "--limit", type=_positive, default=None, help="--tasks: the first N documents of each task (default: all)"
+    )
+    evaluate.add_argument(
+        "--data-dir",
+        default=None,
+        help="--tasks: folder of local task files (piqa/, arc/, hellaswag/, winogrande/, boolq/); default "
+        "$SPADI_AO_DATA/zeroshot where they are there, else lm-eval downloads the datasets",
+    )
     evaluate.add_argument("--output", default=None, help="also write the report here as JSON")
 
-    info = commands.add_parser("info", help="what a saved compressed model holds and how it was compressed", formatter_class=formatter)
+    info = commands.add_parser(
+        "info", help="what a saved compressed model holds and how it was compressed", formatter_class=formatter
+    )
     info.add_argument("path", help="a spadi-ao compress output dir or a model.save_pretrained folder")
     return parser
 
@@ -176,14 +301,24 @@ def _calibration_batches(args: argparse.Namespace, tokenizer) -> list:
     weights = args.calibration_weights or [1.0] * len(sources)
     if len(weights) != len(sources):
         raise CLIError(f"--calibration-weights gives {len(weights)} weights for {len(sources)} --calibration sources")
-    return mix_calibration(list(zip(sources, weights)), tokenizer, args.n_samples, args.seq_len, seed=args.seed, load=lambda s: _text(s, 0))
+    return mix_calibration(
+        list(zip(sources, weights)), tokenizer, args.n_samples, args.seq_len, seed=args.seed, load=lambda s: _text(s, 0)
+    )
 
 
 def _perplexity(model, tokenizer, text: str, args: argparse.Namespace, label: str) -> dict:
     from spadi_ao.pipeline.evaluate import perplexity
 
     start = time.perf_counter()
-    result = perplexity(model, tokenizer, text, seq_len=args.seq_len, batch_size=args.batch_size, max_windows=args.eval_windows, word_level=args.word_level)
+    result = perplexity(
+        model,
+        tokenizer,
+        text,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_windows=args.eval_windows,
+        word_level=args.word_level,
+    )
     line = f"{label}: perplexity {result.ppl:.3f} over {result.n_tokens} tokens ({result.n_windows} windows x {result.seq_len})"
     if result.word_ppl is not None:
         line += f", word perplexity {result.word_ppl:.3f}"
@@ -192,7 +327,16 @@ def _perplexity(model, tokenizer, text: str, args: argparse.Namespace, label: st
 
 
 _COMMON_FIELDS = ("gram_shrinkage", "allocation", "damping")
-_COSPADI_FIELDS = ("rho", "solver", "fast_steps", "iterations", "power_iterations", "atoms_per_step", "init", "grouping")
+_COSPADI_FIELDS = (
+    "rho",
+    "solver",
+    "fast_steps",
+    "iterations",
+    "power_iterations",
+    "atoms_per_step",
+    "init",
+    "grouping",
+)
 
 
 def _config(args: argparse.Namespace):
@@ -248,7 +392,10 @@ def _compress(args: argparse.Namespace) -> int:
     _init_distributed()
     start = time.perf_counter()
     model, tokenizer = _load_any(args.model, args.dtype)
-    print(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) in {time.perf_counter() - start:.0f}s", flush=True)
+    print(
+        f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) in {time.perf_counter() - start:.0f}s",
+        flush=True,
+    )
     if args.seq_len > model_context_length(model):
         raise CLIError(f"--seq-len {args.seq_len} exceeds the model's context length {model_context_length(model)}")
     eval_text = _text(args.eval_text, 1)
@@ -262,13 +409,21 @@ def _compress(args: argparse.Namespace) -> int:
     if not args.no_eval and lead:
         results["dense_perplexity"] = _perplexity(model, tokenizer, eval_text, args, "dense")
     report = sparsify_dictionary_(
-        model, config, calibration=batches, sequential=args.sequential, propagate=args.propagate, checkpoint_dir=args.checkpoint_dir,
+        model,
+        config,
+        calibration=batches,
+        sequential=args.sequential,
+        propagate=args.propagate,
+        checkpoint_dir=args.checkpoint_dir,
         device=args.device,
     )
     resident = compression_stats(model)["compressed_resident_bytes"]
-    print(f"compressed {len(report.layers)} Linears with {report.method}: ratio {report.compression_ratio:.4f} "
-          f"({report.dense_bytes / 2**20:.1f} MiB -> {report.stored_bytes / 2**20:.1f} MiB stored, "
-          f"{resident / 2**20:.1f} MiB resident) in {report.seconds:.0f}s", flush=True)
+    print(
+        f"compressed {len(report.layers)} Linears with {report.method}: ratio {report.compression_ratio:.4f} "
+        f"({report.dense_bytes / 2**20:.1f} MiB -> {report.stored_bytes / 2**20:.1f} MiB stored, "
+        f"{resident / 2**20:.1f} MiB resident) in {report.seconds:.0f}s",
+        flush=True,
+    )
     results["compression"] = report.to_dict() | {"resident_bytes": resident}
     results["settings"] = compression_record(config, report)
     if not lead:
@@ -291,7 +446,9 @@ def _zero_shot(model, tokenizer, args: argparse.Namespace) -> dict:
     if result.average is not None:
         by_metric = {metric: [t for t, m in result.reported.items() if m == metric] for metric in ("acc_norm", "acc")}
         used = "; ".join(f"{metric}: {', '.join(names)}" for metric, names in by_metric.items() if names)
-        print(f"average over {len(result.reported)} tasks ({used}): {result.average:.4f}; mean acc {result.average_acc:.4f}")
+        print(
+            f"average over {len(result.reported)} tasks ({used}): {result.average:.4f}; mean acc {result.average_acc:.4f}"
+        )
     print(f"[{time.perf_counter() - start:.0f}s]", flush=True)
     return result.to_dict()
 
@@ -336,11 +493,18 @@ def _pretrained_manifest(path: Path) -> tuple[dict[str, Any], dict[str, Any], di
     config = json.loads((path / "config.json").read_text())
     quantization = config.get("quantization_config") or {}
     if quantization.get("quant_method") != "spadi_ao":
-        raise CheckpointError(f"{path} holds no spadi-ao compressed model: config.json has no spadi_ao quantization_config")
+        raise CheckpointError(
+            f"{path} holds no spadi-ao compressed model: config.json has no spadi_ao quantization_config"
+        )
     shapes: dict[str, tuple[list[int], str]] = {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
-            shapes.update({key: (list(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype()) for key in handle.keys()})
+            shapes.update(
+                {
+                    key: (list(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype())
+                    for key in handle.keys()
+                }
+            )
     return quantization.get("layers", {}), quantization.get("compression", {}), shapes
 
 
@@ -348,8 +512,20 @@ def _show_settings(settings: dict[str, Any], calibration: Optional[str]) -> None
     config = settings.get("config", {})
     achieved = settings.get("compression_ratio")
     achieved = f"{achieved:.4f}" if isinstance(achieved, float) else achieved
-    print(f"  method {settings.get('method')} ({settings.get('config_type')}), target ratio {settings.get('target_ratio')}, achieved {achieved}")
-    for key in ("solver", "allocation", "grouping", "gram_shrinkage", "rho", "iterations", "atoms_per_step", "init", "damping"):
+    print(
+        f"  method {settings.get('method')} ({settings.get('config_type')}), target ratio {settings.get('target_ratio')}, achieved {achieved}"
+    )
+    for key in (
+        "solver",
+        "allocation",
+        "grouping",
+        "gram_shrinkage",
+        "rho",
+        "iterations",
+        "atoms_per_step",
+        "init",
+        "damping",
+    ):
         if key in config:
             print(f"  {key}: {config[key]}")
     print(f"  calibration: {settings.get('calibration_tokens', 0)} tokens{f' of {calibration}' if calibration else ''}")
@@ -377,11 +553,17 @@ def _info(args: argparse.Namespace) -> int:
     print(f"  int8 parts: dictionary in {int8['dictionary']} weights, values in {int8['values']} weights")
     if settings:
         cli = report.get("config", {})
-        calibration = f"{' + '.join(cli.get('calibration') or ['stdlib'])} ({cli.get('n_samples')} x {cli.get('seq_len')})" if cli else None
+        calibration = (
+            f"{' + '.join(cli.get('calibration') or ['stdlib'])} ({cli.get('n_samples')} x {cli.get('seq_len')})"
+            if cli
+            else None
+        )
         _show_settings(settings, calibration)
     elif report.get("compression"):
         compression = report["compression"]
-        print(f"  method {compression['method']}, target ratio {compression['target_ratio']}, achieved {compression['compression_ratio']:.4f}")
+        print(
+            f"  method {compression['method']}, target ratio {compression['target_ratio']}, achieved {compression['compression_ratio']:.4f}"
+        )
     for key in ("dense_perplexity", "compressed_perplexity"):
         if key in report:
             print(f"  {key.replace('_', ' ')}: {report[key]['ppl']:.3f} ({report[key]['n_tokens']} tokens)")

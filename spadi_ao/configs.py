@@ -36,6 +36,7 @@ DICTIONARY_CONFIGS: tuple[type[AOBaseConfig], ...] = (
 
 VALUES_DTYPES = ("bfloat16", "int8")
 
+
 def check_dictionary_quantization(config: Optional[AOBaseConfig]) -> None:
     if config is not None and not isinstance(config, DICTIONARY_CONFIGS):
         allowed = ", ".join(cls.__name__ for cls in DICTIONARY_CONFIGS)
@@ -48,7 +49,12 @@ def check_values_dtype(values_dtype: Optional[str]) -> None:
 
 
 def _check_ratio(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not 0.0 < value < 1.0:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not 0.0 < value < 1.0
+    ):
         raise ValueError(f"{name} must be a number in the open interval (0, 1), got {value!r}")
 
 
@@ -62,7 +68,12 @@ def _check_gram_shrinkage(value: GramShrinkage) -> None:
         if value != "auto":
             raise ValueError(f"gram_shrinkage must be a float in [0, 1] or 'auto', got {value!r}")
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not 0.0 <= value <= 1.0
+    ):
         raise ValueError(f"gram_shrinkage must be a float in [0, 1] or 'auto', got {value!r}")
 
 
@@ -94,7 +105,9 @@ class _BaseConfig(AOBaseConfig):
         if self.allocation not in ("uniform", "knapsack"):
             raise ValueError(f"allocation must be 'uniform' or 'knapsack', got {self.allocation!r}")
         if not isinstance(self.allocation_candidates, tuple) or not self.allocation_candidates:
-            raise ValueError(f"allocation_candidates must be a non-empty tuple of ratios in (0, 1), got {self.allocation_candidates!r}")
+            raise ValueError(
+                f"allocation_candidates must be a non-empty tuple of ratios in (0, 1), got {self.allocation_candidates!r}"
+            )
         for candidate in self.allocation_candidates:
             _check_ratio("allocation_candidates", candidate)
         if self.allocation == "knapsack" and self.compression_ratio > max(self.allocation_candidates):
@@ -107,7 +120,13 @@ class _BaseConfig(AOBaseConfig):
         _check_gram_shrinkage(self.gram_shrinkage)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        names = {f.name for f in dataclasses.fields(self)} - {"layer_overrides", "version", "allocation", "allocation_candidates", "grouping"}
+        names = {f.name for f in dataclasses.fields(self)} - {
+            "layer_overrides",
+            "version",
+            "allocation",
+            "allocation_candidates",
+            "grouping",
+        }
         for pattern, overrides in dict(self.layer_overrides).items():
             try:
                 re.compile(pattern)
@@ -115,7 +134,9 @@ class _BaseConfig(AOBaseConfig):
                 raise ValueError(f"layer_overrides key {pattern!r} is not a valid regex: {exc}") from None
             unknown = set(overrides) - names
             if unknown:
-                raise ValueError(f"layer_overrides[{pattern!r}] has unknown fields {sorted(unknown)}; allowed: {sorted(names)}")
+                raise ValueError(
+                    f"layer_overrides[{pattern!r}] has unknown fields {sorted(unknown)}; allowed: {sorted(names)}"
+                )
             dataclasses.replace(self, layer_overrides={}, **overrides)  # validates the overridden values
 
     def overrides_for(self, fqn: str) -> dict[str, Any]:
@@ -179,8 +200,15 @@ class DictionaryConfig(_BaseConfig):
         8 power iterations per atom, seed 42. ``overrides`` replace any field, e.g.
         ``DictionaryConfig.paper(compression_ratio=0.4)``."""
         fields = dict(
-            allocation="uniform", grouping=None, gram_shrinkage=0.0, solver="ksvd", init="random-columns",
-            iterations=60, atoms_per_step=1, power_iterations=8, seed=42,
+            allocation="uniform",
+            grouping=None,
+            gram_shrinkage=0.0,
+            solver="ksvd",
+            init="random-columns",
+            iterations=60,
+            atoms_per_step=1,
+            power_iterations=8,
+            seed=42,
         )
         return cls(**(fields | overrides))
 
@@ -197,7 +225,9 @@ class DictionaryConfig(_BaseConfig):
             raise ValueError(f"solver must be 'ksvd', 'fast' or 'procrustes', got {self.solver!r}")
         _check_positive_int("fast_steps", self.fast_steps, minimum=0)
         if not (self.grouping is None or self.grouping in GROUPINGS or callable(self.grouping)):
-            raise ValueError(f"grouping must be None, one of {sorted(GROUPINGS)} or a callable fqn -> group key, got {self.grouping!r}")
+            raise ValueError(
+                f"grouping must be None, one of {sorted(GROUPINGS)} or a callable fqn -> group key, got {self.grouping!r}"
+            )
         check_dictionary_quantization(self.dictionary_quantization)
         check_values_dtype(self.values_dtype)
 

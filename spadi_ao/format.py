@@ -19,7 +19,9 @@ __all__ = ["bitmask_bytes", "check_bitmask", "pack_codes", "unpack_mask", "unpac
 
 def _bit_weights(device: torch.device) -> torch.Tensor:
     """``[1, 2, 4, ..., 128]`` as uint8, made per call so traced graphs (compiled backward) can build it."""
-    return torch.bitwise_left_shift(torch.ones(8, dtype=torch.int32, device=device), torch.arange(8, dtype=torch.int32, device=device)).to(torch.uint8)
+    return torch.bitwise_left_shift(
+        torch.ones(8, dtype=torch.int32, device=device), torch.arange(8, dtype=torch.int32, device=device)
+    ).to(torch.uint8)
 
 
 def bitmask_bytes(k: int) -> int:
@@ -69,14 +71,18 @@ def check_bitmask(bitmask: torch.Tensor, k: int, s: int) -> None:
     """
     expected = (bitmask.shape[0], bitmask_bytes(k)) if bitmask.dim() == 2 else None
     if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != expected:
-        raise ValueError(f"bitmask must be uint8 of shape (out, {bitmask_bytes(k)}) for k={k} atoms, got {bitmask.dtype} {tuple(bitmask.shape)}")
+        raise ValueError(
+            f"bitmask must be uint8 of shape (out, {bitmask_bytes(k)}) for k={k} atoms, got {bitmask.dtype} {tuple(bitmask.shape)}"
+        )
     bits = unpack_mask(bitmask, bitmask.shape[1] * 8)
     counts, padding = bits[:, :k].sum(1), bits[:, k:].any(1)
     bad = ((counts != s) | padding).nonzero()
     if bad.numel():
         row = int(bad[0])
         extra = " and padding bits past k" if bool(padding[row]) else ""
-        raise ValueError(f"bitmask row {row} sets {int(counts[row])} atoms{extra}; every row must set exactly s={s} of its k={k} atoms")
+        raise ValueError(
+            f"bitmask row {row} sets {int(counts[row])} atoms{extra}; every row must set exactly s={s} of its k={k} atoms"
+        )
 
 
 def mask_to_indices(mask: torch.Tensor, s: int) -> torch.Tensor:

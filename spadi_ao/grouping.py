@@ -129,7 +129,9 @@ def relink_shared(weights: Iterable[torch.Tensor], names: Sequence[str] = ("dict
                 setattr(weight, name, first.setdefault(storage_key(inner), inner))
 
 
-def share_dictionary(weights: Sequence[torch.Tensor], names: Sequence[str] = ("dictionary", "dictionary_scale")) -> None:
+def share_dictionary(
+    weights: Sequence[torch.Tensor], names: Sequence[str] = ("dictionary", "dictionary_scale")
+) -> None:
     """Point every member of a group at the first member's dictionary, in place.
 
     Members solved together share one dictionary; read back from a checkpoint or received from another rank,

@@ -50,15 +50,21 @@ def _as_tensor(where: str, value: Any) -> torch.Tensor:
     return value
 
 
-def _check_ids(where: str, ids: torch.Tensor, vocab: Optional[int], positions: Optional[tuple[str, int]]) -> torch.Tensor:
+def _check_ids(
+    where: str, ids: torch.Tensor, vocab: Optional[int], positions: Optional[tuple[str, int]]
+) -> torch.Tensor:
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise ValueError(f"{where} must hold integer token ids, got dtype {ids.dtype}; pass the tokenizer's ids (torch.long) or ids.long()")
+        raise ValueError(
+            f"{where} must hold integer token ids, got dtype {ids.dtype}; pass the tokenizer's ids (torch.long) or ids.long()"
+        )
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     if ids.dim() != 2:
         raise ValueError(f"{where} must have shape (seq,) or (batch, seq), got {ids.dim()}-D shape {tuple(ids.shape)}")
     if ids.numel() == 0:
-        raise ValueError(f"{where} is empty (shape {tuple(ids.shape)}); every calibration batch needs at least one token")
+        raise ValueError(
+            f"{where} is empty (shape {tuple(ids.shape)}); every calibration batch needs at least one token"
+        )
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or (vocab is not None and high >= vocab):
         raise ValueError(
@@ -80,21 +86,31 @@ def _check_mask(where: str, mask: Any, ids: torch.Tensor) -> torch.Tensor:
     if mask.shape != ids.shape:
         raise ValueError(f"{where} has shape {tuple(mask.shape)}; it must match input_ids {tuple(ids.shape)}")
     if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"{where} must hold 0 (padding) and 1 (token) as integers or booleans, as tokenizers return it")
+        raise ValueError(
+            f"{where} must hold 0 (padding) and 1 (token) as integers or booleans, as tokenizers return it"
+        )
     return mask
 
 
-def _check_batch(index: int, batch: Any, vocab: Optional[int], positions: Optional[tuple[str, int]]) -> dict[str, Any] | torch.Tensor:
+def _check_batch(
+    index: int, batch: Any, vocab: Optional[int], positions: Optional[tuple[str, int]]
+) -> dict[str, Any] | torch.Tensor:
     where = f"calibration[{index}]"
     if vocab is None and torch.is_tensor(batch):  # not a language model: the tensor is its input, as given
         return batch.unsqueeze(0) if batch.dim() == 1 else batch
     if isinstance(batch, Mapping):
         kwargs = dict(batch)
         if "input_ids" not in kwargs:
-            raise ValueError(f"{where} is a mapping without 'input_ids' (keys: {sorted(kwargs)}); pass the tokenizer's output or {{'input_ids': ids}}")
-        kwargs["input_ids"] = _check_ids(f"{where}['input_ids']", _as_tensor(f"{where}['input_ids']", kwargs["input_ids"]), vocab, positions)
+            raise ValueError(
+                f"{where} is a mapping without 'input_ids' (keys: {sorted(kwargs)}); pass the tokenizer's output or {{'input_ids': ids}}"
+            )
+        kwargs["input_ids"] = _check_ids(
+            f"{where}['input_ids']", _as_tensor(f"{where}['input_ids']", kwargs["input_ids"]), vocab, positions
+        )
         if kwargs.get("attention_mask") is not None:
-            kwargs["attention_mask"] = _check_mask(f"{where}['attention_mask']", kwargs["attention_mask"], kwargs["input_ids"])
+            kwargs["attention_mask"] = _check_mask(
+                f"{where}['attention_mask']", kwargs["attention_mask"], kwargs["input_ids"]
+            )
         return kwargs
     return {"input_ids": _check_ids(where, _as_tensor(where, batch), vocab, positions)}
 

@@ -19,12 +19,12 @@ from spadi_ao.configs import DictionaryConfig, LowRankConfig
 from spadi_ao.format import pack_codes
 from spadi_ao.grouping import average_gram, split_bytes
 from spadi_ao.integrations.torchao import quantize_dictionary
-from spadi_ao.solvers.fast import fast_dictionary
-from spadi_ao.solvers.procrustes import procrustes_dictionary
 from spadi_ao.solvers import BLOCK_ELEMENTS
+from spadi_ao.solvers.fast import fast_dictionary
 from spadi_ao.solvers.ksvd import KSVDResult, ksvd, squared_error
 from spadi_ao.solvers.lowrank import whitened_low_rank
 from spadi_ao.solvers.omp import codes_to_dense
+from spadi_ao.solvers.procrustes import procrustes_dictionary
 from spadi_ao.solvers.whitening import Whitening, whiten
 from spadi_ao.tensor import DictionaryTensor, LowRankTensor, stored_bytes
 
@@ -73,7 +73,12 @@ class LayerReport:
 
 
 def whitening_for(
-    gram: Optional[torch.Tensor], in_features: int, damping: float, shrinkage: float, device: torch.device, overwrite: bool = False
+    gram: Optional[torch.Tensor],
+    in_features: int,
+    damping: float,
+    shrinkage: float,
+    device: torch.device,
+    overwrite: bool = False,
 ) -> Whitening:
     """The whitening of a (possibly absent) Gram; no calibration means plain weight-space fitting.
 
@@ -112,7 +117,9 @@ def whiten_group(
     if len(in_features) != 1 or len({weight.dtype for weight in weights}) != 1:
         raise ValueError("layers that share a dictionary need the same in_features and dtype")
     shrinkage = sum(_shrinkage(config, value) for value in (shrinkages or [None] * len(weights))) / len(weights)
-    whitening = whitening_for(average_gram(grams), in_features.pop(), config.damping, shrinkage, weights[0].device, overwrite_gram)
+    whitening = whitening_for(
+        average_gram(grams), in_features.pop(), config.damping, shrinkage, weights[0].device, overwrite_gram
+    )
     stacked = weights[0] if len(weights) == 1 else torch.cat(list(weights))
     return whitening, _whitened_weight(whitening, stacked), shrinkage
 
@@ -172,11 +179,18 @@ def compress_group(
     proportion to its outputs), so the shares add up to the group's bytes exactly.
     """
     start = time.perf_counter()
-    whitening, whitened, shrinkage = whiten_group(weights, grams, config, shrinkages, overwrite_gram and len(weights) == 1)
+    whitening, whitened, shrinkage = whiten_group(
+        weights, grams, config, shrinkages, overwrite_gram and len(weights) == 1
+    )
     outs = [weight.shape[0] for weight in weights]
     in_features, dtype = weights[0].shape[1], weights[0].dtype
     budget = dictionary_budget(
-        sum(outs), in_features, config.compression_ratio, config.rho, weights[0].element_size(), atom_limit(config.solver, in_features)
+        sum(outs),
+        in_features,
+        config.compression_ratio,
+        config.rho,
+        weights[0].element_size(),
+        atom_limit(config.solver, in_features),
     )
     result = solve_dictionary(whitened, budget.k, budget.s, config)
     spans = _spans(outs)
@@ -193,7 +207,8 @@ def compress_group(
     shared = quantize_dictionary(tensors[0], config.dictionary_quantization, config.values_dtype)
     tensors = [shared] + [quantize_dictionary(tensor, None, config.values_dtype) for tensor in tensors[1:]]
     tensors = [
-        DictionaryTensor(shared.dictionary, t.values, t.bitmask, dtype, shared.dictionary_scale, t.value_scale) for t in tensors
+        DictionaryTensor(shared.dictionary, t.values, t.bitmask, dtype, shared.dictionary_scale, t.value_scale)
+        for t in tensors
     ]
     shares = split_bytes(_dictionary_bytes(shared), outs)
     seconds = (time.perf_counter() - start) / len(names)
@@ -241,7 +256,9 @@ def _atoms_in_input_space(whitening: Whitening, dictionary: torch.Tensor, dtype:
     return atoms
 
 
-def _fit_error(target: torch.Tensor, dictionary: torch.Tensor, indices: torch.Tensor, coefficients: torch.Tensor) -> float:
+def _fit_error(
+    target: torch.Tensor, dictionary: torch.Tensor, indices: torch.Tensor, coefficients: torch.Tensor
+) -> float:
     """``||A - D C|| / ||A||`` for codes given as (indices, coefficients)."""
     codes = codes_to_dense(indices, coefficients, dictionary.shape[1])
     return squared_error(target, dictionary, codes) ** 0.5 / max(float(target.norm()), 1e-30)
@@ -283,7 +300,9 @@ def compress_weight(
     factored in place: one in x in float64 matrix less at the peak (512 MiB for an 8192-wide input).
     """
     if isinstance(config, DictionaryConfig):
-        return compress_group([name], [weight], [gram], config, calibration_tokens, [shrinkage], overwrite_gram=overwrite_gram)[0]
+        return compress_group(
+            [name], [weight], [gram], config, calibration_tokens, [shrinkage], overwrite_gram=overwrite_gram
+        )[0]
     if not isinstance(config, LowRankConfig):
         raise TypeError(f"config must be a DictionaryConfig or LowRankConfig, got {type(config).__name__}")
     start = time.perf_counter()

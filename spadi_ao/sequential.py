@@ -50,7 +50,9 @@ from spadi_ao.offload import WeightSwap, dense_weight, execution_device, install
 
 __all__ = ["run_sequential", "decoder_blocks", "blockwise_sensitivity", "GlobalAllocation", "CheckpointMismatchError"]
 
-SolveFn = Callable[[str, list[str], list[torch.Tensor], GramCollector, Optional[float]], list[tuple[torch.Tensor, LayerReport]]]
+SolveFn = Callable[
+    [str, list[str], list[torch.Tensor], GramCollector, Optional[float]], list[tuple[torch.Tensor, LayerReport]]
+]
 """``solve(unit, members, their dense weights on the compute device, collector, ratio)``: one ``(weight, report)``
 per member. A unit is one Linear or a group sharing a dictionary; ``ratio`` is the one the global allocation
 chose (None: the config's). It reads the Grams from ``collector`` (``take`` / ``gram``, then ``release``)."""
@@ -134,7 +136,9 @@ def _recomputed(blocks: nn.ModuleList) -> Iterator[None]:
         own = block.__dict__.get("forward")  # accelerate's hooks replace forward on the instance
         forward = block.forward
         saved.append(own)
-        block.forward = lambda *args, _forward=forward, **kwargs: checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        block.forward = lambda *args, _forward=forward, **kwargs: checkpoint(
+            _forward, *args, use_reentrant=False, **kwargs
+        )
     try:
         yield
     finally:
@@ -215,7 +219,9 @@ class _InputStore:
         return mapped
 
 
-def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[Any], store: _InputStore) -> list[tuple[tuple, dict]]:
+def _capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, batches: Iterable[Any], store: _InputStore
+) -> list[tuple[tuple, dict]]:
     """Run the model up to the first block for each batch; keep that block's (args, kwargs) on the host."""
     captured: list[tuple[tuple, dict]] = []
 
@@ -284,7 +290,9 @@ class _Checkpoint:
             try:
                 state = json.loads(manifest.read_text())
             except json.JSONDecodeError as exc:
-                raise CheckpointMismatchError(f"{manifest} is corrupted ({exc}); delete the directory to start over") from None
+                raise CheckpointMismatchError(
+                    f"{manifest} is corrupted ({exc}); delete the directory to start over"
+                ) from None
             if state.get("fingerprint") != fingerprint:
                 raise CheckpointMismatchError(
                     f"checkpoint_dir {directory} was written by a run with different arguments "
@@ -309,7 +317,12 @@ class _Checkpoint:
             raise
 
     def _write_manifest(self) -> None:
-        state = {"fingerprint": self.fingerprint, "layers": self.done, "tables": self.tables, "sensitivity": self.has_sensitivity}
+        state = {
+            "fingerprint": self.fingerprint,
+            "layers": self.done,
+            "tables": self.tables,
+            "sensitivity": self.has_sensitivity,
+        }
         payload = json.dumps(state, indent=1)
         self._atomic_write(self.directory / MANIFEST, lambda p: Path(p).write_text(payload))
 
@@ -324,7 +337,9 @@ class _Checkpoint:
         try:
             tensors = load_file(str(self.directory / entry["file"]))
         except Exception as exc:
-            raise CheckpointMismatchError(f"checkpoint file for {name} cannot be read ({exc}); delete it to recompute") from None
+            raise CheckpointMismatchError(
+                f"checkpoint file for {name} cannot be read ({exc}); delete it to recompute"
+            ) from None
         weight = unflatten_state_dict(tensors, entry["manifest"])["weight"]
         return weight, LayerReport(**entry["report"])
 
@@ -339,7 +354,6 @@ class _Checkpoint:
         self.done[name] = {"file": file, "manifest": manifest, "report": report.to_dict()}
         self._write_manifest()
 
-
     def save_tables(self, tables: dict[str, dict]) -> None:
         """The first pass's tables of some units (JSON keeps every float exactly)."""
         self.tables.update(tables)
@@ -353,7 +367,9 @@ class _Checkpoint:
         try:
             return load_file(str(self.directory / SENSITIVITY))
         except Exception as exc:
-            raise CheckpointMismatchError(f"{SENSITIVITY} cannot be read ({exc}); delete the checkpoint directory to recompute") from None
+            raise CheckpointMismatchError(
+                f"{SENSITIVITY} cannot be read ({exc}); delete the checkpoint directory to recompute"
+            ) from None
 
     def save_sensitivity(self, sensitivity: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
@@ -364,7 +380,9 @@ class _Checkpoint:
         self._write_manifest()
 
 
-def run_fingerprint(model: nn.Module, config: Any, targets: dict[str, nn.Linear], inputs: list[tuple[tuple, dict]], propagate: str) -> str:
+def run_fingerprint(
+    model: nn.Module, config: Any, targets: dict[str, nn.Linear], inputs: list[tuple[tuple, dict]], propagate: str
+) -> str:
     """Hash of everything that determines the result: config, layer names and shapes, first-block inputs."""
     digest = hashlib.sha256()
     digest.update(repr(config).encode())
@@ -378,7 +396,9 @@ def run_fingerprint(model: nn.Module, config: Any, targets: dict[str, nn.Linear]
     return digest.hexdigest()
 
 
-def _exchange(results: dict[str, tuple[torch.Tensor, LayerReport]], names: list[str]) -> dict[str, tuple[torch.Tensor, LayerReport]]:
+def _exchange(
+    results: dict[str, tuple[torch.Tensor, LayerReport]], names: list[str]
+) -> dict[str, tuple[torch.Tensor, LayerReport]]:
     """Every rank contributes the layers it solved; every rank receives them all.
 
     Each layer's layout (serialization manifest, inner shapes and dtypes, report) goes round as one small
@@ -487,8 +507,14 @@ class _Blockwise:
     """The most bytes of Grams held at once (one block's)."""
 
     def survey(
-        self, model: nn.Module, blocks: nn.ModuleList, units: list[dict[str, list[str]]], inputs: list[tuple[tuple, dict]],
-        batches: list[Any], allocation: GlobalAllocation, progress: bool,
+        self,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        units: list[dict[str, list[str]]],
+        inputs: list[tuple[tuple, dict]],
+        batches: list[Any],
+        allocation: GlobalAllocation,
+        progress: bool,
     ) -> dict[str, dict]:
         """The first pass: every unit's table, in unit order (dense propagation; nothing is compressed)."""
         tables = dict(self.checkpoint.tables) if self.checkpoint is not None else {}
@@ -497,9 +523,13 @@ class _Blockwise:
             sensitivity = allocation.sensitivity or self._sensitivity(model, blocks, batches)
             for index in tqdm(range(todo[-1] + 1), desc="allocation survey", disable=not progress):
                 pending = [label for label in units[index] if label not in tables]
-                job = lambda label, members, weights, collector: allocation.survey(label, members, weights, collector, sensitivity)  # noqa: E731
+                job = lambda label, members, weights, collector: allocation.survey(
+                    label, members, weights, collector, sensitivity
+                )  # noqa: E731
                 with self._on_compute(blocks[index]) as compute:
-                    mine, inputs = self._run_units(blocks[index], units[index], pending, inputs, compute, index < todo[-1], job)
+                    mine, inputs = self._run_units(
+                        blocks[index], units[index], pending, inputs, compute, index < todo[-1], job
+                    )
                 found = _exchange_tables(mine, pending)
                 if self.checkpoint is not None and self.rank == 0:
                     self.checkpoint.save_tables(found)
@@ -521,7 +551,12 @@ class _Blockwise:
         return sensitivity
 
     def compress_block(
-        self, block: nn.Module, units: dict[str, list[str]], inputs: list[tuple[tuple, dict]], ratios: dict[str, float], last: bool = False
+        self,
+        block: nn.Module,
+        units: dict[str, list[str]],
+        inputs: list[tuple[tuple, dict]],
+        ratios: dict[str, float],
+        last: bool = False,
     ) -> tuple[list[LayerReport], Optional[list[tuple[tuple, dict]]]]:
         """Compress ``block``'s units (at ``ratios`` where given) and return their reports and the next block's
         inputs (none after the last).
@@ -549,7 +584,11 @@ class _Blockwise:
     def _on_compute(self, block: nn.Module) -> Iterator[torch.device]:
         """The block on its compute device while inside (moved there and back when ``device`` was given)."""
         home = None if self.dispatched or self.device is None else next(block.parameters()).device
-        compute = (execution_device(block) or _input_device(block)) if self.dispatched else self.device or next(block.parameters()).device
+        compute = (
+            (execution_device(block) or _input_device(block))
+            if self.dispatched
+            else self.device or next(block.parameters()).device
+        )
         if home is not None:
             block.to(compute)
         try:
@@ -559,8 +598,14 @@ class _Blockwise:
                 block.to(home)
 
     def _run_units(
-        self, block: nn.Module, units: dict[str, list[str]], pending: list[str], inputs: list[tuple[tuple, dict]],
-        compute: torch.device, keep_outputs: bool, job: Callable[[str, list[str], list[torch.Tensor], GramCollector], Any],
+        self,
+        block: nn.Module,
+        units: dict[str, list[str]],
+        pending: list[str],
+        inputs: list[tuple[tuple, dict]],
+        compute: torch.device,
+        keep_outputs: bool,
+        job: Callable[[str, list[str], list[torch.Tensor], GramCollector], Any],
     ) -> tuple[dict[str, Any], Optional[list[tuple[tuple, dict]]]]:
         """Run the block over ``inputs`` (keeping its outputs when asked) while gathering the Grams of the
         ``pending`` units, then ``job`` each of this rank's share of them, widest inputs first, with every
@@ -574,8 +619,12 @@ class _Blockwise:
         self.gram_bytes = max(self.gram_bytes, collector.memory_bytes)
         # Widest inputs first: the largest Gram (512 MiB at 8192 inputs) is solved, and freed, before the rest.
         pending = sorted(pending, key=lambda label: -self.targets[units[label][0]].in_features)
-        shapes = [UnitShape(sum(self.targets[name].out_features for name in units[label]), self.targets[units[label][0]].in_features)
-                  for label in pending]
+        shapes = [
+            UnitShape(
+                sum(self.targets[name].out_features for name in units[label]), self.targets[units[label][0]].in_features
+            )
+            for label in pending
+        ]
         owners = deal_solves(solve_costs(shapes, self.measured), self.world)
         mine = [label for label, owner in zip(pending, owners) if owner == self.rank]
         for label in set(pending) - set(mine):
@@ -591,8 +640,13 @@ class _Blockwise:
         return done, next_inputs
 
     def _solve_block(
-        self, block: nn.Module, units: dict[str, list[str]], inputs: list[tuple[tuple, dict]], compute: torch.device,
-        ratios: dict[str, float], keep_outputs: bool,
+        self,
+        block: nn.Module,
+        units: dict[str, list[str]],
+        inputs: list[tuple[tuple, dict]],
+        compute: torch.device,
+        ratios: dict[str, float],
+        keep_outputs: bool,
     ) -> tuple[dict[str, tuple[torch.Tensor, LayerReport]], Optional[list[tuple[tuple, dict]]]]:
         """Each Linear's compressed weight (from the checkpoint, or solved on this rank or another) and, with
         dense propagation and ``keep_outputs``, the next block's inputs."""
@@ -608,9 +662,13 @@ class _Blockwise:
         # Compressed propagation runs the compressed block after the solves instead: the dense outputs
         # (N x hidden floats, 256 MiB at 8B and 32 x 512 tokens) are not kept through them.
         keep = self.propagate == "dense" and keep_outputs
-        job = lambda label, members, weights, collector: self.solve(label, members, weights, collector, ratios.get(label))  # noqa: E731
+        job = lambda label, members, weights, collector: self.solve(
+            label, members, weights, collector, ratios.get(label)
+        )  # noqa: E731
         mine, next_inputs = self._run_units(block, units, pending, inputs, compute, keep, job)
-        solved = {name: result for label, unit_results in mine.items() for name, result in zip(units[label], unit_results)}
+        solved = {
+            name: result for label, unit_results in mine.items() for name, result in zip(units[label], unit_results)
+        }
         pending_names = [name for label in pending for name in units[label]]
         solved = _exchange(solved, pending_names)
         for label in pending:  # members solved on another rank arrive with a copy of the dictionary each
@@ -669,7 +727,11 @@ def run_sequential(
     batches = list(batches)
     store = _InputStore(checkpoint_dir)
     inputs = _capture_block_inputs(model, blocks[0], batches, store)
-    checkpoint = _Checkpoint(Path(checkpoint_dir), run_fingerprint(model, config, targets, inputs, propagate)) if checkpoint_dir else None
+    checkpoint = (
+        _Checkpoint(Path(checkpoint_dir), run_fingerprint(model, config, targets, inputs, propagate))
+        if checkpoint_dir
+        else None
+    )
     rank, world = _rank_and_world()
     compute = torch.device(device) if device is not None else None
     run = _Blockwise(targets, solve, propagate, checkpoint, compute, dispatched, rank, world, store)
@@ -680,7 +742,9 @@ def run_sequential(
     finished = 0
     try:
         for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
-            block_reports, inputs = run.compress_block(block, block_units[index], inputs, ratios, last=index == len(blocks) - 1)
+            block_reports, inputs = run.compress_block(
+                block, block_units[index], inputs, ratios, last=index == len(blocks) - 1
+            )
             reports.extend(block_reports)
             finished += 1
     except BaseException as exc:

@@ -122,7 +122,9 @@ def check_stored_shapes(key: str, entry: dict[str, Any], shapes: dict[str, list[
     """Every inner tensor of ``key`` is present with the shape its entry records (``shapes``: name -> shape)."""
     for name, spec in _inner_specs(entry).items():
         if name not in shapes:
-            raise CheckpointError(f"{key}: the checkpoint lacks inner tensor {key}.{name}; the file is incomplete or corrupted")
+            raise CheckpointError(
+                f"{key}: the checkpoint lacks inner tensor {key}.{name}; the file is incomplete or corrupted"
+            )
         if spec is not None and list(shapes[name]) != spec["shape"]:
             raise CheckpointError(
                 f"{key}.{name}: stored shape {list(shapes[name])} does not match the recorded layout {spec['shape']}"
@@ -133,13 +135,17 @@ def unflatten_tensor(key: str, entry: dict[str, Any], tensors: dict[str, torch.T
     """Rebuild the compressed weight ``key`` from its manifest entry and inner tensors (see :func:`flatten_tensor`)."""
     cls = _SUBCLASSES.get(entry.get("type"))
     if cls is None:
-        raise CheckpointError(f"{key}: unknown compressed tensor type {entry.get('type')!r}; expected one of {sorted(_SUBCLASSES)}")
+        raise CheckpointError(
+            f"{key}: unknown compressed tensor type {entry.get('type')!r}; expected one of {sorted(_SUBCLASSES)}"
+        )
     check_stored_shapes(key, entry, {name: list(t.shape) for name, t in tensors.items()})
     inner: dict[str, torch.Tensor] = {}
     nested_parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in entry.get("nested", {})}
     for name, spec in _inner_specs(entry).items():
         if spec is not None and _dtype_name(tensors[name].dtype) != spec["dtype"]:
-            raise CheckpointError(f"{key}.{name}: stored dtype {_dtype_name(tensors[name].dtype)} does not match the recorded {spec['dtype']}")
+            raise CheckpointError(
+                f"{key}.{name}: stored dtype {_dtype_name(tensors[name].dtype)} does not match the recorded {spec['dtype']}"
+            )
         top, _, part = name.partition(".")
         if top in nested_parts:
             nested_parts[top][part] = tensors[name]
@@ -175,7 +181,9 @@ def flatten_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
     stored: dict[tuple, str] = {}  # storage of an inner tensor -> the key it is saved under
     for key, value in state.items():
         is_compressed = isinstance(value, tuple(_SUBCLASSES.values()))
-        identity = (id(value),) if is_compressed else (value.data_ptr(), tuple(value.shape), value.stride(), value.dtype)
+        identity = (
+            (id(value),) if is_compressed else (value.data_ptr(), tuple(value.shape), value.stride(), value.dtype)
+        )
         if identity in seen and (is_compressed or value.numel() > 0):
             manifest["aliases"][key] = seen[identity]  # tied weights are stored once
             continue
@@ -205,7 +213,9 @@ def unflatten_state_dict(tensors: dict[str, torch.Tensor], manifest: dict[str, A
         sources = {name: entry.get("shared", {}).get(name, f"{key}.{name}") for name in _inner_specs(entry)}
         missing = [source for source in sources.values() if source not in tensors]
         if missing:
-            raise CheckpointError(f"{key}: the checkpoint lacks inner tensor {missing[0]}; the file is incomplete or corrupted")
+            raise CheckpointError(
+                f"{key}: the checkpoint lacks inner tensor {missing[0]}; the file is incomplete or corrupted"
+            )
         state[key] = unflatten_tensor(key, entry, {name: tensors[source] for name, source in sources.items()})
         for source in sources.values():
             state.pop(source, None)
@@ -214,13 +224,17 @@ def unflatten_state_dict(tensors: dict[str, torch.Tensor], manifest: dict[str, A
     return state
 
 
-def save_compressed(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, report: Optional[dict] = None, overwrite: bool = False) -> Path:
+def save_compressed(
+    model: nn.Module, out_dir: str | Path, tokenizer: Any = None, report: Optional[dict] = None, overwrite: bool = False
+) -> Path:
     """Write ``out_dir`` atomically: a temporary sibling is filled, then renamed into place."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out_dir} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise FileExistsError(
+            f"output directory {out_dir} exists; pass overwrite=True (CLI: --overwrite) to replace it"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -255,7 +269,10 @@ def read_manifest(path: str | Path) -> tuple[dict[str, Any], dict[str, tuple[lis
     try:
         with safe_open(str(file), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            shapes = {key: (list(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype()) for key in handle.keys()}
+            shapes = {
+                key: (list(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype())
+                for key in handle.keys()
+            }
     except Exception as exc:  # safetensors raises its own error types for truncated headers
         raise CheckpointError(f"{file} cannot be read ({exc}); the file is corrupted") from None
     if MANIFEST_KEY not in metadata:
@@ -292,7 +309,9 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> tup
         module = model.get_submodule(module_name)
         current = getattr(module, attribute)
         if tuple(current.shape) != tuple(value.shape):
-            raise CheckpointError(f"{key}: stored shape {tuple(value.shape)} does not match the model's {tuple(current.shape)}")
+            raise CheckpointError(
+                f"{key}: stored shape {tuple(value.shape)} does not match the model's {tuple(current.shape)}"
+            )
         if isinstance(current, nn.Parameter):
             parameter = parameters.setdefault(id(value), nn.Parameter(value, requires_grad=False))
             setattr(module, attribute, parameter)

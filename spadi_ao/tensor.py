@@ -52,8 +52,22 @@ def _cache_layout(tensor: Optional[torch.Tensor]) -> Any:
     if is_traceable_wrapper_subclass(tensor):
         names, attributes = tensor.__tensor_flatten__()
         inner = tuple((name, _cache_layout(getattr(tensor, name))) for name in names)
-        return (type(tensor).__qualname__, tuple(tensor.shape), str(tensor.dtype), tensor.requires_grad, repr(attributes), inner)
-    return (str(tensor.dtype), tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), tensor.device.type, tensor.requires_grad)
+        return (
+            type(tensor).__qualname__,
+            tuple(tensor.shape),
+            str(tensor.dtype),
+            tensor.requires_grad,
+            repr(attributes),
+            inner,
+        )
+    return (
+        str(tensor.dtype),
+        tuple(tensor.shape),
+        tensor.stride(),
+        tensor.storage_offset(),
+        tensor.device.type,
+        tensor.requires_grad,
+    )
 
 
 def _stable_hash_for_caching(self: torch.Tensor) -> str:
@@ -62,7 +76,9 @@ def _stable_hash_for_caching(self: torch.Tensor) -> str:
     return hashlib.blake2b(repr(_cache_layout(self)).encode(), digest_size=16).hexdigest()
 
 
-def _dense_dictionary(dictionary: torch.Tensor, dictionary_scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def _dense_dictionary(
+    dictionary: torch.Tensor, dictionary_scale: Optional[torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
     if is_traceable_wrapper_subclass(dictionary):  # a torchao-quantised dictionary dequantises itself
         return dictionary.dequantize().to(dtype)
     return dequantize_dictionary(dictionary, dictionary_scale, dtype)
@@ -130,7 +146,9 @@ class DictionaryTensor(TorchAOBaseTensor):
     def dequantize(self, output_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         dtype = output_dtype or self.dtype
         atoms = _dense_dictionary(self.dictionary, self.dictionary_scale, torch.float32)
-        codes = unpack_codes(dequantize_values(self.values, self.value_scale, torch.float32), self.bitmask, self.num_atoms)
+        codes = unpack_codes(
+            dequantize_values(self.values, self.value_scale, torch.float32), self.bitmask, self.num_atoms
+        )
         return (codes @ atoms).to(dtype)
 
     def stored_bytes(self) -> int:
@@ -177,7 +195,9 @@ class LowRankTensor(TorchAOBaseTensor):
         return _nbytes(self.down) + _nbytes(self.up)
 
     def _quantization_type(self) -> str:
-        return f"shape={tuple(self.shape)}, rank={self.rank}, dtype={_part_name(self)}, stored_bytes={self.stored_bytes()}"
+        return (
+            f"shape={tuple(self.shape)}, rank={self.rank}, dtype={_part_name(self)}, stored_bytes={self.stored_bytes()}"
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._quantization_type()})"
@@ -222,7 +242,9 @@ def _direct_cpu_call(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[t
     return not any(t is not None and t.requires_grad for t in tensors)
 
 
-def _inference_decode(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _inference_decode(
+    x: torch.Tensor, weight: DictionaryTensor, bias: Optional[torch.Tensor]
+) -> Optional[torch.Tensor]:
     """Eager CPU decode with nothing to trace or differentiate: the native kernel at once, else None.
 
     The decision ``_direct_cpu_call``, ``cpu.dictionary_linear`` and ``select_kernel`` would reach, made inline
@@ -236,7 +258,9 @@ def _inference_decode(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[
         return None
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu"):
         return None
-    plan = native.dictionary_plan(weight.dictionary, weight.dictionary_scale, weight.values, weight.value_scale, weight.bitmask)
+    plan = native.dictionary_plan(
+        weight.dictionary, weight.dictionary_scale, weight.values, weight.value_scale, weight.bitmask
+    )
     return None if plan is None else native.dictionary_decode(plan, x, bias)
 
 
@@ -248,7 +272,9 @@ def _(func, types, args, kwargs):
     if type(dictionary) is not torch.Tensor and is_traceable_wrapper_subclass(dictionary):
         return _torchao_dictionary_linear(x, weight, bias)
     if _direct_cpu_call(x, weight, bias):
-        return cpu.dictionary_linear(x, dictionary, weight.dictionary_scale, weight.values, weight.value_scale, weight.bitmask, bias)
+        return cpu.dictionary_linear(
+            x, dictionary, weight.dictionary_scale, weight.values, weight.value_scale, weight.bitmask, bias
+        )
     return torch.ops.spadi_ao.dictionary_linear(
         x, dictionary, weight.dictionary_scale, weight.values, weight.value_scale, weight.bitmask, bias
     )

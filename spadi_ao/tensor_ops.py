@@ -34,7 +34,12 @@ def inner_tensors(tensor: Optional[torch.Tensor]) -> list[torch.Tensor]:
     return [tensor]
 
 
-def _cast(tensor: Optional[torch.Tensor], dtype: Optional[torch.dtype], device: Any, weight_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+def _cast(
+    tensor: Optional[torch.Tensor],
+    dtype: Optional[torch.dtype],
+    device: Any,
+    weight_dtype: Optional[torch.dtype] = None,
+) -> Optional[torch.Tensor]:
     """A stored part on ``device`` (None: where it is), in ``dtype`` if it is held in the weight's own dtype
     ``weight_dtype``; parts stored in a format of their own (int8 with scales, bfloat16 values of a float32
     weight, a bitmask, a torchao-quantised dictionary) stay as they are."""
@@ -50,11 +55,16 @@ def _converted(weight: torch.Tensor, dtype: torch.dtype, device: Any) -> torch.T
     if torch.device(device) == weight.device:
         device = None  # parts stay where they are (a group's shared dictionary may still be a meta placeholder)
     if isinstance(weight, LowRankTensor):
-        return LowRankTensor(_cast(weight.down, dtype, device, weight.dtype), _cast(weight.up, dtype, device, weight.dtype), dtype)
+        return LowRankTensor(
+            _cast(weight.down, dtype, device, weight.dtype), _cast(weight.up, dtype, device, weight.dtype), dtype
+        )
     scales = {name: _cast(getattr(weight, name), None, device) for name in weight.optional_tensor_data_names}
     return DictionaryTensor(
-        _cast(weight.dictionary, dtype, device, weight.dtype), _cast(weight.values, dtype, device, weight.dtype),
-        _cast(weight.bitmask, None, device), dtype, **scales
+        _cast(weight.dictionary, dtype, device, weight.dtype),
+        _cast(weight.values, dtype, device, weight.dtype),
+        _cast(weight.bitmask, None, device),
+        dtype,
+        **scales,
     )
 
 
@@ -96,12 +106,21 @@ def _slice_dictionary(weight: DictionaryTensor, dim: int, start: int, end: int) 
     scale = weight.value_scale
     if dim == 0:  # outputs: their codes; every row keeps the whole dictionary
         return DictionaryTensor(
-            weight.dictionary, weight.values[rows], weight.bitmask[rows], weight.dtype,
-            dictionary_scale=weight.dictionary_scale, value_scale=None if scale is None else scale[rows],
+            weight.dictionary,
+            weight.values[rows],
+            weight.bitmask[rows],
+            weight.dtype,
+            dictionary_scale=weight.dictionary_scale,
+            value_scale=None if scale is None else scale[rows],
         )
     dictionary = aten.slice.Tensor(weight.dictionary, 1, start, end)  # inputs: the atoms' columns
     return DictionaryTensor(
-        dictionary, weight.values, weight.bitmask, weight.dtype, dictionary_scale=weight.dictionary_scale, value_scale=scale
+        dictionary,
+        weight.values,
+        weight.bitmask,
+        weight.dtype,
+        dictionary_scale=weight.dictionary_scale,
+        value_scale=scale,
     )
 
 
@@ -118,7 +137,9 @@ for _cls, _slicer in ((DictionaryTensor, _slice_dictionary), (LowRankTensor, _sl
         weight, dim, start, end, step = (list(args) + [0, None, None, 1][len(args) - 1 :])[:5]
         dim = dim + 2 if dim < 0 else dim
         if step != 1 or dim not in (0, 1):
-            raise NotImplementedError(f"{type(weight).__name__} slices rows or columns with step 1, got dim={dim}, step={step}")
+            raise NotImplementedError(
+                f"{type(weight).__name__} slices rows or columns with step 1, got dim={dim}, step={step}"
+            )
         start, end = _bounds(weight.shape[dim], start, end)
         if (start, end) == (0, weight.shape[dim]):
             return return_and_correct_aliasing(func, args, kwargs, weight._apply_fn_to_data(lambda part: part))

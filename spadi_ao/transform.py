@@ -43,12 +43,16 @@ def _compress_linear_transform(
 ) -> nn.Module:
     """Replace ``module.weight`` by its Dictionary/LowRank tensor; everything is checked before it changes."""
     if not isinstance(module, nn.Linear) or parameter_name != "weight":
-        raise ValueError(f"{type(config).__name__} compresses nn.Linear weights, got {type(module).__name__}.{parameter_name}")
+        raise ValueError(
+            f"{type(config).__name__} compresses nn.Linear weights, got {type(module).__name__}.{parameter_name}"
+        )
     observed = observation(module)
     collector, name, selected = observed if observed is not None else (None, None, True)
     if not selected:
         return module  # the prepare step left it out (output head, embedding-tied): as sparsify_dictionary_ does
-    label = name if name is not None else f"Linear(in_features={module.in_features}, out_features={module.out_features})"
+    label = (
+        name if name is not None else f"Linear(in_features={module.in_features}, out_features={module.out_features})"
+    )
     if name is None and config.layer_overrides:
         raise ValueError(
             "layer_overrides match module names, which quantize_ does not give to handlers: call "
@@ -66,4 +70,3 @@ def _compress_linear_transform(
         collector.release(name)  # the Gram goes once every Linear reading it is converted
     module.weight = nn.Parameter(tensor, requires_grad=False)
     return module
-

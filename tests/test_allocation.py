@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import tiny_llama, token_batches
 
 import spadi_ao
 from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
@@ -14,8 +15,6 @@ from spadi_ao.calibration import GramCollector, run_calibration
 from spadi_ao.layer import whiten_group
 from spadi_ao.solvers.ksvd import ksvd
 from spadi_ao.solvers.omp import codes_to_dense
-
-from models import tiny_llama, token_batches
 
 
 def _brute_force(costs, errors, budget):
@@ -90,6 +89,7 @@ def test_output_sensitivity_is_the_mean_squared_output_gradient():
     sensitivity = output_sensitivity(model, {name: module}, batches)[name]
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
     captured = []
+
     def keep(module, args, out):
         out.retain_grad()
         captured.append(out)
@@ -119,12 +119,16 @@ def test_api_allocation_is_the_brute_force_optimum_and_meets_the_budget(config_t
     """Three layers, four candidates: the API's picks equal brute force over independently computed errors."""
     candidates = (0.2, 0.35, 0.5, 0.65)
     extra = {"solver": "ksvd", "iterations": 0, "grouping": None} if config_type is DictionaryConfig else {}
-    config = config_type(compression_ratio=0.4, allocation="knapsack", allocation_candidates=candidates, gram_shrinkage=0.0, **extra)
+    config = config_type(
+        compression_ratio=0.4, allocation="knapsack", allocation_candidates=candidates, gram_shrinkage=0.0, **extra
+    )
     batches = token_batches(3, 16)
     model = tiny_llama()
     targets = select_linears(model, _mlp_filter)
     generator = torch.Generator().manual_seed(1)
-    sensitivity = {name: torch.rand(m.out_features, generator=generator, dtype=torch.float64) + 0.1 for name, m in targets.items()}
+    sensitivity = {
+        name: torch.rand(m.out_features, generator=generator, dtype=torch.float64) + 0.1 for name, m in targets.items()
+    }
     with GramCollector(targets) as collector:
         run_calibration(model, batches, progress=False)
     costs, errors = [], []
@@ -148,7 +152,9 @@ def test_api_allocation_is_the_brute_force_optimum_and_meets_the_budget(config_t
     budget = int(0.6 * dense)
     best = _brute_force(costs, errors, budget)
 
-    report = sparsify_dictionary_(model, config, filter_fn=_mlp_filter, calibration=collector, sensitivity=sensitivity, progress=False)
+    report = sparsify_dictionary_(
+        model, config, filter_fn=_mlp_filter, calibration=collector, sensitivity=sensitivity, progress=False
+    )
     chosen = []
     for layer, row_costs in zip(report.layers, costs):
         assert layer.stored_bytes in row_costs
@@ -178,7 +184,9 @@ def test_whole_model_budget_is_met_tightly_and_pinned_layers_keep_their_ratio():
     for layer in report.layers:
         if layer.name == "model.layers.0.self_attn.o_proj":
             continue
-        menu = candidate_sizes(config.for_layer(layer.name), layer.out_features, layer.in_features, 4, config.allocation_candidates)
+        menu = candidate_sizes(
+            config.for_layer(layer.name), layer.out_features, layer.in_features, 4, config.allocation_candidates
+        )
         larger = [c.stored_bytes - layer.stored_bytes for c in menu if c.stored_bytes > layer.stored_bytes]
         upgrades += larger[-1:] if larger else []
     assert budget - report.stored_bytes < min(upgrades)
@@ -196,10 +204,14 @@ def test_knapsack_without_batches_weighs_every_output_alike(caplog):
             run_calibration(candidate, token_batches(2, 16), progress=False)
         collectors.append(collector)
     with caplog.at_level(logging.WARNING, logger="spadi_ao.api"):
-        report = sparsify_dictionary_(model, DictionaryConfig(allocation="knapsack"), calibration=collectors[0], progress=False)
+        report = sparsify_dictionary_(
+            model, DictionaryConfig(allocation="knapsack"), calibration=collectors[0], progress=False
+        )
     assert sum("weighing every output alike" in record.getMessage() for record in caplog.records) == 1
     ones = {name: torch.ones(module.out_features) for name, module in select_linears(explicit).items()}
-    sparsify_dictionary_(explicit, DictionaryConfig(allocation="knapsack"), calibration=collectors[1], sensitivity=ones, progress=False)
+    sparsify_dictionary_(
+        explicit, DictionaryConfig(allocation="knapsack"), calibration=collectors[1], sensitivity=ones, progress=False
+    )
     for (name, weight), reference in zip(model.state_dict().items(), explicit.state_dict().values()):
         assert type(weight) is type(reference) and torch.equal(weight.dequantize(), reference.dequantize()), name
     assert report.compression_ratio >= 0.3 and len({round(layer.compression_ratio, 2) for layer in report.layers}) > 1
@@ -208,8 +220,12 @@ def test_knapsack_without_batches_weighs_every_output_alike(caplog):
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"allocation": "greedy"}, "allocation"), ({"allocation_candidates": ()}, "allocation_candidates"),
-     ({"allocation_candidates": (0.3, 1.2)}, "allocation_candidates"), ({"allocation_candidates": [0.3]}, "allocation_candidates")],
+    [
+        ({"allocation": "greedy"}, "allocation"),
+        ({"allocation_candidates": ()}, "allocation_candidates"),
+        ({"allocation_candidates": (0.3, 1.2)}, "allocation_candidates"),
+        ({"allocation_candidates": [0.3]}, "allocation_candidates"),
+    ],
 )
 def test_config_rejects_bad_allocation_fields(kwargs, field):
     with pytest.raises(ValueError, match=field):

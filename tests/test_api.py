@@ -1,13 +1,12 @@
 import pytest
 import torch
+from models import tiny_llama, token_batches
 from torch import nn
 
 import spadi_ao
 from spadi_ao import DictionaryConfig, DictionaryTensor, LowRankConfig, LowRankTensor, sparsify_dictionary_
 from spadi_ao.api import select_linears
 from spadi_ao.calibration import GramCollector, run_calibration
-
-from models import tiny_llama, token_batches
 
 FAST = dict(allocation="uniform", grouping=None)  # per layer at the target ratio, as these checks assume
 
@@ -16,7 +15,9 @@ def _held_out_inputs(model, names, batches):
     """Each Linear's inputs on held-out batches: the independent reference for output error."""
     captured = {name: [] for name in names}
     handles = [
-        module.register_forward_pre_hook(lambda m, args, name=name: captured[name].append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        module.register_forward_pre_hook(
+            lambda m, args, name=name: captured[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        )
         for name, module in model.named_modules()
         if name in captured
     ]
@@ -52,7 +53,9 @@ def test_qkv_and_gate_up_share_one_gram():
     with GramCollector(targets) as collector:
         run_calibration(model, token_batches(2, 16), progress=False)
     groups = {owner: sorted(n.rsplit(".", 1)[1] for n in members) for owner, members in collector.groups.items()}
-    assert sorted(groups.values()) == sorted([["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] * 2)
+    assert sorted(groups.values()) == sorted(
+        [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] * 2
+    )
     assert collector.memory_bytes == 2 * (3 * 64 * 64 + 160 * 160) * 8
 
 
@@ -105,11 +108,16 @@ def test_structured_weights_whitened_error_beats_low_rank():
 
 def test_subclass_types_bytes_and_ratio_bounds():
     model = tiny_llama()
-    report = sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3, **FAST), calibration=token_batches(2, 16), progress=False)
+    report = sparsify_dictionary_(
+        model, DictionaryConfig(compression_ratio=0.3, **FAST), calibration=token_batches(2, 16), progress=False
+    )
     for layer in report.layers:
         module = model.get_submodule(layer.name)
         assert isinstance(module.weight, DictionaryTensor)
-        inner = sum(t.numel() * t.element_size() for t in (module.weight.dictionary, module.weight.values, module.weight.bitmask))
+        inner = sum(
+            t.numel() * t.element_size()
+            for t in (module.weight.dictionary, module.weight.values, module.weight.bitmask)
+        )
         assert inner == layer.stored_bytes
         assert 0.3 <= layer.compression_ratio <= 0.3 + 0.02  # tiny 64-wide layers: coarse k granularity
     stats = spadi_ao.compression_stats(model)
@@ -144,7 +152,9 @@ def test_filter_fn_receives_module_and_name():
         seen.append((type(module).__name__, name))
         return ".mlp." in name
 
-    report = sparsify_dictionary_(model, LowRankConfig(compression_ratio=0.3), filter_fn=only_mlp, calibration=token_batches(1, 8), progress=False)
+    report = sparsify_dictionary_(
+        model, LowRankConfig(compression_ratio=0.3), filter_fn=only_mlp, calibration=token_batches(1, 8), progress=False
+    )
     assert {layer.name.rsplit(".", 1)[1] for layer in report.layers} == {"gate_proj", "up_proj", "down_proj"}
     assert isinstance(model.model.layers[0].mlp.up_proj.weight, LowRankTensor)
     assert not isinstance(model.model.layers[0].self_attn.q_proj.weight, LowRankTensor)
@@ -177,7 +187,9 @@ def test_non_finite_weight_is_rejected_before_anything_changes():
     model = tiny_llama()
     model.model.layers[1].mlp.down_proj.weight.data[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
-        sparsify_dictionary_(model, LowRankConfig(compression_ratio=0.3), calibration=token_batches(1, 8), progress=False)
+        sparsify_dictionary_(
+            model, LowRankConfig(compression_ratio=0.3), calibration=token_batches(1, 8), progress=False
+        )
     assert not any(isinstance(m.weight, LowRankTensor) for m in model.modules() if isinstance(m, nn.Linear))
 
 
@@ -185,7 +197,9 @@ def test_already_compressed_is_rejected():
     model = tiny_llama()
     sparsify_dictionary_(model, LowRankConfig(compression_ratio=0.3), calibration=token_batches(1, 8), progress=False)
     with pytest.raises(ValueError, match="already compressed"):
-        sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3), calibration=token_batches(1, 8), progress=False)
+        sparsify_dictionary_(
+            model, DictionaryConfig(compression_ratio=0.3), calibration=token_batches(1, 8), progress=False
+        )
 
 
 def test_failure_midway_leaves_model_as_it_was(monkeypatch):
@@ -202,7 +216,9 @@ def test_failure_midway_leaves_model_as_it_was(monkeypatch):
 
     monkeypatch.setattr(spadi_ao.layer, "compress_weight", failing)
     with pytest.raises(RuntimeError, match="solver crashed"):
-        sparsify_dictionary_(model, LowRankConfig(compression_ratio=0.3), calibration=token_batches(1, 8), progress=False)
+        sparsify_dictionary_(
+            model, LowRankConfig(compression_ratio=0.3), calibration=token_batches(1, 8), progress=False
+        )
     after = _weights(model)
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert not hasattr(model, "_spadi_calibration")

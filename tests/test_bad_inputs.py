@@ -17,10 +17,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path[:0] = [str(Path(__file__).parents[1]), str(Path(__file__).parent)]  # as a script: this checkout's spadi_ao
 
-from spadi_ao import DictionaryConfig, LowRankConfig, prepare_calibration, sparsify_dictionary_  # noqa: E402
-from spadi_ao.tensor import is_compressed_weight  # noqa: E402
-
 from models import tiny_llama  # noqa: E402
+
+from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_  # noqa: E402
+from spadi_ao.tensor import is_compressed_weight  # noqa: E402
 
 DOC = Path(__file__).parents[1] / "docs" / "bad_inputs.md"
 CONFIG = DictionaryConfig(compression_ratio=0.3)
@@ -63,38 +63,117 @@ CASES = [
     Case('calibration=["text a", "text b"]', lambda m: _compress(m, calibration=["text a", "text b"]), TypeError),
     Case("calibration=42", lambda m: _compress(m, calibration=42), TypeError),
     Case("calibration=[[1, 2, 3]] (lists of ids)", lambda m: _compress(m, calibration=[[1, 2, 3]]), TypeError),
-    Case('calibration={"input_ids": [[1, 2, 3]]} (tokenizer output without return_tensors="pt")',
-         lambda m: _compress(m, calibration={"input_ids": [[1, 2, 3]]}), TypeError),
+    Case(
+        'calibration={"input_ids": [[1, 2, 3]]} (tokenizer output without return_tensors="pt")',
+        lambda m: _compress(m, calibration={"input_ids": [[1, 2, 3]]}),
+        TypeError,
+    ),
     Case("float ids: torch.rand(1, 8)", lambda m: _compress(m, calibration=torch.rand(1, 8)), ValueError),
-    Case("bool ids: torch.ones(1, 8, dtype=torch.bool)", lambda m: _compress(m, calibration=torch.ones(1, 8, dtype=torch.bool)), ValueError),
-    Case("3-D ids: torch.zeros(1, 2, 8, dtype=torch.long)", lambda m: _compress(m, calibration=torch.zeros(1, 2, 8, dtype=torch.long)), ValueError),
-    Case("ids >= vocab size: torch.full((1, 8), 300)", lambda m: _compress(m, calibration=torch.full((1, 8), 300)), ValueError),
-    Case("negative ids: torch.full((1, 8), -1)", lambda m: _compress(m, calibration=torch.full((1, 8), -1)), ValueError),
-    Case("sequence longer than max_position_embeddings (300 > 256)", lambda m: _compress(m, calibration=torch.zeros(1, 300, dtype=torch.long)), ValueError),
+    Case(
+        "bool ids: torch.ones(1, 8, dtype=torch.bool)",
+        lambda m: _compress(m, calibration=torch.ones(1, 8, dtype=torch.bool)),
+        ValueError,
+    ),
+    Case(
+        "3-D ids: torch.zeros(1, 2, 8, dtype=torch.long)",
+        lambda m: _compress(m, calibration=torch.zeros(1, 2, 8, dtype=torch.long)),
+        ValueError,
+    ),
+    Case(
+        "ids >= vocab size: torch.full((1, 8), 300)",
+        lambda m: _compress(m, calibration=torch.full((1, 8), 300)),
+        ValueError,
+    ),
+    Case(
+        "negative ids: torch.full((1, 8), -1)", lambda m: _compress(m, calibration=torch.full((1, 8), -1)), ValueError
+    ),
+    Case(
+        "sequence longer than max_position_embeddings (300 > 256)",
+        lambda m: _compress(m, calibration=torch.zeros(1, 300, dtype=torch.long)),
+        ValueError,
+    ),
     Case("calibration=[] (empty)", lambda m: _compress(m, calibration=[]), ValueError),
-    Case("empty sequence: torch.zeros(1, 0, dtype=torch.long)", lambda m: _compress(m, calibration=torch.zeros(1, 0, dtype=torch.long)), ValueError),
-    Case('mapping without input_ids: {"attention_mask": ...}', lambda m: _compress(m, calibration={"attention_mask": torch.ones(1, 8)}), ValueError),
-    Case("attention_mask of another shape than input_ids", lambda m: _compress(m, calibration={"input_ids": IDS, "attention_mask": torch.ones(1, 5, dtype=torch.long)}), ValueError),
+    Case(
+        "empty sequence: torch.zeros(1, 0, dtype=torch.long)",
+        lambda m: _compress(m, calibration=torch.zeros(1, 0, dtype=torch.long)),
+        ValueError,
+    ),
+    Case(
+        'mapping without input_ids: {"attention_mask": ...}',
+        lambda m: _compress(m, calibration={"attention_mask": torch.ones(1, 8)}),
+        ValueError,
+    ),
+    Case(
+        "attention_mask of another shape than input_ids",
+        lambda m: _compress(m, calibration={"input_ids": IDS, "attention_mask": torch.ones(1, 5, dtype=torch.long)}),
+        ValueError,
+    ),
     Case("attention_mask holding 2", lambda m: _compress(m, calibration=MASK_2), ValueError),
-    Case("float attention_mask (0.5)", lambda m: _compress(m, calibration={"input_ids": IDS, "attention_mask": torch.full((1, 8), 0.5)}), ValueError),
-    Case("attention_mask of zeros only", lambda m: _compress(m, calibration={"input_ids": IDS, "attention_mask": torch.zeros(1, 8, dtype=torch.long)}), ValueError),
-    Case("sequential=True with a padded batch", lambda m: _compress(m, calibration=[PADDED], sequential=True), ValueError),
-    Case('layer_overrides={r"mlp\\.up_projection$": ...} (matches no layer)',
-         lambda m: _compress(m, DictionaryConfig(compression_ratio=0.3, layer_overrides={r"mlp\.up_projection$": {"rho": 3.0}})), ValueError),
-    Case("GPT-2 (transformers Conv1D projections)", lambda m: _compress(m, calibration=torch.arange(8)), ValueError, _gpt2),
+    Case(
+        "float attention_mask (0.5)",
+        lambda m: _compress(m, calibration={"input_ids": IDS, "attention_mask": torch.full((1, 8), 0.5)}),
+        ValueError,
+    ),
+    Case(
+        "attention_mask of zeros only",
+        lambda m: _compress(m, calibration={"input_ids": IDS, "attention_mask": torch.zeros(1, 8, dtype=torch.long)}),
+        ValueError,
+    ),
+    Case(
+        "sequential=True with a padded batch", lambda m: _compress(m, calibration=[PADDED], sequential=True), ValueError
+    ),
+    Case(
+        'layer_overrides={r"mlp\\.up_projection$": ...} (matches no layer)',
+        lambda m: _compress(
+            m, DictionaryConfig(compression_ratio=0.3, layer_overrides={r"mlp\.up_projection$": {"rho": 3.0}})
+        ),
+        ValueError,
+    ),
+    Case(
+        "GPT-2 (transformers Conv1D projections)",
+        lambda m: _compress(m, calibration=torch.arange(8)),
+        ValueError,
+        _gpt2,
+    ),
     Case("filter_fn selecting nothing", lambda m: _compress(m, filter_fn=lambda module, name: False), ValueError),
-    Case("DictionaryConfig(compression_ratio=1.5)", lambda m: _compress(m, DictionaryConfig(compression_ratio=1.5)), ValueError),
-    Case("DictionaryConfig(rho=0.5)", lambda m: _compress(m, DictionaryConfig(compression_ratio=0.3, rho=0.5)), ValueError),
-    Case("DictionaryConfig(gram_shrinkage=2.0)", lambda m: _compress(m, DictionaryConfig(compression_ratio=0.3, gram_shrinkage=2.0)), ValueError),
-    Case('DictionaryConfig(allocation="greedy")', lambda m: _compress(m, DictionaryConfig(compression_ratio=0.3, allocation="greedy")), ValueError),
+    Case(
+        "DictionaryConfig(compression_ratio=1.5)",
+        lambda m: _compress(m, DictionaryConfig(compression_ratio=1.5)),
+        ValueError,
+    ),
+    Case(
+        "DictionaryConfig(rho=0.5)",
+        lambda m: _compress(m, DictionaryConfig(compression_ratio=0.3, rho=0.5)),
+        ValueError,
+    ),
+    Case(
+        "DictionaryConfig(gram_shrinkage=2.0)",
+        lambda m: _compress(m, DictionaryConfig(compression_ratio=0.3, gram_shrinkage=2.0)),
+        ValueError,
+    ),
+    Case(
+        'DictionaryConfig(allocation="greedy")',
+        lambda m: _compress(m, DictionaryConfig(compression_ratio=0.3, allocation="greedy")),
+        ValueError,
+    ),
     Case('config={"compression_ratio": 0.3} (a dict)', lambda m: _compress(m, {"compression_ratio": 0.3}), TypeError),
     Case('propagate="sideways"', lambda m: _compress(m, propagate="sideways", sequential=True), ValueError),
     Case('device="cpu" without sequential=True', lambda m: _compress(m, device="cpu"), ValueError),
     Case("a model compressed already", lambda m: _compress(m), ValueError, _compressed_llama),
     Case("a NaN in a weight", lambda m: _compress(m), ValueError, _nan_llama),
-    Case("grouping='paper' (pairs of blocks) with sequential=True", lambda m: _compress(m, DictionaryConfig(compression_ratio=0.3, grouping="paper"), sequential=True), ValueError),
-    Case("sensitivity= missing layers", lambda m: _compress(m, DictionaryConfig(compression_ratio=0.3, allocation="knapsack"), sensitivity={}), ValueError),
-    Case("LowRankConfig(compression_ratio=0.0)", lambda m: _compress(m, LowRankConfig(compression_ratio=0.0)), ValueError),
+    Case(
+        "grouping='paper' (pairs of blocks) with sequential=True",
+        lambda m: _compress(m, DictionaryConfig(compression_ratio=0.3, grouping="paper"), sequential=True),
+        ValueError,
+    ),
+    Case(
+        "sensitivity= missing layers",
+        lambda m: _compress(m, DictionaryConfig(compression_ratio=0.3, allocation="knapsack"), sensitivity={}),
+        ValueError,
+    ),
+    Case(
+        "LowRankConfig(compression_ratio=0.0)", lambda m: _compress(m, LowRankConfig(compression_ratio=0.0)), ValueError
+    ),
 ]
 
 
@@ -133,7 +212,7 @@ def render() -> str:
         "",
         "Every row is a call of `sparsify_dictionary_` on a tiny random Llama (vocabulary 256, 256 positions) unless",
         "it says otherwise. Generated by `python tests/test_bad_inputs.py` from the table that",
-        "`tests/test_bad_inputs.py` runs; the test fails when this file is out of date. \"Model untouched\" compares",
+        '`tests/test_bad_inputs.py` runs; the test fails when this file is out of date. "Model untouched" compares',
         "every weight before and after the call.",
         "",
         "| # | input | error raised | model untouched |",
@@ -142,7 +221,9 @@ def render() -> str:
     for number, case in enumerate(CASES, 1):
         raised, untouched = run_case(case)
         message = str(raised).replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {number} | {case.input.replace('|', chr(92) + '|')} | `{type(raised).__name__}`: {message} | {'yes' if untouched else 'no'} |")
+        lines.append(
+            f"| {number} | {case.input.replace('|', chr(92) + '|')} | `{type(raised).__name__}`: {message} | {'yes' if untouched else 'no'} |"
+        )
     return "\n".join(lines) + "\n"
 
 

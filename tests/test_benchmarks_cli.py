@@ -18,7 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 SCRIPTS = sorted(path for path in BENCHMARKS.glob("*.py") if "__main__" in path.read_text())
 # Quick modes that finish in seconds: (script, arguments); "{tmp}" is a temporary directory.
-QUICK = [("layer_latency.py", ["--quick", "--tokens", "1", "16", "--budget", "0.01", "--max-wait", "0", "--json", "{tmp}/latency.json"])]
+QUICK = [
+    (
+        "layer_latency.py",
+        ["--quick", "--tokens", "1", "16", "--budget", "0.01", "--max-wait", "0", "--json", "{tmp}/latency.json"],
+    )
+]
 
 
 def _run(arguments: list[str]) -> subprocess.CompletedProcess:
@@ -28,7 +33,9 @@ def _run(arguments: list[str]) -> subprocess.CompletedProcess:
 def test_no_benchmark_module_shadows_an_installed_package():
     outside = [entry for entry in sys.path if Path(entry or ".").resolve() not in (BENCHMARKS, ROOT)]
     for path in BENCHMARKS.glob("*.py"):
-        assert path.stem not in sys.stdlib_module_names, f"benchmarks/{path.name} shadows the standard library's {path.stem}"
+        assert path.stem not in sys.stdlib_module_names, (
+            f"benchmarks/{path.name} shadows the standard library's {path.stem}"
+        )
         found = importlib.machinery.PathFinder.find_spec(path.stem, outside)
         assert found is None, f"benchmarks/{path.name} shadows {found.origin}: rename it"
 
@@ -36,7 +43,13 @@ def test_no_benchmark_module_shadows_an_installed_package():
 def test_every_benchmark_prints_its_help():
     assert {"layer_latency.py", "memory.py", "decode.py"} <= {path.name for path in SCRIPTS}
     children = {
-        path.name: subprocess.Popen([sys.executable, str(path.relative_to(ROOT)), "--help"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        path.name: subprocess.Popen(
+            [sys.executable, str(path.relative_to(ROOT)), "--help"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for path in SCRIPTS
     }
     for name, child in children.items():

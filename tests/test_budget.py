@@ -1,5 +1,6 @@
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spadi_ao.budget import dictionary_budget, dictionary_bytes, low_rank_budget, paper_ratio
 from spadi_ao.format import bitmask_bytes
@@ -14,7 +15,9 @@ def test_dictionary_ratio_is_honest_and_tight(shape, ratio, element_size):
     out_features, in_features = shape
     budget = dictionary_budget(out_features, in_features, ratio, 2.0, element_size)
     stored = (
-        budget.k * in_features * element_size + out_features * budget.s * element_size + out_features * bitmask_bytes(budget.k)
+        budget.k * in_features * element_size
+        + out_features * budget.s * element_size
+        + out_features * bitmask_bytes(budget.k)
     )
     assert budget.stored_bytes == stored
     assert budget.compression_ratio >= ratio  # never below target

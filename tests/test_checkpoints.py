@@ -7,20 +7,24 @@ import sys
 
 import pytest
 import torch
+from models import token_batches
 from torchao.quantization import Int8WeightOnlyConfig
 from transformers import AutoModelForCausalLM
 
 from spadi_ao import DictionaryConfig, DictionaryTensor, SpadiAoConfig, sparsify_dictionary_
 from spadi_ao.cli import main
 
-from models import token_batches
-
 IDS = torch.arange(32).unsqueeze(0)
-OVERRIDES = {r"self_attn\.[qkv]_proj": {"values_dtype": "int8"}, r"down_proj": {"dictionary_quantization": Int8WeightOnlyConfig(set_inductor_config=False)}}
+OVERRIDES = {
+    r"self_attn\.[qkv]_proj": {"values_dtype": "int8"},
+    r"down_proj": {"dictionary_quantization": Int8WeightOnlyConfig(set_inductor_config=False)},
+}
 
 
 def _compressed(model):
-    config = DictionaryConfig(compression_ratio=0.3, allocation="knapsack", grouping="inputs", layer_overrides=OVERRIDES)
+    config = DictionaryConfig(
+        compression_ratio=0.3, allocation="knapsack", grouping="inputs", layer_overrides=OVERRIDES
+    )
     sparsify_dictionary_(model, config, calibration=token_batches(2, 32, vocab=384), progress=False)
     return model
 
@@ -48,7 +52,7 @@ def test_loading_without_spadi_ao_fails_loudly(tiny_llama, tmp_path):
 import sys
 from transformers import AutoModelForCausalLM
 try:
-    AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r})
+    AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r})
 except RuntimeError as exc:
     print("RAISED", exc)
     sys.exit(3)
@@ -83,7 +87,14 @@ def test_info_reads_a_save_pretrained_folder(tiny_llama, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "14 Linear weights as DictionaryTensor" in out
     assert "int8 parts: dictionary in 2 weights, values in 6 weights" in out
-    for line in ("method cospadi", "solver: fast", "allocation: knapsack", "grouping: inputs", "gram_shrinkage: auto", "calibration: 64 tokens"):
+    for line in (
+        "method cospadi",
+        "solver: fast",
+        "allocation: knapsack",
+        "grouping: inputs",
+        "gram_shrinkage: auto",
+        "calibration: 64 tokens",
+    ):
         assert line in out, out
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["quantization_config"]["compression"]["config"]["grouping"] == "inputs"

@@ -23,7 +23,23 @@ PER_LAYER = ["--allocation", "uniform", "--grouping", "none"]  # what --sequenti
 @pytest.mark.parametrize("method", ["cospadi", "svd-llm"])
 def test_compress_writes_model_and_report(tmp_path, tiny_model_dir, method, capsys):
     out = tmp_path / "out"
-    assert main(["compress", "--model", str(tiny_model_dir), "--method", method, "--ratio", "0.4", "--output", str(out), *FAST]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                "--model",
+                str(tiny_model_dir),
+                "--method",
+                method,
+                "--ratio",
+                "0.4",
+                "--output",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "dense: perplexity" in printed and "compressed: perplexity" in printed
     report = json.loads((out / "spadi_report.json").read_text())
@@ -33,11 +49,23 @@ def test_compress_writes_model_and_report(tmp_path, tiny_model_dir, method, caps
     assert compression["resident_bytes"] == compression["stored_bytes"]  # the weights hold no more than that
     assert f"{compression['resident_bytes'] / 2**20:.1f} MiB resident" in printed
     layer = compression["layers"][0]
-    assert set(layer) >= {"name", "k", "s", "rank", "compression_ratio", "whitened_error", "seconds", "stored_bytes", "dense_bytes"}
+    assert set(layer) >= {
+        "name",
+        "k",
+        "s",
+        "rank",
+        "compression_ratio",
+        "whitened_error",
+        "seconds",
+        "stored_bytes",
+        "dense_bytes",
+    }
     assert report["dense_perplexity"]["n_tokens"] == 2 * 31
     model, tokenizer = load_compressed(out)
     assert tokenizer is not None
-    assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == ("DictionaryTensor" if method == "cospadi" else "LowRankTensor")
+    assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == (
+        "DictionaryTensor" if method == "cospadi" else "LowRankTensor"
+    )
 
     assert main(["info", str(out)]) == 0
     info = capsys.readouterr().out
@@ -80,8 +108,21 @@ def test_ratio_out_of_range_is_rejected_by_the_parser(capsys):
 
 def test_sequential_resumable_compress(tmp_path, tiny_model_dir):
     out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
-    argv = ["compress", "--model", str(tiny_model_dir), "--sequential", "--propagate", "compressed", "--no-eval",
-            "--checkpoint-dir", str(checkpoints), "--output", str(out), *FAST, *PER_LAYER]
+    argv = [
+        "compress",
+        "--model",
+        str(tiny_model_dir),
+        "--sequential",
+        "--propagate",
+        "compressed",
+        "--no-eval",
+        "--checkpoint-dir",
+        str(checkpoints),
+        "--output",
+        str(out),
+        *FAST,
+        *PER_LAYER,
+    ]
     assert main(argv) == 0
     assert len(json.loads((checkpoints / "manifest.json").read_text())["layers"]) == 14
     first = load_compressed(out)[0].model.layers[1].mlp.down_proj.weight.values.clone()
@@ -93,7 +134,9 @@ def test_sequential_device_flag_reaches_the_block_driver(tmp_path, tiny_model_di
     common = ["compress", "--model", str(tiny_model_dir), "--sequential", "--no-eval", *FAST, *PER_LAYER]
     assert main(common + ["--output", str(tmp_path / "plain")]) == 0
     assert main(common + ["--device", "cpu", "--output", str(tmp_path / "on-device")]) == 0
-    plain, on_device = (load_compressed(tmp_path / name)[0].model.layers[1].mlp.down_proj.weight for name in ("plain", "on-device"))
+    plain, on_device = (
+        load_compressed(tmp_path / name)[0].model.layers[1].mlp.down_proj.weight for name in ("plain", "on-device")
+    )
     assert torch.equal(plain.values, on_device.values) and torch.equal(plain.dictionary, on_device.dictionary)
 
 
@@ -101,9 +144,32 @@ def test_blended_calibration_and_config_flags_reach_the_report(tmp_path, tiny_mo
     other = tmp_path / "other.txt"
     other.write_text(stdlib_text[-20_000:])
     out = tmp_path / "out"
-    argv = ["compress", "--model", str(tiny_model_dir), "--calibration", "stdlib", str(other), "--calibration-weights", "1", "2",
-            "--n-samples", "6", "--gram-shrinkage", "0.25", "--solver", "fast", "--allocation", "knapsack", "--grouping", "inputs",
-            "--no-eval", "--output", str(out), "--seq-len", "32"]
+    argv = [
+        "compress",
+        "--model",
+        str(tiny_model_dir),
+        "--calibration",
+        "stdlib",
+        str(other),
+        "--calibration-weights",
+        "1",
+        "2",
+        "--n-samples",
+        "6",
+        "--gram-shrinkage",
+        "0.25",
+        "--solver",
+        "fast",
+        "--allocation",
+        "knapsack",
+        "--grouping",
+        "inputs",
+        "--no-eval",
+        "--output",
+        str(out),
+        "--seq-len",
+        "32",
+    ]
     assert main(argv) == 0
     report = json.loads((out / "spadi_report.json").read_text())
     layers = report["compression"]["layers"]
@@ -113,13 +179,19 @@ def test_blended_calibration_and_config_flags_reach_the_report(tmp_path, tiny_mo
     assert report["compression"]["calibration_tokens"] == 6 * 32
     model = load_compressed(out)[0]
     attention = model.model.layers[0].self_attn
-    assert attention.q_proj.weight.dictionary.untyped_storage().data_ptr() == attention.k_proj.weight.dictionary.untyped_storage().data_ptr()
+    assert (
+        attention.q_proj.weight.dictionary.untyped_storage().data_ptr()
+        == attention.k_proj.weight.dictionary.untyped_storage().data_ptr()
+    )
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--calibration", "stdlib", "wikitext2-valid", "--calibration-weights", "1"], "--calibration-weights gives 1 weights for 2"),
+        (
+            ["--calibration", "stdlib", "wikitext2-valid", "--calibration-weights", "1"],
+            "--calibration-weights gives 1 weights for 2",
+        ),
         (["--method", "svd-llm", "--grouping", "inputs"], "--method cospadi only"),
         (["--method", "svd-llm", "--solver", "fast"], "--solver applies to --method cospadi only"),
         (["--sequential", "--grouping", "paper"], "need groups inside one block (grouping='inputs')"),
@@ -127,7 +199,12 @@ def test_blended_calibration_and_config_flags_reach_the_report(tmp_path, tiny_mo
     ],
 )
 def test_calibration_and_method_mismatches_are_clear_errors(extra, message, tmp_path, tiny_model_dir, capsys):
-    assert main(["compress", "--model", str(tiny_model_dir), "--no-eval", "--output", str(tmp_path / "out"), *FAST, *extra]) == 2
+    assert (
+        main(
+            ["compress", "--model", str(tiny_model_dir), "--no-eval", "--output", str(tmp_path / "out"), *FAST, *extra]
+        )
+        == 2
+    )
     assert message in capsys.readouterr().err
 
 
@@ -150,7 +227,18 @@ def test_cli_defaults_are_the_measured_best_for_cospadi_and_the_plain_baseline_o
     assert config("--sequential") == DictionaryConfig()  # the same knapsack and groups, block by block
     baseline = config("--method", "svd-llm")
     assert baseline == LowRankConfig() and baseline.allocation == "uniform"
-    paper = config("--allocation", "uniform", "--grouping", "none", "--solver", "ksvd", "--init", "random-columns", "--gram-shrinkage", "0")
+    paper = config(
+        "--allocation",
+        "uniform",
+        "--grouping",
+        "none",
+        "--solver",
+        "ksvd",
+        "--init",
+        "random-columns",
+        "--gram-shrinkage",
+        "0",
+    )
     assert paper == DictionaryConfig.paper()
     plain = config("--allocation", "uniform", "--grouping", "none", "--solver", "ksvd")
     assert (plain.allocation, plain.grouping, plain.solver) == ("uniform", None, "ksvd")

@@ -4,13 +4,11 @@ import argparse
 import subprocess
 import sys
 
+from models import tiny_llama, token_batches
 
 from spadi_ao.allocation import output_sensitivity
 from spadi_ao.api import select_linears
 from spadi_ao.cli import build_parser
-
-from models import tiny_llama, token_batches
-
 
 SCRIPT = "import sys; sys.argv = ['/venv/bin/spadi-ao', *sys.argv[1:]]; from spadi_ao.cli import main; sys.exit(main())"
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import init_empty_weights
+from models import tiny_llama, token_batches
 from torchao.quantization import (
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt8WeightConfig,
@@ -33,10 +34,14 @@ from spadi_ao import DictionaryConfig, DictionaryTensor, LowRankConfig, quantize
 from spadi_ao.format import unpack_codes
 from spadi_ao.grouping import storage_key
 from spadi_ao.layer import compress_weight
-from spadi_ao.serialization import CheckpointError, flatten_state_dict, load_compressed, save_compressed, unflatten_state_dict
+from spadi_ao.serialization import (
+    CheckpointError,
+    flatten_state_dict,
+    load_compressed,
+    save_compressed,
+    unflatten_state_dict,
+)
 from spadi_ao.tensor import stored_bytes
-
-from models import tiny_llama, token_batches
 
 INT4 = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
 INT8_DYNAMIC = Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
@@ -78,7 +83,9 @@ def _dense_weight(weight: DictionaryTensor) -> torch.Tensor:
         atoms = weight.dictionary.float() * weight.dictionary_scale[:, None]
     else:
         atoms = weight.dictionary.float()
-    values = weight.values.float() if weight.value_scale is None else weight.values.float() * weight.value_scale[:, None]
+    values = (
+        weight.values.float() if weight.value_scale is None else weight.values.float() * weight.value_scale[:, None]
+    )
     return unpack_codes(values, weight.bitmask, weight.num_atoms) @ atoms
 
 
@@ -101,11 +108,15 @@ def plain_model():
 
 @pytest.fixture(scope="module")
 def mixed_model():
-    return _compressed_model(layer_overrides=MIXED, grouping=None)  # q/k and v quantised differently: no shared dictionary
+    return _compressed_model(
+        layer_overrides=MIXED, grouping=None
+    )  # q/k and v quantised differently: no shared dictionary
 
 
 def _lists_as_tuples(attributes: dict) -> dict:
-    return {key: tuple(value) if isinstance(value, list) else value for key, value in attributes.items()}  # JSON has no tuples
+    return {
+        key: tuple(value) if isinstance(value, list) else value for key, value in attributes.items()
+    }  # JSON has no tuples
 
 
 def _assert_same_parts(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -147,7 +158,10 @@ def test_config_rejects_bad_quantization_fields(fields, message):
 
 def test_group_size_must_divide_in_features(layer_problem):
     with pytest.raises(ValueError, match="group_size=48 must divide the layer's in_features=128"):
-        _compress_layer(layer_problem, dictionary_quantization=IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(48)))
+        _compress_layer(
+            layer_problem,
+            dictionary_quantization=IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(48)),
+        )
 
 
 # --------------------------------------------------------------------------------------------- numerics
@@ -246,7 +260,9 @@ def test_quantize_leaves_unsupported_cases_with_a_warning(plain_model):
         quantize_(model, INT4, filter_fn=_compressed_linear)
     assert model.model.layers[0].mlp.up_proj.weight.dictionary.dtype == torch.int8
     low_rank = tiny_llama()
-    sparsify_dictionary_(low_rank, LowRankConfig(compression_ratio=0.3), calibration=token_batches(2, 16), progress=False)
+    sparsify_dictionary_(
+        low_rank, LowRankConfig(compression_ratio=0.3), calibration=token_batches(2, 16), progress=False
+    )
     with pytest.warns(UserWarning, match="does not quantise LowRankTensor factors"):
         quantize_(low_rank, INT8)
 
@@ -275,7 +291,9 @@ def test_sparsify_after_torchao_quantization_raises():
     model = tiny_llama()
     quantize_(model, INT8)
     with pytest.raises(ValueError, match=r"is a Int8Tensor \(already quantised\?\).*compress first, then quantise"):
-        sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3), calibration=token_batches(1, 16), progress=False)
+        sparsify_dictionary_(
+            model, DictionaryConfig(compression_ratio=0.3), calibration=token_batches(1, 16), progress=False
+        )
 
 
 # ------------------------------------------------------------------------------------------------ compile
@@ -333,15 +351,15 @@ def test_fresh_process_weights_only_load(mixed_model, tmp_path):
     script = f"""
 import sys, torch, spadi_ao
 from accelerate import init_empty_weights
-sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
+sys.path.insert(0, {str(__file__.rsplit("/", 1)[0])!r})
 from models import tiny_llama
-state = torch.load({str(tmp_path / 'state.pt')!r}, weights_only=True)
+state = torch.load({str(tmp_path / "state.pt")!r}, weights_only=True)
 with init_empty_weights(include_buffers=False):
     model = tiny_llama()
 model.load_state_dict(state, assign=True)
 assert type(model.model.layers[0].mlp.up_proj.weight.dictionary).__name__ == "IntxUnpackedToInt8Tensor"
 with torch.no_grad():
-    assert torch.equal(model(torch.arange(24).unsqueeze(0)).logits, torch.load({str(tmp_path / 'expected.pt')!r}))
+    assert torch.equal(model(torch.arange(24).unsqueeze(0)).logits, torch.load({str(tmp_path / "expected.pt")!r}))
 """
     subprocess.run([sys.executable, "-c", script], check=True)
 
@@ -356,7 +374,9 @@ def test_corrupted_or_mismatched_manifest_raises(mixed_model):
 
     broken = json.loads(json.dumps(manifest))
     broken["subclasses"]["w"]["tensors"]["values"]["shape"] = [1, 1]
-    with pytest.raises(CheckpointError, match=r"w.values: stored shape \[160, \d+\] does not match the recorded layout \[1, 1\]"):
+    with pytest.raises(
+        CheckpointError, match=r"w.values: stored shape \[160, \d+\] does not match the recorded layout \[1, 1\]"
+    ):
         unflatten_state_dict(tensors, broken)
 
     with pytest.raises(CheckpointError, match="lacks inner tensor w.dictionary.scale"):
@@ -375,7 +395,12 @@ def test_corrupted_or_mismatched_manifest_raises(mixed_model):
 def test_version_1_manifests_still_load(plain_model):
     tensors, manifest = _flat(plain_model)
     entry = manifest["subclasses"]["w"]
-    legacy_entry = {"type": entry["type"], "dtype": entry["dtype"], "shape": entry["shape"], "tensors": list(entry["tensors"])}
+    legacy_entry = {
+        "type": entry["type"],
+        "dtype": entry["dtype"],
+        "shape": entry["shape"],
+        "tensors": list(entry["tensors"]),
+    }
     legacy = {"format_version": 1, "aliases": {}, "subclasses": {"w": legacy_entry}}
     assert torch.equal(unflatten_state_dict(tensors, legacy)["w"].values, tensors["w.values"])
 

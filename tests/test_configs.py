@@ -26,7 +26,10 @@ def test_compression_ratio_must_be_in_open_unit_interval(config_type, ratio):
         ({"layer_overrides": {"(": {}}}, "layer_overrides"),
         ({"layer_overrides": {"down": {"bogus": 1}}}, "layer_overrides"),
         ({"layer_overrides": {"down": {"compression_ratio": 2.0}}}, "compression_ratio"),
-        ({"compression_ratio": 0.95}, "compression_ratio 0.95 is above the largest of allocation_candidates"),  # knapsack
+        (
+            {"compression_ratio": 0.95},
+            "compression_ratio 0.95 is above the largest of allocation_candidates",
+        ),  # knapsack
     ],
 )
 def test_bad_fields_name_themselves(kwargs, field):
@@ -35,7 +38,9 @@ def test_bad_fields_name_themselves(kwargs, field):
 
 
 def test_layer_overrides_apply_by_regex():
-    config = DictionaryConfig(compression_ratio=0.3, layer_overrides={r"down_proj$": {"compression_ratio": 0.2, "rho": 3.0}})
+    config = DictionaryConfig(
+        compression_ratio=0.3, layer_overrides={r"down_proj$": {"compression_ratio": 0.2, "rho": 3.0}}
+    )
     assert config.for_layer("model.layers.0.mlp.down_proj").compression_ratio == 0.2
     assert config.for_layer("model.layers.0.mlp.down_proj").rho == 3.0
     assert config.for_layer("model.layers.0.mlp.up_proj") is config

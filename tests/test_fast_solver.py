@@ -1,12 +1,11 @@
 import pytest
 import torch
+from models import tiny_llama, token_batches
 
 from spadi_ao import DictionaryConfig, sparsify_dictionary_
 from spadi_ao.solvers.fast import fast_dictionary
 from spadi_ao.solvers.ksvd import ksvd
 from spadi_ao.solvers.omp import codes_to_dense
-
-from models import tiny_llama, token_batches
 
 
 def _signals(n: int = 24, m: int = 60, seed: int = 0) -> torch.Tensor:
@@ -78,8 +77,12 @@ def test_fast_solver_through_the_api_beats_one_shot_on_every_layer():
     calibration = token_batches(4, 32)
     reports = {}
     for name, config in {
-        "one-shot": DictionaryConfig(compression_ratio=0.4, solver="ksvd", iterations=0, allocation="uniform", grouping=None),
-        "fast": DictionaryConfig(compression_ratio=0.4, solver="fast", fast_steps=4, allocation="uniform", grouping=None),
+        "one-shot": DictionaryConfig(
+            compression_ratio=0.4, solver="ksvd", iterations=0, allocation="uniform", grouping=None
+        ),
+        "fast": DictionaryConfig(
+            compression_ratio=0.4, solver="fast", fast_steps=4, allocation="uniform", grouping=None
+        ),
     }.items():
         model = tiny_llama()
         reports[name] = sparsify_dictionary_(model, config, calibration=calibration, progress=False)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from models import tiny_llama, token_batches
 from torch import nn
 
 import spadi_ao
@@ -14,8 +15,6 @@ from spadi_ao.serialization import flatten_state_dict, load_compressed, save_com
 from spadi_ao.solvers.ksvd import ksvd
 from spadi_ao.solvers.omp import codes_to_dense
 from spadi_ao.solvers.whitening import whiten
-
-from models import tiny_llama, token_batches
 
 ONE_SHOT = dict(solver="ksvd", iterations=0)
 
@@ -31,8 +30,18 @@ def test_paper_grouping_pairs_blocks_for_qkv_up_gate_only():
 
 
 def test_inputs_grouping_joins_linears_that_read_one_input():
-    keys = {leaf: inputs_group_key(f"model.layers.3.{leaf}") for leaf in
-            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    keys = {
+        leaf: inputs_group_key(f"model.layers.3.{leaf}")
+        for leaf in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    }
     assert keys["self_attn.q_proj"] == keys["self_attn.k_proj"] == keys["self_attn.v_proj"] != keys["mlp.up_proj"]
     assert keys["mlp.gate_proj"] == keys["mlp.up_proj"]
     assert keys["self_attn.o_proj"] is None and keys["mlp.down_proj"] is None
@@ -85,14 +94,18 @@ def test_grouped_tensors_match_an_independent_solve_of_the_stacked_whitened_weig
     stacked = torch.cat(weights).double()
     budget = dictionary_budget(64, 32, 0.3, 2.0, 4)
     result = ksvd((whitening.factor @ stacked.T).float(), budget.k, budget.s, iterations=0, init="svd")
-    reference = (whitening.inverse @ (result.dictionary @ codes_to_dense(result.indices, result.coefficients, budget.k)).double()).T
+    reference = (
+        whitening.inverse @ (result.dictionary @ codes_to_dense(result.indices, result.coefficients, budget.k)).double()
+    ).T
     for (tensor, report), rows, gram, weight in zip(results, (slice(0, 24), slice(24, 64)), grams, weights):
         assert (report.k, report.s) == (budget.k, budget.s)
         assert torch.allclose(tensor.dequantize().double(), reference[rows], atol=1e-4)
         inputs = torch.randn(5, 32, generator=generator)
         assert torch.allclose(F.linear(inputs, tensor), inputs @ reference[rows].float().T, atol=1e-4)
         # the member's error is measured with its own Gram, not the averaged one
-        damped = gram.double() + config.damping * torch.diagonal(gram).mean().double() * torch.eye(32, dtype=torch.float64)
+        damped = gram.double() + config.damping * torch.diagonal(gram).mean().double() * torch.eye(
+            32, dtype=torch.float64
+        )
         delta = weight.double() - reference[rows]
         own = float(((delta @ damped) * delta).sum() / ((weight.double() @ damped) * weight.double()).sum()) ** 0.5
         assert report.whitened_error == pytest.approx(own, rel=1e-3)
@@ -102,8 +115,12 @@ def test_grouped_tensors_match_an_independent_solve_of_the_stacked_whitened_weig
 @pytest.mark.parametrize("grouping", ["paper", "inputs"])
 def test_api_groups_share_one_dictionary_counted_once(grouping):
     model = tiny_llama(layers=2)
-    report = sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3, grouping=grouping, **ONE_SHOT),
-                                  calibration=token_batches(3, 16), progress=False)
+    report = sparsify_dictionary_(
+        model,
+        DictionaryConfig(compression_ratio=0.3, grouping=grouping, **ONE_SHOT),
+        calibration=token_batches(3, 16),
+        progress=False,
+    )
     by_group: dict = {}
     for layer in report.layers:
         if layer.group is not None:
@@ -129,8 +146,12 @@ def test_inputs_grouping_beats_per_layer_on_held_out_output_error():
     for grouping in (None, "inputs"):
         model = tiny_llama()
         reference = tiny_llama()
-        sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.4, grouping=grouping, **ONE_SHOT),
-                             calibration=calibration, progress=False)
+        sparsify_dictionary_(
+            model,
+            DictionaryConfig(compression_ratio=0.4, grouping=grouping, **ONE_SHOT),
+            calibration=calibration,
+            progress=False,
+        )
         targets = select_linears(reference)
         with GramCollector(targets) as collector:
             run_calibration(reference, held_out, progress=False)
@@ -144,8 +165,12 @@ def test_inputs_grouping_beats_per_layer_on_held_out_output_error():
 
 def test_saved_groups_store_the_dictionary_once_and_reload_shared(tmp_path):
     model = tiny_llama(layers=2)
-    sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3, grouping="inputs", **ONE_SHOT),
-                         calibration=token_batches(2, 16), progress=False)
+    sparsify_dictionary_(
+        model,
+        DictionaryConfig(compression_ratio=0.3, grouping="inputs", **ONE_SHOT),
+        calibration=token_batches(2, 16),
+        progress=False,
+    )
     tensors, manifest = flatten_state_dict(model.state_dict())
     assert sum(key.endswith(".dictionary") for key in tensors) == 2 * 4  # per block: qkv, gate_up, o, down
     state = unflatten_state_dict(tensors, manifest)
@@ -155,7 +180,10 @@ def test_saved_groups_store_the_dictionary_once_and_reload_shared(tmp_path):
     loaded, _ = load_compressed(tmp_path / "grouped")
     attention = loaded.model.layers[1].self_attn
     assert attention.q_proj.weight.dictionary is attention.v_proj.weight.dictionary
-    assert spadi_ao.compression_stats(loaded)["compressed_stored_bytes"] == spadi_ao.compression_stats(model)["compressed_stored_bytes"]
+    assert (
+        spadi_ao.compression_stats(loaded)["compressed_stored_bytes"]
+        == spadi_ao.compression_stats(model)["compressed_stored_bytes"]
+    )
     ids = token_batches(1, 12)[0]
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
@@ -163,12 +191,20 @@ def test_saved_groups_store_the_dictionary_once_and_reload_shared(tmp_path):
 
 def test_group_members_must_agree():
     with pytest.raises(ValueError, match="in_features"):
-        sparsify_dictionary_(tiny_llama(), DictionaryConfig(grouping=lambda name: "all" if "mlp" in name else None, **ONE_SHOT),
-                             calibration=token_batches(1, 8), progress=False)
+        sparsify_dictionary_(
+            tiny_llama(),
+            DictionaryConfig(grouping=lambda name: "all" if "mlp" in name else None, **ONE_SHOT),
+            calibration=token_batches(1, 8),
+            progress=False,
+        )
     overrides = {r"layers\.0\.self_attn\.q_proj$": {"rho": 3.0}}
     with pytest.raises(ValueError, match="layer_overrides"):
-        sparsify_dictionary_(tiny_llama(), DictionaryConfig(grouping="inputs", layer_overrides=overrides, **ONE_SHOT),
-                             calibration=token_batches(1, 8), progress=False)
+        sparsify_dictionary_(
+            tiny_llama(),
+            DictionaryConfig(grouping="inputs", layer_overrides=overrides, **ONE_SHOT),
+            calibration=token_batches(1, 8),
+            progress=False,
+        )
     with pytest.raises(ValueError, match="grouping"):
         DictionaryConfig(grouping="everything")
 
@@ -176,8 +212,13 @@ def test_group_members_must_agree():
 def test_a_quantised_shared_dictionary_is_quantised_once_and_stays_shared(tmp_path):
     from torchao.quantization import Int8WeightOnlyConfig
 
-    config = DictionaryConfig(compression_ratio=0.3, grouping="inputs", dictionary_quantization=Int8WeightOnlyConfig(set_inductor_config=False),
-                              values_dtype="int8", **ONE_SHOT)
+    config = DictionaryConfig(
+        compression_ratio=0.3,
+        grouping="inputs",
+        dictionary_quantization=Int8WeightOnlyConfig(set_inductor_config=False),
+        values_dtype="int8",
+        **ONE_SHOT,
+    )
     model = tiny_llama(layers=1)
     report = sparsify_dictionary_(model, config, calibration=token_batches(2, 16), progress=False)
     mlp = model.model.layers[0].mlp

@@ -6,19 +6,38 @@ import sys
 
 import pytest
 import torch
+from models import token_batches
 from safetensors.torch import load_file, save_file
-from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, IntxUnpackedToInt8Tensor, IntxWeightOnlyConfig, PerGroup
+from torchao.quantization import (
+    Int8DynamicActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+    IntxUnpackedToInt8Tensor,
+    IntxWeightOnlyConfig,
+    PerGroup,
+)
 from transformers import AutoModelForCausalLM
 
-from spadi_ao import DictionaryConfig, DictionaryTensor, LowRankConfig, LowRankTensor, SpadiAoConfig, attach_quantizer, sparsify_dictionary_
+from spadi_ao import (
+    DictionaryConfig,
+    DictionaryTensor,
+    LowRankConfig,
+    LowRankTensor,
+    SpadiAoConfig,
+    attach_quantizer,
+    sparsify_dictionary_,
+)
 from spadi_ao.serialization import CheckpointError
 
-from models import token_batches
-
 OVERRIDES = {
-    r"q_proj|k_proj": {"dictionary_quantization": Int8WeightOnlyConfig(set_inductor_config=False), "values_dtype": "int8"},
+    r"q_proj|k_proj": {
+        "dictionary_quantization": Int8WeightOnlyConfig(set_inductor_config=False),
+        "values_dtype": "int8",
+    },
     r"up_proj": {"dictionary_quantization": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))},
-    r"down_proj": {"dictionary_quantization": Int8DynamicActivationInt8WeightConfig(set_inductor_config=False), "values_dtype": "bfloat16"},
+    r"down_proj": {
+        "dictionary_quantization": Int8DynamicActivationInt8WeightConfig(set_inductor_config=False),
+        "values_dtype": "bfloat16",
+    },
 }
 IDS = torch.arange(32).unsqueeze(0)
 
@@ -36,7 +55,9 @@ def _save(model, path):
 
 @pytest.fixture
 def compressed(tiny_llama):
-    config = DictionaryConfig(compression_ratio=0.3, iterations=1, layer_overrides=OVERRIDES, grouping=None)  # q/k and v differ
+    config = DictionaryConfig(
+        compression_ratio=0.3, iterations=1, layer_overrides=OVERRIDES, grouping=None
+    )  # q/k and v differ
     sparsify_dictionary_(tiny_llama, config, calibration=token_batches(4, 32, vocab=384), progress=False)
     return tiny_llama
 
@@ -63,7 +84,9 @@ def test_save_pretrained_from_pretrained_roundtrip(compressed, tmp_path):
 
 
 def test_low_rank_roundtrip(tiny_llama, tmp_path):
-    sparsify_dictionary_(tiny_llama, LowRankConfig(compression_ratio=0.3), calibration=token_batches(2, 32, vocab=384), progress=False)
+    sparsify_dictionary_(
+        tiny_llama, LowRankConfig(compression_ratio=0.3), calibration=token_batches(2, 32, vocab=384), progress=False
+    )
     expected = _logits(tiny_llama)
     loaded = AutoModelForCausalLM.from_pretrained(_save(tiny_llama, tmp_path / "model"))
     assert isinstance(loaded.model.layers[0].mlp.gate_proj.weight, LowRankTensor)
@@ -72,7 +95,9 @@ def test_low_rank_roundtrip(tiny_llama, tmp_path):
 
 def test_shared_dictionaries_are_stored_once_and_shared_again(tiny_llama, tmp_path):
     int4 = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
-    config = DictionaryConfig(compression_ratio=0.3, iterations=0, grouping="inputs", dictionary_quantization=int4, values_dtype="int8")
+    config = DictionaryConfig(
+        compression_ratio=0.3, iterations=0, grouping="inputs", dictionary_quantization=int4, values_dtype="int8"
+    )
     sparsify_dictionary_(tiny_llama, config, calibration=token_batches(2, 32, vocab=384), progress=False)
     expected = _logits(tiny_llama)
     path = _save(tiny_llama, tmp_path / "model")
@@ -91,9 +116,9 @@ def test_from_pretrained_in_a_fresh_process(compressed, tmp_path):
     script = f"""
 import torch, spadi_ao
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r})
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r})
 with torch.no_grad():
-    assert torch.equal(model(torch.arange(32).unsqueeze(0)).logits, torch.load({str(tmp_path / 'expected.pt')!r}))
+    assert torch.equal(model(torch.arange(32).unsqueeze(0)).logits, torch.load({str(tmp_path / "expected.pt")!r}))
 """
     subprocess.run([sys.executable, "-c", script], check=True)
 
@@ -107,15 +132,28 @@ def _edit_config(path, edit):
 
 def test_mismatched_config_layout_raises_before_loading(compressed, tmp_path):
     path = _save(compressed, tmp_path / "model")
-    _edit_config(path, lambda q: q["layers"]["model.layers.0.mlp.down_proj.weight"]["tensors"]["values"].update(shape=[64, 3]))
-    with pytest.raises(CheckpointError, match=r"down_proj.weight.values: stored shape \[64, \d+\] does not match the recorded layout \[64, 3\]"):
+    _edit_config(
+        path, lambda q: q["layers"]["model.layers.0.mlp.down_proj.weight"]["tensors"]["values"].update(shape=[64, 3])
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"down_proj.weight.values: stored shape \[64, \d+\] does not match the recorded layout \[64, 3\]",
+    ):
         AutoModelForCausalLM.from_pretrained(path)
 
 
 def test_config_listing_a_missing_layer_raises(compressed, tmp_path):
     path = _save(compressed, tmp_path / "model")
-    _edit_config(path, lambda q: q["layers"].update({"model.layers.7.mlp.up_proj.weight": q["layers"]["model.layers.0.mlp.up_proj.weight"]}))
-    with pytest.raises(CheckpointError, match="lists compressed weight model.layers.7.mlp.up_proj.weight, which the LlamaForCausalLM does not have"):
+    _edit_config(
+        path,
+        lambda q: q["layers"].update(
+            {"model.layers.7.mlp.up_proj.weight": q["layers"]["model.layers.0.mlp.up_proj.weight"]}
+        ),
+    )
+    with pytest.raises(
+        CheckpointError,
+        match="lists compressed weight model.layers.7.mlp.up_proj.weight, which the LlamaForCausalLM does not have",
+    ):
         AutoModelForCausalLM.from_pretrained(path)
 
 

@@ -17,7 +17,8 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spadi_ao.format import pack_codes, unpack_codes
 from spadi_ao.kernels import cpu, native, reference_dictionary_linear, select_kernel
@@ -51,7 +52,9 @@ def make_layer(
     indices = torch.rand(out_features, k, generator=g).argsort(dim=1)[:, :s]
     values, bitmask = pack_codes(indices, torch.randn(out_features, s, generator=g) / s**0.5, k)
     layer = {"dictionary_scale": None, "value_scale": None, "bitmask": bitmask}
-    layer["dictionary"], layer["dictionary_scale"] = _int8(dictionary) if int8_dictionary else (dictionary.to(dtype), None)
+    layer["dictionary"], layer["dictionary_scale"] = (
+        _int8(dictionary) if int8_dictionary else (dictionary.to(dtype), None)
+    )
     layer["values"], layer["value_scale"] = _int8(values) if int8_values else (values.to(dtype), None)
     layer["bias"] = torch.randn(out_features, generator=g).to(dtype) if bias else None
     return {name: None if t is None else t.to(device) for name, t in layer.items()}
@@ -110,9 +113,13 @@ def cases(draw, max_tokens: int = 40, max_dim: int = 48):
 
 def make_case(case: dict, device: str = "cpu") -> tuple[torch.Tensor, dict]:
     layer_args = {key: case[key] for key in ("int8_dictionary", "int8_values", "bias", "seed")}
-    layer = make_layer(case["out_features"], case["in_features"], case["k"], case["s"], case["dtype"], device=device, **layer_args)
+    layer = make_layer(
+        case["out_features"], case["in_features"], case["k"], case["s"], case["dtype"], device=device, **layer_args
+    )
     g = torch.Generator().manual_seed(case["seed"] + 1)
-    x = torch.randn(*case["lead"], case["tokens"], case["in_features"], generator=g).to(device=device, dtype=case["dtype"])
+    x = torch.randn(*case["lead"], case["tokens"], case["in_features"], generator=g).to(
+        device=device, dtype=case["dtype"]
+    )
     return x, layer
 
 
@@ -180,11 +187,17 @@ def test_compile_fullgraph_matches_eager(dtype):
 def test_backward_matches_dense_autograd(quantized):
     """Gradients through the op == autograd through ``x @ (C D~)^T + b`` in float64 (int8 parts get none)."""
     layer = make_layer(9, 7, 10, 4, torch.float64, int8_dictionary=quantized, int8_values=quantized, bias=True, seed=3)
-    leaves = {name: layer[name].clone().requires_grad_(True) for name in ("dictionary", "values", "bias") if layer[name].is_floating_point()}
+    leaves = {
+        name: layer[name].clone().requires_grad_(True)
+        for name in ("dictionary", "values", "bias")
+        if layer[name].is_floating_point()
+    }
     layer = {**layer, **leaves}
     x = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(2, 5, 9, dtype=torch.float64)
-    grads = torch.autograd.grad((torch.ops.spadi_ao.dictionary_linear(*args(x, layer)) * upstream).sum(), [x, *leaves.values()])
+    grads = torch.autograd.grad(
+        (torch.ops.spadi_ao.dictionary_linear(*args(x, layer)) * upstream).sum(), [x, *leaves.values()]
+    )
 
     atoms = dequantize_dictionary(layer["dictionary"], layer["dictionary_scale"], torch.float64)
     values = dequantize_values(layer["values"], layer["value_scale"], torch.float64)
@@ -199,7 +212,10 @@ def test_backward_matches_dense_autograd(quantized):
 def test_gradcheck():
     layer = make_layer(6, 5, 7, 3, torch.float64, bias=True, seed=4)
     inputs = [torch.randn(3, 5, dtype=torch.float64, requires_grad=True)]
-    inputs += [layer[name].requires_grad_(True) if name in ("dictionary", "values", "bias") else layer[name] for name in ARG_NAMES]
+    inputs += [
+        layer[name].requires_grad_(True) if name in ("dictionary", "values", "bias") else layer[name]
+        for name in ARG_NAMES
+    ]
     assert torch.autograd.gradcheck(torch.ops.spadi_ao.dictionary_linear, inputs)
 
 
@@ -233,13 +249,30 @@ def test_triton_interpreter():
     """Runs the ``*_interpreted`` tests below in a child process with ``TRITON_INTERPRET=1``."""
     if INTERPRET:
         pytest.skip("this is the interpreted run already")
-    command = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "--noconftest", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
-    result = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-o",
+        "addopts=",
+        "--noconftest",
+        "-p",
+        "no:cacheprovider",
+        __file__,
+        "-k",
+        "interpreted",
+    ]
+    result = subprocess.run(
+        command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "1 passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 
 
-@pytest.mark.skipif(not (INTERPRET and HAS_TRITON), reason="needs TRITON_INTERPRET=1 at import; see test_triton_interpreter")
+@pytest.mark.skipif(
+    not (INTERPRET and HAS_TRITON), reason="needs TRITON_INTERPRET=1 at import; see test_triton_interpreter"
+)
 @given(case=cases(max_tokens=24, max_dim=40), kernel=st.sampled_from(["triton_decode", "triton_prefill"]))
 @settings(max_examples=50, deadline=None)
 def test_triton_matches_reference_interpreted(case, kernel):

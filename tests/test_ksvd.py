@@ -15,7 +15,9 @@ def _structured_signals(n: int, m: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("atoms_per_step", [1, 4])
 def test_objective_never_increases(init, atoms_per_step):
     signals = _structured_signals(24, 60, 0)
-    result = ksvd(signals, k=16, s=8, iterations=6, power_iterations=8, seed=42, init=init, atoms_per_step=atoms_per_step)
+    result = ksvd(
+        signals, k=16, s=8, iterations=6, power_iterations=8, seed=42, init=init, atoms_per_step=atoms_per_step
+    )
     objective = torch.tensor(result.objective)
     assert (objective[1:] <= objective[:-1] * (1 + 1e-12) + 1e-12).all(), result.objective
     assert objective[-1] < objective[0]

@@ -23,15 +23,20 @@ def _output_error(weight: torch.Tensor, approximation: torch.Tensor, gram: torch
     return float((exact - factor @ approximation.double().T).norm() / exact.norm())
 
 
-@pytest.mark.parametrize("config", [
-    DictionaryConfig(compression_ratio=0.3, solver="fast", gram_shrinkage=0.0),
-    LowRankConfig(compression_ratio=0.3, gram_shrinkage=0.0),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        DictionaryConfig(compression_ratio=0.3, solver="fast", gram_shrinkage=0.0),
+        LowRankConfig(compression_ratio=0.3, gram_shrinkage=0.0),
+    ],
+)
 @pytest.mark.parametrize("shape", [(48, 20), (20, 48)])
 def test_reported_error_is_the_output_error_of_the_stored_weight(config, shape):
     weight, gram = _layer(*shape, seed=sum(shape))
     tensor, report = layer.compress_weight("layer", weight, gram.clone(), config)
-    assert report.whitened_error == pytest.approx(_output_error(weight, tensor.dequantize(), gram, config.damping), rel=1e-4)
+    assert report.whitened_error == pytest.approx(
+        _output_error(weight, tensor.dequantize(), gram, config.damping), rel=1e-4
+    )
 
 
 def test_blockwise_passes_change_nothing(monkeypatch):

@@ -125,9 +125,33 @@ def test_cli_eval_runs_lm_eval_on_a_compressed_model(tmp_path, tiny_llama, tiny_
     source, out, report_file = tmp_path / "tiny", tmp_path / "out", tmp_path / "report.json"
     tiny_llama.save_pretrained(source)
     tiny_tokenizer.save_pretrained(source)
-    compress = ["compress", "--model", str(source), "--method", "svd-llm", "--ratio", "0.4", "--no-eval", "--n-samples", "3", "--seq-len", "32"]
+    compress = [
+        "compress",
+        "--model",
+        str(source),
+        "--method",
+        "svd-llm",
+        "--ratio",
+        "0.4",
+        "--no-eval",
+        "--n-samples",
+        "3",
+        "--seq-len",
+        "32",
+    ]
     assert main([*compress, "--output", str(out)]) == 0
-    argv = ["eval", str(out), "--tasks", "arc_easy,winogrande", "--data-dir", str(FIXTURES), "--limit", "5", "--batch-size", "2"]
+    argv = [
+        "eval",
+        str(out),
+        "--tasks",
+        "arc_easy,winogrande",
+        "--data-dir",
+        str(FIXTURES),
+        "--limit",
+        "5",
+        "--batch-size",
+        "2",
+    ]
     assert main([*argv, "--output", str(report_file)]) == 0
     printed = capsys.readouterr().out
     assert "|arc_easy" in printed and "|winogrande" in printed
@@ -156,7 +180,10 @@ def test_local_records_become_hub_documents():
     assert piqa == {"goal": "Keep bread fresh for longer.", "sol1": "Seal it in a bag and store it in a cool cupboard.",
                     "sol2": "Leave it open on a sunny windowsill.", "label": 0}  # fmt: skip
     arc = read_documents("arc_easy", FIXTURES)
-    assert arc[0]["choices"] == {"text": ["a wooden spoon", "a copper pot", "a plastic cup", "a paper towel"], "label": list("ABCD")}
+    assert arc[0]["choices"] == {
+        "text": ["a wooden spoon", "a copper pot", "a plastic cup", "a paper towel"],
+        "label": list("ABCD"),
+    }
     assert arc[0]["answerKey"] == "B" and arc[3]["choices"]["label"] == list("ABCDE") and arc[3]["answerKey"] == "C"
     assert read_documents("boolq", FIXTURES)[1]["label"] == 0 and read_documents("boolq", FIXTURES)[0]["label"] == 1
     assert read_documents("hellaswag", FIXTURES)[1]["label"] == "1"  # the hub's string label
@@ -194,13 +221,19 @@ def test_malformed_local_files_are_clear_errors(tmp_path):
         read_documents("piqa", tmp_path)
     (tmp_path / "boolq").mkdir()
     (tmp_path / "boolq" / "dev.jsonl").write_text(json.dumps({"question": "q", "passage": "p"}) + "\n")
-    with pytest.raises(PipelineError, match=r"task 'boolq': a record of .* does not fit the format \(KeyError\('answer'\)\)"):
+    with pytest.raises(
+        PipelineError, match=r"task 'boolq': a record of .* does not fit the format \(KeyError\('answer'\)\)"
+    ):
         read_documents("boolq", tmp_path)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"tasks": []}, "at least one"), ({"limit": 0}, "limit must be >= 1"), ({"batch_size": 0}, "batch_size must be >= 1")],
+    [
+        ({"tasks": []}, "at least one"),
+        ({"limit": 0}, "limit must be >= 1"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+    ],
 )
 def test_zero_shot_argument_errors(tiny_llama, tiny_tokenizer, kwargs, message):
     with pytest.raises(PipelineError, match=message):
@@ -212,7 +245,9 @@ def test_cli_task_flags_need_tasks(capsys):
     assert "--limit and --data-dir apply to --tasks" in capsys.readouterr().err
 
 
-def test_without_lm_eval_the_package_imports_and_zero_shot_says_what_to_install(tiny_llama, tiny_tokenizer, monkeypatch):
+def test_without_lm_eval_the_package_imports_and_zero_shot_says_what_to_install(
+    tiny_llama, tiny_tokenizer, monkeypatch
+):
     code = "import sys; sys.modules['lm_eval'] = None; import spadi_ao.pipeline, spadi_ao.cli"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
     monkeypatch.setitem(sys.modules, "lm_eval", None)

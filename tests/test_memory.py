@@ -18,24 +18,25 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from models import tiny_llama, token_batches
+from test_kernels import args, assert_close, dense_output, magnitude, make_layer
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torchao.quantization import Int8DynamicActivationInt8WeightConfig
 
 from spadi_ao import DictionaryConfig, DictionaryTensor, compression_stats, sparsify_dictionary_
+from spadi_ao.format import unpack_codes, unpack_mask
 from spadi_ao.integrations.torchao import quantize_dictionary
 from spadi_ao.kernels import cpu, native, reference_dictionary_linear
-from spadi_ao.format import unpack_codes, unpack_mask
 from spadi_ao.kernels.op import dictionary_linear
 from spadi_ao.kernels.reference import dequantize_values
 from spadi_ao.kernels.selector import HAS_TRITON
 
-from models import tiny_llama, token_batches
-from test_kernels import args, assert_close, dense_output, magnitude, make_layer
-
 OUT, IN, K, S, TOKENS = 600, 96, 512, 128, 64
 SCRATCH = 16 * 2**10  # many small tiles, and a ragged last one
-needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.unavailable_reason()}")
+needs_native = pytest.mark.skipif(
+    not native.available(), reason=f"native kernel unavailable: {native.unavailable_reason()}"
+)
 
 
 class Allocations(TorchDispatchMode):
@@ -77,10 +78,16 @@ def check_call(call: Callable[[], torch.Tensor], bound: int) -> torch.Tensor:
     before = live_storages()
     result = call()
     after = live_storages()
-    kept = set(after) - set(before) - {t.untyped_storage().data_ptr() for t in tree_leaves(result) if isinstance(t, torch.Tensor)}
+    kept = (
+        set(after)
+        - set(before)
+        - {t.untyped_storage().data_ptr() for t in tree_leaves(result) if isinstance(t, torch.Tensor)}
+    )
     assert not kept, f"{sum(after[p] for p in kept)} bytes outlive the call"
     dense_codes = OUT * K * 4
-    assert seen.largest <= bound < dense_codes, f"a {seen.largest}-byte tensor (bound {bound}, dense codes {dense_codes})"
+    assert seen.largest <= bound < dense_codes, (
+        f"a {seen.largest}-byte tensor (bound {bound}, dense codes {dense_codes})"
+    )
     return result
 
 
@@ -112,7 +119,9 @@ def test_cpu_torch_route(monkeypatch):
 def test_native_route(dtype, int8_values):
     warm_up(dtype)
     layer = make_layer(OUT, IN, K, S, dtype, int8_values=int8_values, int8_dictionary=int8_values, bias=True)
-    weight = DictionaryTensor(layer["dictionary"], layer["values"], layer["bitmask"], dtype, layer["dictionary_scale"], layer["value_scale"])
+    weight = DictionaryTensor(
+        layer["dictionary"], layer["values"], layer["bitmask"], dtype, layer["dictionary_scale"], layer["value_scale"]
+    )
     x = torch.randn(2, TOKENS // 2, IN).to(dtype)
     with torch.inference_mode():
         # What an eager layer calls (under a dispatch mode F.linear would hide it behind the op).
@@ -163,7 +172,9 @@ def test_backward():
     gradients()  # warm-up
     grads = check_call(gradients, activation_bound(torch.float32, K * IN, OUT * S))
     codes = torch.zeros(OUT, K).masked_scatter(unpack_mask(layer["bitmask"], K), layer["values"])
-    expected = torch.autograd.grad(((x @ (codes @ layer["dictionary"]).T + layer["bias"]) * upstream).sum(), [x, *leaves.values()])
+    expected = torch.autograd.grad(
+        ((x @ (codes @ layer["dictionary"]).T + layer["bias"]) * upstream).sum(), [x, *leaves.values()]
+    )
     for actual, reference in zip(grads, expected):
         torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-4)
 
@@ -201,7 +212,9 @@ def test_resident_bytes_count_a_view_s_whole_buffer():
     layer = make_layer(8, 16, 12, 4, torch.float32)
     buffer = torch.zeros(64, 4)
     buffer[:8] = layer["values"]
-    model[0].weight = torch.nn.Parameter(DictionaryTensor(layer["dictionary"], buffer[:8], layer["bitmask"], torch.float32), requires_grad=False)
+    model[0].weight = torch.nn.Parameter(
+        DictionaryTensor(layer["dictionary"], buffer[:8], layer["bitmask"], torch.float32), requires_grad=False
+    )
     stats = compression_stats(model)
     assert stats["compressed_resident_bytes"] - stats["compressed_stored_bytes"] == (64 - 8) * 4 * 4
 
@@ -209,14 +222,20 @@ def test_resident_bytes_count_a_view_s_whole_buffer():
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@pytest.mark.skipif(not (INTERPRET and HAS_TRITON), reason="needs TRITON_INTERPRET=1 at import; see test_triton_prefill")
+@pytest.mark.skipif(
+    not (INTERPRET and HAS_TRITON), reason="needs TRITON_INTERPRET=1 at import; see test_triton_prefill"
+)
 def test_triton_prefill_interpreted():
     from spadi_ao.kernels import triton_dictionary
 
     layer = make_layer(OUT, IN, K, S, torch.float32, int8_values=True, bias=True)
     x = torch.randn(TOKENS, IN)
-    triton_dictionary.dictionary_linear(*args(torch.randn(TOKENS, IN), make_layer(OUT, IN, K, S, torch.float32, seed=9)), "triton_prefill")
-    y = check_call(lambda: triton_dictionary.dictionary_linear(*args(x, layer), "triton_prefill"), activation_bound(torch.float32))
+    triton_dictionary.dictionary_linear(
+        *args(torch.randn(TOKENS, IN), make_layer(OUT, IN, K, S, torch.float32, seed=9)), "triton_prefill"
+    )
+    y = check_call(
+        lambda: triton_dictionary.dictionary_linear(*args(x, layer), "triton_prefill"), activation_bound(torch.float32)
+    )
     assert_close(y, reference_dictionary_linear(*args(x, layer)), torch.float32, magnitude(x, layer))
 
 
@@ -225,6 +244,20 @@ def test_triton_prefill():
     kernels rebuild each tile of the codes in registers and keep nothing between calls)."""
     if INTERPRET or not HAS_TRITON:
         pytest.skip("this is the interpreted run already" if INTERPRET else "triton is not installed")
-    command = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
-    result = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-o",
+        "addopts=",
+        "-p",
+        "no:cacheprovider",
+        __file__,
+        "-k",
+        "interpreted",
+    ]
+    result = subprocess.run(
+        command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-4000:] + result.stderr[-4000:]

@@ -13,7 +13,8 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spadi_ao import DictionaryTensor
 from spadi_ao import tensor as tensor_module
@@ -21,7 +22,9 @@ from spadi_ao.format import pack_codes, unpack_codes
 from spadi_ao.kernels import cpu, native, select_kernel
 from spadi_ao.kernels.selector import NATIVE_MAX_TOKENS
 
-needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.unavailable_reason()}")
+needs_native = pytest.mark.skipif(
+    not native.available(), reason=f"native kernel unavailable: {native.unavailable_reason()}"
+)
 
 
 def packed_codes(out_features: int, k: int, s: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +108,9 @@ def stored_codes(out_features: int, k: int, density: float, kind: str, seed: int
     **STORED_CODES,
 )
 @settings(max_examples=150, deadline=None)
-def test_codes_gemv_matches_dense_product(out_features, k, density, lead, tokens, values_kind, activation, bias, threads, seed):
+def test_codes_gemv_matches_dense_product(
+    out_features, k, density, lead, tokens, values_kind, activation, bias, threads, seed
+):
     values, value_scale, bitmask = stored_codes(out_features, k, density, values_kind, seed)
     g = torch.Generator().manual_seed(seed + 1)
     z = torch.randn(*lead, tokens, k, generator=g).to(activation)
@@ -138,9 +143,13 @@ def test_dictionary_decode_matches_dense_layer(
     x = torch.randn(*lead, tokens, in_features, generator=g).to(activation)
     b = torch.randn(out_features, generator=g).to(activation) if bias else None
     with torch_threads(threads):
-        y = native.dictionary_decode(native.dictionary_plan(dictionary, dictionary_scale, values, value_scale, bitmask), x, b)
+        y = native.dictionary_decode(
+            native.dictionary_plan(dictionary, dictionary_scale, values, value_scale, bitmask), x, b
+        )
     codes, atoms = unpack_codes(floats(values, value_scale), bitmask, k), floats(dictionary, dictionary_scale)
-    expected = x.double() @ (codes @ atoms).T + (0 if b is None else b.double())  # the dense weight, built independently
+    expected = x.double() @ (codes @ atoms).T + (
+        0 if b is None else b.double()
+    )  # the dense weight, built independently
     assert y.shape == expected.shape and y.dtype == activation
     scale = (x.double().abs() @ (codes.abs() @ atoms.abs()).T).max().item() + 1.0
     assert within_tolerance(y, expected, scale)
@@ -153,9 +162,13 @@ def test_non_contiguous_inputs():
     dictionary = torch.randn(16, 24).T  # (24, 16) seen as k=24 atoms of 16 inputs, column-major
     x = torch.randn(16, 3).T  # 3 tokens, strided
     expected = (x.double() @ dictionary.double().T) @ unpack_codes(values.double(), bitmask, 24).T
-    torch.testing.assert_close(cpu.dictionary_linear(x, dictionary, None, values, None, bitmask, None).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        cpu.dictionary_linear(x, dictionary, None, values, None, bitmask, None).double(), expected, rtol=1e-5, atol=1e-5
+    )
     z = (x @ dictionary.T).T.contiguous().T
-    torch.testing.assert_close(cpu.multiply_codes(z, values, None, bitmask, None).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        cpu.multiply_codes(z, values, None, bitmask, None).double(), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 @needs_native
@@ -186,7 +199,10 @@ def test_threads_split_rows_without_changing_them():
     for threads in (1, 2):
         with torch_threads(threads):
             codes_plan = native.codes_plan(values, None, bitmask, 70)
-            results += [native.codes_gemv(codes_plan, z, None), native.dictionary_decode(native.dictionary_plan(dictionary, None, values, None, bitmask), x, None)]
+            results += [
+                native.codes_gemv(codes_plan, z, None),
+                native.dictionary_decode(native.dictionary_plan(dictionary, None, values, None, bitmask), x, None),
+            ]
     assert torch.equal(results[0], results[2]) and torch.equal(results[1], results[3])
 
 
@@ -203,7 +219,9 @@ def test_malformed_bitmask_is_refused():
     with pytest.raises(ValueError, match="bitmask"):
         native.codes_gemv(native.codes_plan(values, None, past_k, 20), z, None)
     with pytest.raises(ValueError, match="bitmask"):
-        native.dictionary_decode(native.dictionary_plan(torch.randn(20, 5), None, values, None, extra), torch.randn(2, 5), None)
+        native.dictionary_decode(
+            native.dictionary_plan(torch.randn(20, 5), None, values, None, extra), torch.randn(2, 5), None
+        )
     # rows validated on every call, not when the plan was made: a bitmask edited in place is refused too
     plan = native.codes_plan(values, None, bitmask, 20)
     native.codes_gemv(plan, z, None)
@@ -274,7 +292,9 @@ def test_layers_take_the_native_route_for_decode():
         with torch.inference_mode():
             y = F.linear(x, weight, bias)
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(torch.ops.spadi_ao.dictionary_linear(x, dictionary, None, values, None, bitmask, bias), y)
+        torch.testing.assert_close(
+            torch.ops.spadi_ao.dictionary_linear(x, dictionary, None, values, None, bitmask, bias), y
+        )
 
 
 @needs_native
@@ -300,7 +320,12 @@ def test_inference_decode_takes_the_short_route(monkeypatch, kind):
             calls.clear()
             y = F.linear(inputs, weight, bias)
             assert (calls[-1] is not None) == short and y.dtype == dtype
-            assert torch.equal(y, torch.ops.spadi_ao.dictionary_linear(inputs, dictionary, dictionary_scale, values, value_scale, bitmask, bias))
+            assert torch.equal(
+                y,
+                torch.ops.spadi_ao.dictionary_linear(
+                    inputs, dictionary, dictionary_scale, values, value_scale, bitmask, bias
+                ),
+            )
             atoms, codes = floats(dictionary, dictionary_scale), unpack_codes(floats(values, value_scale), bitmask, 33)
             expected = (inputs.double() @ atoms.T) @ codes.T + bias.double()
             scale = (inputs.double().abs() @ atoms.abs().T @ codes.abs().T).max().item() + 1.0
@@ -325,7 +350,9 @@ def test_switched_off_falls_back_to_torch_ops(monkeypatch, fresh_native):
     values, bitmask = packed_codes(8, 12, 4, seed=2)
     z = torch.randn(1, 12, generator=torch.Generator().manual_seed(2))
     expected = dense_product(z, values, bitmask, None)  # float64: compare at float32 accuracy
-    torch.testing.assert_close(cpu.multiply_codes(z, values, None, bitmask, None).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        cpu.multiply_codes(z, values, None, bitmask, None).double(), expected, rtol=1e-5, atol=1e-5
+    )
     assert not list(fresh_native.glob("kernels/*.so"))
 
 

@@ -2,7 +2,8 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spadi_ao.solvers.omp import batched_omp, codes_to_dense, least_squares_codes
 
@@ -47,7 +48,9 @@ def test_recovers_exact_support_of_incoherent_dictionary():
     signals = dictionary @ codes_to_dense(supports, magnitudes * signs, k)
     indices, coefficients = batched_omp(dictionary, signals, s)
     assert torch.equal(indices.sort(dim=1).values, supports.sort(dim=1).values)
-    assert torch.allclose(codes_to_dense(indices, coefficients, k), codes_to_dense(supports, magnitudes * signs, k), atol=1e-9)
+    assert torch.allclose(
+        codes_to_dense(indices, coefficients, k), codes_to_dense(supports, magnitudes * signs, k), atol=1e-9
+    )
 
 
 @given(n=st.integers(4, 24), k=st.integers(2, 30), m=st.integers(1, 12), seed=st.integers(0, 10_000), data=st.data())
@@ -78,6 +81,7 @@ def test_least_squares_codes_is_optimal_by_exhaustive_check():
     n, k, s = 6, 5, 2
     dictionary = _unit_dictionary(n, k, 5)
     signal = torch.randn(n, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+
     def residual_energy(columns):
         atoms = dictionary[:, list(columns)]
         fitted = atoms @ torch.linalg.pinv(atoms) @ signal

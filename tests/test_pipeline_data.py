@@ -14,7 +14,6 @@ from spadi_ao.pipeline import PipelineError, calibration_batches, encode_text, l
 from spadi_ao.pipeline.data import _proportional_counts
 
 
-
 def _is_window_of(window: torch.Tensor, ids: torch.Tensor) -> bool:
     return bool((ids.unfold(0, window.numel(), 1) == window.flatten()).all(dim=1).any())
 

@@ -16,7 +16,6 @@ from spadi_ao.pipeline import PipelineError, embedded_gguf_path, gguf_cache_entr
 from spadi_ao.pipeline import models as models_module
 
 
-
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)

@@ -4,14 +4,13 @@ from itertools import combinations
 
 import pytest
 import torch
+from models import tiny_llama, token_batches
 
 import spadi_ao.layer as layer
 from spadi_ao import DictionaryConfig, sparsify_dictionary_
 from spadi_ao.budget import dictionary_budget
 from spadi_ao.solvers.omp import codes_to_dense
 from spadi_ao.solvers.procrustes import procrustes_dictionary, procrustes_update, threshold_codes
-
-from models import tiny_llama, token_batches
 
 
 def _signals(n: int = 24, m: int = 60, seed: int = 0) -> torch.Tensor:
@@ -58,7 +57,17 @@ def test_codes_are_the_exhaustive_best_s_selection():
     for column in range(signals.shape[1]):
         target = signals[:, column]
         best = min(
-            (float((target - dictionary[:, list(subset)] @ torch.linalg.lstsq(dictionary[:, list(subset)], target).solution).pow(2).sum()), subset)
+            (
+                float(
+                    (
+                        target
+                        - dictionary[:, list(subset)] @ torch.linalg.lstsq(dictionary[:, list(subset)], target).solution
+                    )
+                    .pow(2)
+                    .sum()
+                ),
+                subset,
+            )
             for subset in combinations(range(5), 2)
         )
         chosen = dictionary[:, indices[column]] @ coefficients[column]
@@ -127,7 +136,9 @@ def test_layer_result_is_the_dense_reconstruction(shape):
 def test_through_the_api_with_knapsack_and_groups():
     calibration = token_batches(4, 32)
     model = tiny_llama()
-    config = DictionaryConfig(compression_ratio=0.4, solver="procrustes", iterations=3, allocation="knapsack", grouping="inputs")
+    config = DictionaryConfig(
+        compression_ratio=0.4, solver="procrustes", iterations=3, allocation="knapsack", grouping="inputs"
+    )
     report = sparsify_dictionary_(model, config, calibration=calibration, progress=False)
     assert report.compression_ratio >= 0.4 - 1e-9
     assert all(layer_report.k <= layer_report.in_features for layer_report in report.layers)

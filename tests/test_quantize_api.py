@@ -10,20 +10,26 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from models import tiny_llama, token_batches
 from torch import nn
 from torchao.core.config import AOBaseConfig
 from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup, quant_api, quantize_
 from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER, register_quantize_module_handler
 
 import spadi_ao
-from spadi_ao import DictionaryConfig, DictionaryTensor, LowRankConfig, LowRankTensor, prepare_calibration, sparsify_dictionary_
+from spadi_ao import (
+    DictionaryConfig,
+    DictionaryTensor,
+    LowRankConfig,
+    LowRankTensor,
+    prepare_calibration,
+    sparsify_dictionary_,
+)
 from spadi_ao.calibration import run_calibration
 from spadi_ao.grouping import storage_key
 from spadi_ao.integrations.torchao import quantize_dictionary
 from spadi_ao.layer import compress_weight
 from spadi_ao.transform import WEIGHT_SPACE_WARNING
-
-from models import tiny_llama, token_batches
 
 INT8 = Int8WeightOnlyConfig(set_inductor_config=False)
 INT4 = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
@@ -66,15 +72,28 @@ def _prepared(model: nn.Module, batches) -> nn.Module:
 def test_default_is_the_measured_best_and_the_preset_is_the_paper():
     default = DictionaryConfig()
     assert (default.solver, default.fast_steps, default.allocation, default.grouping, default.gram_shrinkage) == (
-        "fast", 8, "knapsack", "inputs", "auto",
+        "fast",
+        8,
+        "knapsack",
+        "inputs",
+        "auto",
     )
     assert LowRankConfig().allocation == "uniform"
     paper = DictionaryConfig(
-        allocation="uniform", grouping=None, gram_shrinkage=0.0, solver="ksvd", init="random-columns", iterations=60,
-        atoms_per_step=1, power_iterations=8, seed=42,
+        allocation="uniform",
+        grouping=None,
+        gram_shrinkage=0.0,
+        solver="ksvd",
+        init="random-columns",
+        iterations=60,
+        atoms_per_step=1,
+        power_iterations=8,
+        seed=42,
     )
     assert DictionaryConfig.paper() == paper
-    assert DictionaryConfig.paper(compression_ratio=0.4, iterations=3) == DictionaryConfig(**{**vars(paper), "compression_ratio": 0.4, "iterations": 3})
+    assert DictionaryConfig.paper(compression_ratio=0.4, iterations=3) == DictionaryConfig(
+        **{**vars(paper), "compression_ratio": 0.4, "iterations": 3}
+    )
     with pytest.raises(ValueError, match="iterations"):
         DictionaryConfig.paper(iterations=-1)
     assert isinstance(default, AOBaseConfig) and isinstance(LowRankConfig(), AOBaseConfig)
@@ -110,7 +129,9 @@ def test_quantize_with_prepared_grams_equals_sparsify(name):
         quantize_(_prepared(model, batches), config)
     sparsify_dictionary_(reference, config, calibration=batches, progress=False)
     _assert_same_weights(model, reference)
-    assert type(model.lm_head.weight) is nn.Parameter and model.lm_head.weight is model.model.embed_tokens.weight  # as sparsify_
+    assert (
+        type(model.lm_head.weight) is nn.Parameter and model.lm_head.weight is model.model.embed_tokens.weight
+    )  # as sparsify_
     collector = model._spadi_calibration
     assert collector.memory_bytes == 0 and not collector._handles  # every Gram freed, every hook gone
 
@@ -145,9 +166,18 @@ def test_layer_overrides_and_fqn_to_config_give_per_layer_settings():
     assert isinstance(fqn_model.model.layers[1].self_attn.q_proj.weight, LowRankTensor)
     assert type(fqn_model.model.layers[0].mlp.down_proj.weight) is nn.Parameter  # not named: untouched
     only_down = tiny_llama()
-    sparsify_dictionary_(only_down, down, filter_fn=lambda m, fqn: fqn == "model.layers.1.mlp.down_proj", calibration=batches, progress=False)
+    sparsify_dictionary_(
+        only_down,
+        down,
+        filter_fn=lambda m, fqn: fqn == "model.layers.1.mlp.down_proj",
+        calibration=batches,
+        progress=False,
+    )
     for inner in ("dictionary", "values", "bitmask"):
-        assert torch.equal(getattr(fqn_model.model.layers[1].mlp.down_proj.weight, inner), getattr(only_down.model.layers[1].mlp.down_proj.weight, inner))
+        assert torch.equal(
+            getattr(fqn_model.model.layers[1].mlp.down_proj.weight, inner),
+            getattr(only_down.model.layers[1].mlp.down_proj.weight, inner),
+        )
 
     with pytest.raises(ValueError, match="layer_overrides match module names.*FqnToConfig"):
         quantize_(tiny_llama(), config, filter_fn=_not_head)
@@ -185,7 +215,9 @@ def test_quantize_then_compress_is_a_clear_error():
 def test_compress_then_quantize_quantises_the_dictionaries(config):
     model = tiny_llama()
     sparsify_dictionary_(model, DictionaryConfig(), calibration=token_batches(2, 16), progress=False)
-    before = {name: module.weight for name, module in _linears(model).items() if isinstance(module.weight, DictionaryTensor)}
+    before = {
+        name: module.weight for name, module in _linears(model).items() if isinstance(module.weight, DictionaryTensor)
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quantize_(model, config, filter_fn=_not_head)
@@ -210,7 +242,9 @@ def test_handlers_registered_after_import_compose():
 
     @register_quantize_module_handler(_LateConfig)
     def _scale(module, config, *, parameter_name="weight"):
-        setattr(module, parameter_name, nn.Parameter(getattr(module, parameter_name) * config.scale, requires_grad=False))
+        setattr(
+            module, parameter_name, nn.Parameter(getattr(module, parameter_name) * config.scale, requires_grad=False)
+        )
         return module
 
     try:
@@ -281,7 +315,9 @@ def test_stable_hash_is_the_same_in_every_process():
     outputs = []
     for seed in ("1", "2"):
         environment = {**os.environ, "PYTHONHASHSEED": seed}
-        result = subprocess.run([sys.executable, "-c", _HASH_SCRIPT], capture_output=True, text=True, env=environment, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", _HASH_SCRIPT], capture_output=True, text=True, env=environment, check=True
+        )
         outputs.append(result.stdout.split())
     assert outputs[0] == outputs[1] and len(set(outputs[0])) == 3
 

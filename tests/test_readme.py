@@ -21,7 +21,9 @@ def test_readme_python_snippets_run(monkeypatch, tmp_path):
     finally:
         sys.path.remove(str(ROOT / "tutorials"))
     calibration_text, _ = split_text(load_text("stdlib"))
-    monkeypatch.setattr(spadi_ao.pipeline, "load_model", lambda *args, **kwargs: _tiny_model_and_tokenizer(calibration_text))
+    monkeypatch.setattr(
+        spadi_ao.pipeline, "load_model", lambda *args, **kwargs: _tiny_model_and_tokenizer(calibration_text)
+    )
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)

@@ -2,11 +2,10 @@
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-import pytest
 
 from spadi_ao import DictionaryConfig, LowRankConfig, prepare_calibration, sparsify_dictionary_
 from spadi_ao.allocation import output_sensitivity
@@ -19,8 +18,17 @@ SEQ_B = list(range(40, 48))  # 8 tokens
 
 def _llama(dropout: float = 0.0) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, attention_dropout=dropout, attn_implementation="eager")
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attention_dropout=dropout,
+        attn_implementation="eager",
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -38,7 +46,9 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def _reference_gram(model: nn.Module, name: str, sequences: list[list[int]]) -> tuple[torch.Tensor, int]:
     """X^T X / T of ``name``'s input over the unpadded sequences, from captured inputs (dense math)."""
     captured = []
-    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    handle = model.get_submodule(name).register_forward_pre_hook(
+        lambda m, args: captured.append(args[0].reshape(-1, args[0].shape[-1]))
+    )
     with torch.no_grad():
         for sequence in sequences:
             model(torch.tensor([sequence]))
@@ -52,7 +62,9 @@ def test_tokenizer_output_directly_and_in_a_list(tiny_llama, tiny_tokenizer):
     tokenizer.pad_token = tokenizer.eos_token
     encoding = tokenizer(["def f(x): return x", "class A: pass"], return_tensors="pt", padding=True)
     assert not isinstance(encoding, dict)  # a BatchEncoding is a Mapping, not a dict
-    reference = _weights_after(tiny_llama, [{"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}])
+    reference = _weights_after(
+        tiny_llama, [{"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}]
+    )
     for calibration in (encoding, [encoding]):
         model = _fresh_like(tiny_llama)
         sparsify_dictionary_(model, LowRankConfig(compression_ratio=0.3), calibration=calibration, progress=False)
@@ -125,7 +137,9 @@ def test_calibration_runs_in_eval_mode_and_restores_the_modes():
     model.train()
     model.model.layers[0].mlp.eval()  # a mix of modes comes back as it was
     torch.manual_seed(1)
-    sparsify_dictionary_(model, LowRankConfig(compression_ratio=0.3), calibration=[torch.tensor([SEQ_A])], progress=False)
+    sparsify_dictionary_(
+        model, LowRankConfig(compression_ratio=0.3), calibration=[torch.tensor([SEQ_A])], progress=False
+    )
     assert all(torch.equal(_weights(model)[name], weight) for name, weight in expected.items())
     assert model.training and model.model.layers[0].self_attn.training and not model.model.layers[0].mlp.training
 
@@ -133,7 +147,9 @@ def test_calibration_runs_in_eval_mode_and_restores_the_modes():
 def test_layer_override_matching_nothing_raises_before_any_change():
     model = _llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = DictionaryConfig(compression_ratio=0.3, layer_overrides={r"mlp\.up_projection$": {"compression_ratio": 0.2}})
+    config = DictionaryConfig(
+        compression_ratio=0.3, layer_overrides={r"mlp\.up_projection$": {"compression_ratio": 0.2}}
+    )
     with pytest.raises(ValueError, match=r"layer_overrides pattern 'mlp\\\\.up_projection\$' matches none"):
         sparsify_dictionary_(model, config, calibration=torch.tensor([SEQ_A]), progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -142,7 +158,9 @@ def test_layer_override_matching_nothing_raises_before_any_change():
 def test_gpt2_conv1d_is_named_as_unsupported():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).eval()
     with pytest.raises(ValueError, match="Conv1D .*not support"):
-        sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3), calibration=torch.arange(8), progress=False)
+        sparsify_dictionary_(
+            model, DictionaryConfig(compression_ratio=0.3), calibration=torch.arange(8), progress=False
+        )
 
 
 def test_prepare_convert_leaves_padding_out_too():

@@ -10,6 +10,7 @@ import weakref
 import accelerate
 import pytest
 import torch
+from models import tiny_llama, token_batches
 from torch import nn
 
 import spadi_ao.api
@@ -17,8 +18,6 @@ import spadi_ao.sequential
 from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
 from spadi_ao.calibration import GramCollector
 from spadi_ao.sequential import CheckpointMismatchError
-
-from models import tiny_llama, token_batches
 
 CONFIG = DictionaryConfig(compression_ratio=0.3, iterations=1, atoms_per_step=4, allocation="uniform", grouping=None)
 GLOBAL = dataclasses.replace(CONFIG, allocation="knapsack", grouping="inputs")
@@ -45,7 +44,9 @@ def test_sequential_with_dense_propagation_equals_one_shot(config):
     one_shot = tiny_llama()
     sparsify_dictionary_(one_shot, config, calibration=batches, progress=False)
     sequential = tiny_llama()
-    report = sparsify_dictionary_(sequential, config, calibration=batches, sequential=True, propagate="dense", progress=False)
+    report = sparsify_dictionary_(
+        sequential, config, calibration=batches, sequential=True, propagate="dense", progress=False
+    )
     assert len(report.layers) == 14 and report.calibration_tokens == 48
     a, b = _compressed_state(one_shot), _compressed_state(sequential)
     assert a.keys() == b.keys()
@@ -62,16 +63,23 @@ def test_knapsack_with_dense_propagation_equals_one_shot_bit_for_bit(grouping):
     one_shot = tiny_llama()
     expected = sparsify_dictionary_(one_shot, config, calibration=batches, progress=False)
     sequential = tiny_llama()
-    report = sparsify_dictionary_(sequential, config, calibration=batches, sequential=True, propagate="dense", progress=False)
+    report = sparsify_dictionary_(
+        sequential, config, calibration=batches, sequential=True, propagate="dense", progress=False
+    )
     assert len({layer.k for layer in expected.layers}) > 3  # the knapsack gave the layers different sizes
     assert [(l.name, l.k, l.s, l.group, l.stored_bytes) for l in report.layers] == [
         (l.name, l.k, l.s, l.group, l.stored_bytes) for l in expected.layers
     ]
     _assert_identical(_compressed_state(one_shot), _compressed_state(sequential))
     attention = sequential.model.layers[1].self_attn
-    shared = attention.q_proj.weight.dictionary is attention.k_proj.weight.dictionary is attention.v_proj.weight.dictionary
+    shared = (
+        attention.q_proj.weight.dictionary is attention.k_proj.weight.dictionary is attention.v_proj.weight.dictionary
+    )
     assert shared == (grouping == "inputs")
-    assert spadi_ao.api.compression_stats(sequential)["model_stored_bytes"] == spadi_ao.api.compression_stats(one_shot)["model_stored_bytes"]
+    assert (
+        spadi_ao.api.compression_stats(sequential)["model_stored_bytes"]
+        == spadi_ao.api.compression_stats(one_shot)["model_stored_bytes"]
+    )
 
 
 def test_blockwise_sensitivity_equals_the_plain_backward():
@@ -92,7 +100,13 @@ def test_cross_block_groups_are_refused_before_any_weight_changes():
     model = tiny_llama()
     dense = {name: p.detach().clone() for name, p in model.named_parameters()}
     with pytest.raises(ValueError, match="across decoder blocks.*grouping='inputs'.*sequential=False"):
-        sparsify_dictionary_(model, dataclasses.replace(GLOBAL, grouping="paper"), calibration=token_batches(2, 16), sequential=True, progress=False)
+        sparsify_dictionary_(
+            model,
+            dataclasses.replace(GLOBAL, grouping="paper"),
+            calibration=token_batches(2, 16),
+            sequential=True,
+            progress=False,
+        )
     assert all(torch.equal(p, dense[name]) for name, p in model.named_parameters())
 
 
@@ -118,18 +132,28 @@ def test_knapsack_resume_reuses_the_first_pass_and_is_bit_identical(tmp_path, mo
 
     monkeypatch.setattr(spadi_ao.sequential._Checkpoint, name, crash_on_second)
     with pytest.raises(Killed):
-        sparsify_dictionary_(tiny_llama(layers=3), GLOBAL, calibration=batches, sequential=True, checkpoint_dir=tmp_path, progress=False)
+        sparsify_dictionary_(
+            tiny_llama(layers=3), GLOBAL, calibration=batches, sequential=True, checkpoint_dir=tmp_path, progress=False
+        )
     monkeypatch.setattr(spadi_ao.sequential._Checkpoint, name, original)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["sensitivity"] and len(manifest["tables"]) == (8 if crash_in == "survey" else 12)  # 4 units a block: qkv, o, gate_up, down
+    assert manifest["sensitivity"] and len(manifest["tables"]) == (
+        8 if crash_in == "survey" else 12
+    )  # 4 units a block: qkv, o, gate_up, down
 
     recomputed = []
     monkeypatch.setattr(spadi_ao.sequential, "blockwise_sensitivity", lambda *a: recomputed.append(a) or {})
     surveyed = []
     original_tabulate = spadi_ao.api._tabulate
-    monkeypatch.setattr(spadi_ao.api, "_tabulate", lambda config, unit, *a, **k: surveyed.append(unit) or original_tabulate(config, unit, *a, **k))
+    monkeypatch.setattr(
+        spadi_ao.api,
+        "_tabulate",
+        lambda config, unit, *a, **k: surveyed.append(unit) or original_tabulate(config, unit, *a, **k),
+    )
     resumed = tiny_llama(layers=3)
-    report = sparsify_dictionary_(resumed, GLOBAL, calibration=batches, sequential=True, checkpoint_dir=tmp_path, progress=False)
+    report = sparsify_dictionary_(
+        resumed, GLOBAL, calibration=batches, sequential=True, checkpoint_dir=tmp_path, progress=False
+    )
     assert not recomputed and len(surveyed) == (4 if crash_in == "survey" else 0)
     _assert_identical(expected, _compressed_state(resumed))
     assert [l.k for l in report.layers] == [l.k for l in reference.layers]
@@ -142,7 +166,9 @@ def test_compressed_propagation_changes_later_blocks_only():
     dense = tiny_llama()
     sparsify_dictionary_(dense, CONFIG, calibration=batches, sequential=True, propagate="dense", progress=False)
     compressed = tiny_llama()
-    sparsify_dictionary_(compressed, CONFIG, calibration=batches, sequential=True, propagate="compressed", progress=False)
+    sparsify_dictionary_(
+        compressed, CONFIG, calibration=batches, sequential=True, propagate="compressed", progress=False
+    )
     a, b = _compressed_state(dense), _compressed_state(compressed)
     first = [n for n in a if ".layers.0." in n]
     later = [n for n in a if ".layers.1." in n]
@@ -153,7 +179,9 @@ def test_compressed_propagation_changes_later_blocks_only():
 def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     batches = token_batches(3, 16)
     reference = tiny_llama()
-    sparsify_dictionary_(reference, CONFIG, calibration=batches, sequential=True, propagate="compressed", progress=False)
+    sparsify_dictionary_(
+        reference, CONFIG, calibration=batches, sequential=True, propagate="compressed", progress=False
+    )
 
     crashed = tiny_llama()
     original_save = spadi_ao.sequential._Checkpoint.save
@@ -168,7 +196,15 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     monkeypatch.setattr(spadi_ao.sequential._Checkpoint, "save", crash_after_nine)
     dense_block_1 = {n: p.clone() for n, p in crashed.model.layers[1].named_parameters()}
     with pytest.raises(KeyboardInterrupt) as failure:
-        sparsify_dictionary_(crashed, CONFIG, calibration=batches, sequential=True, propagate="compressed", checkpoint_dir=tmp_path, progress=False)
+        sparsify_dictionary_(
+            crashed,
+            CONFIG,
+            calibration=batches,
+            sequential=True,
+            propagate="compressed",
+            checkpoint_dir=tmp_path,
+            progress=False,
+        )
     # Block 0 finished and keeps its compressed weights (dense ones were released); block 1 was in flight and is restored.
     assert sorted({name.split(".")[2] for name in _compressed_state(crashed)}) == ["0"]
     assert all(torch.equal(p, dense_block_1[n]) for n, p in crashed.model.layers[1].named_parameters())
@@ -182,23 +218,45 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     resumed = tiny_llama()
     solved = []
     original_solve = spadi_ao.api.compress_weight
-    monkeypatch.setattr(spadi_ao.api, "compress_weight", lambda name, *a, **k: solved.append(name) or original_solve(name, *a, **k))
-    sparsify_dictionary_(resumed, CONFIG, calibration=batches, sequential=True, propagate="compressed", checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(
+        spadi_ao.api, "compress_weight", lambda name, *a, **k: solved.append(name) or original_solve(name, *a, **k)
+    )
+    sparsify_dictionary_(
+        resumed,
+        CONFIG,
+        calibration=batches,
+        sequential=True,
+        propagate="compressed",
+        checkpoint_dir=tmp_path,
+        progress=False,
+    )
     assert len(solved) == 14 - 9
     _assert_identical(_compressed_state(reference), _compressed_state(resumed))
 
 
 def test_mismatched_or_corrupted_checkpoint_is_refused_and_touches_nothing(tmp_path):
     batches = token_batches(2, 16)
-    sparsify_dictionary_(tiny_llama(), CONFIG, calibration=batches, sequential=True, checkpoint_dir=tmp_path, progress=False)
+    sparsify_dictionary_(
+        tiny_llama(), CONFIG, calibration=batches, sequential=True, checkpoint_dir=tmp_path, progress=False
+    )
     model = tiny_llama()
     with pytest.raises(CheckpointMismatchError, match="different arguments"):
-        sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.4, iterations=1, atoms_per_step=4, allocation="uniform", grouping=None), calibration=batches,
-                             sequential=True, checkpoint_dir=tmp_path, progress=False)
+        sparsify_dictionary_(
+            model,
+            DictionaryConfig(
+                compression_ratio=0.4, iterations=1, atoms_per_step=4, allocation="uniform", grouping=None
+            ),
+            calibration=batches,
+            sequential=True,
+            checkpoint_dir=tmp_path,
+            progress=False,
+        )
     assert not _compressed_state(model)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(CheckpointMismatchError, match="corrupted"):
-        sparsify_dictionary_(model, CONFIG, calibration=batches, sequential=True, checkpoint_dir=tmp_path, progress=False)
+        sparsify_dictionary_(
+            model, CONFIG, calibration=batches, sequential=True, checkpoint_dir=tmp_path, progress=False
+        )
     assert not _compressed_state(model)
 
 
@@ -212,7 +270,8 @@ def test_two_gloo_processes_equal_one(tmp_path, variant):
         "knapsack-inputs-groups": "allocation='knapsack', grouping='inputs'",
     }[variant]
     script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, sys, torch, torch.distributed as dist
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from models import tiny_llama, token_batches
@@ -231,11 +290,16 @@ def test_two_gloo_processes_equal_one(tmp_path, variant):
         torch.save(state, {str(tmp_path)!r} + f"/state_{{rank}}.pt")
         if dist.is_initialized():
             dist.destroy_process_group()
-    """))
+    """)
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, str(script)], check=True, env=env)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", str(script)],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", str(script)],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     single = torch.load(tmp_path / "state_single.pt")
     for rank in (0, 1):
         distributed = torch.load(tmp_path / f"state_{rank}.pt")
@@ -255,13 +319,22 @@ def test_solves_are_dealt_within_the_greedy_bound_of_the_best_split(world, seed)
     assert owners == spadi_ao.sequential.deal_solves(costs, world)  # every rank computes the same deal
     makespan = max(sum(c for c, o in zip(costs, owners) if o == r) for r in range(world))
     best = min(
-        max(sum(c for c, o in zip(costs, split) if o == r) for r in range(world)) for split in itertools.product(range(world), repeat=len(costs))
+        max(sum(c for c, o in zip(costs, split) if o == r) for r in range(world))
+        for split in itertools.product(range(world), repeat=len(costs))
     )
     assert best <= makespan <= best * 4 / 3 + 1e-12
 
 
 def test_a_llama_blocks_mlp_solves_are_not_dealt_two_to_one_rank():
-    shapes = {"q": (2048, 2048), "k": (512, 2048), "v": (512, 2048), "o": (2048, 2048), "gate": (8192, 2048), "up": (8192, 2048), "down": (2048, 8192)}
+    shapes = {
+        "q": (2048, 2048),
+        "k": (512, 2048),
+        "v": (512, 2048),
+        "o": (2048, 2048),
+        "gate": (8192, 2048),
+        "up": (8192, 2048),
+        "down": (2048, 8192),
+    }
     linears = [nn.Linear(i, o, bias=False, device="meta") for o, i in shapes.values()]
     owners = dict(zip(shapes, spadi_ao.sequential.deal_solves(spadi_ao.sequential.solve_costs(linears, {}), 2)))
     assert owners["gate"] == owners["up"] != owners["down"]
@@ -274,7 +347,9 @@ def test_a_llama_blocks_mlp_solves_are_not_dealt_two_to_one_rank():
 def test_selection_outside_the_blocks_is_refused():
     model = tiny_llama()
     with pytest.raises(ValueError, match="only Linears inside"):
-        sparsify_dictionary_(model, CONFIG, filter_fn=lambda m, n: True, calibration=token_batches(1, 8), sequential=True, progress=False)
+        sparsify_dictionary_(
+            model, CONFIG, filter_fn=lambda m, n: True, calibration=token_batches(1, 8), sequential=True, progress=False
+        )
 
 
 def test_failure_keeps_finished_blocks_compressed_and_restores_the_block_in_flight(monkeypatch):
@@ -320,7 +395,10 @@ def _offload(model, how, directory):
     elif how == "disk_offload":
         accelerate.disk_offload(model, str(directory), execution_device="cpu")
     else:  # block 1 on disk, the rest in place
-        device_map = {name: "cpu" for name in ("model.embed_tokens", "model.layers.0", "model.norm", "model.rotary_emb", "lm_head")}
+        device_map = {
+            name: "cpu"
+            for name in ("model.embed_tokens", "model.layers.0", "model.norm", "model.rotary_emb", "lm_head")
+        }
         accelerate.dispatch_model(model, {**device_map, "model.layers.1": "disk"}, offload_dir=str(directory))
     return model
 
@@ -416,8 +494,17 @@ def test_block_inputs_that_do_not_fit_are_spilled_and_change_nothing(propagate, 
     monkeypatch.setattr(spadi_ao.sequential, "_available_memory_bytes", lambda: 0)
     monkeypatch.setattr(spadi_ao.sequential._InputStore, "__init__", record)
     spilled = tiny_llama()
-    sparsify_dictionary_(spilled, CONFIG, calibration=batches, sequential=True, propagate=propagate,
-                         checkpoint_dir=tmp_path / "run", progress=False)
+    sparsify_dictionary_(
+        spilled,
+        CONFIG,
+        calibration=batches,
+        sequential=True,
+        propagate=propagate,
+        checkpoint_dir=tmp_path / "run",
+        progress=False,
+    )
     _assert_identical(_compressed_state(in_memory), _compressed_state(spilled))
-    assert stores[0].spilled == 3 * 2  # the two blocks' inputs, three samples each (the last block's outputs are not kept)
+    assert (
+        stores[0].spilled == 3 * 2
+    )  # the two blocks' inputs, three samples each (the last block's outputs are not kept)
     assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("spadi-ao-inputs-")] == []

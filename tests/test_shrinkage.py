@@ -10,7 +10,9 @@ from spadi_ao.solvers.shrinkage import SequenceMoments, diagonal_shrinkage_inten
 
 def _gram(seed: int = 0, features: int = 12, tokens: int = 200) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, features, generator=generator, dtype=torch.float64) @ torch.randn(features, features, generator=generator, dtype=torch.float64)
+    x = torch.randn(tokens, features, generator=generator, dtype=torch.float64) @ torch.randn(
+        features, features, generator=generator, dtype=torch.float64
+    )
     return x.T @ x / tokens
 
 
@@ -18,7 +20,9 @@ def _weight(seed: int = 1) -> torch.Tensor:
     return torch.randn(20, 12, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("config", [LowRankConfig(compression_ratio=0.4), DictionaryConfig(compression_ratio=0.4, iterations=2)])
+@pytest.mark.parametrize(
+    "config", [LowRankConfig(compression_ratio=0.4), DictionaryConfig(compression_ratio=0.4, iterations=2)]
+)
 def test_zero_shrinkage_is_the_unregularised_solution(config):
     gram = _gram()
     plain, _ = compress_weight("w", _weight(), gram, config)
@@ -27,7 +31,9 @@ def test_zero_shrinkage_is_the_unregularised_solution(config):
     assert torch.equal(plain.dequantize(), shrunk.dequantize())
 
 
-@pytest.mark.parametrize("config", [LowRankConfig(compression_ratio=0.4), DictionaryConfig(compression_ratio=0.4, iterations=2)])
+@pytest.mark.parametrize(
+    "config", [LowRankConfig(compression_ratio=0.4), DictionaryConfig(compression_ratio=0.4, iterations=2)]
+)
 def test_full_shrinkage_is_the_solution_for_the_target_alone(config):
     gram = _gram()
     full, _ = compress_weight("w", _weight(), gram, config, shrinkage=1.0)
@@ -69,7 +75,12 @@ def test_auto_is_deterministic_uses_only_calibration_and_is_reported():
     for _ in range(2):
         model = nn.Sequential(nn.Linear(12, 20, bias=False))
         model[0].weight.data.copy_(_weight())
-        report = sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.4, iterations=1, gram_shrinkage="auto"), calibration=calibration, progress=False)
+        report = sparsify_dictionary_(
+            model,
+            DictionaryConfig(compression_ratio=0.4, iterations=1, gram_shrinkage="auto"),
+            calibration=calibration,
+            progress=False,
+        )
         results.append((report.layers[0].gram_shrinkage, model[0].weight.dequantize()))
     assert results[0][0] == results[1][0] and 0.0 < results[0][0] <= 1.0
     assert torch.equal(results[0][1], results[1][1])

@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spadi_ao import DictionaryTensor, LowRankTensor
 from spadi_ao.format import pack_codes, unpack_codes
@@ -50,16 +51,28 @@ def test_linear_matches_dense(bias):
     assert torch.allclose(linear(x), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("make", [lambda: _random_dictionary_tensor(12, 10, 8, 3), lambda: LowRankTensor(torch.randn(3, 10), torch.randn(12, 3), torch.float32)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _random_dictionary_tensor(12, 10, 8, 3),
+        lambda: LowRankTensor(torch.randn(3, 10), torch.randn(12, 3), torch.float32),
+    ],
+)
 @pytest.mark.parametrize("inference", [True, False])
 def test_linear_takes_its_arguments_by_name_too(make, inference):
     """``F.linear(x, w, bias=b)`` once dropped the bias and ``F.linear(input=x, weight=w)`` raised IndexError."""
     weight, bias, x = make(), torch.randn(12), torch.randn(2, 10)
     expected = F.linear(x, weight.dequantize(), bias)
     with torch.inference_mode(inference):
-        for y in (F.linear(x, weight, bias=bias), F.linear(input=x, weight=weight, bias=bias), F.linear(x, weight=weight, bias=bias)):
+        for y in (
+            F.linear(x, weight, bias=bias),
+            F.linear(input=x, weight=weight, bias=bias),
+            F.linear(x, weight=weight, bias=bias),
+        ):
             torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(F.linear(input=x, weight=weight), F.linear(x, weight.dequantize()), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            F.linear(input=x, weight=weight), F.linear(x, weight.dequantize()), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_eager_cpu_inference_skips_the_op_dispatch_with_identical_output(monkeypatch):
@@ -88,7 +101,13 @@ def test_low_rank_linear_matches_dense():
     assert torch.allclose(F.linear(x, weight), x @ (up @ down).T, atol=1e-5)
 
 
-@pytest.mark.parametrize("make", [lambda: _random_dictionary_tensor(12, 10, 8, 3), lambda: LowRankTensor(torch.randn(3, 10), torch.randn(12, 3), torch.float32)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _random_dictionary_tensor(12, 10, 8, 3),
+        lambda: LowRankTensor(torch.randn(3, 10), torch.randn(12, 3), torch.float32),
+    ],
+)
 def test_state_dict_roundtrip_is_bit_exact_with_weights_only(make):
     linear = torch.nn.Linear(10, 12)
     linear.weight = torch.nn.Parameter(make(), requires_grad=False)
@@ -113,12 +132,12 @@ def test_fresh_process_weights_only_load(tmp_path):
     torch.save(linear(torch.ones(1, 10)).detach(), tmp_path / "expected.pt")
     script = f"""
 import torch, spadi_ao
-state = torch.load({str(tmp_path / 'state.pt')!r}, weights_only=True)
+state = torch.load({str(tmp_path / "state.pt")!r}, weights_only=True)
 with torch.device("meta"):
     linear = torch.nn.Linear(10, 12)
 linear.load_state_dict(state, assign=True)
 assert type(linear.weight).__name__ == "DictionaryTensor"
-assert torch.equal(linear(torch.ones(1, 10)), torch.load({str(tmp_path / 'expected.pt')!r}))
+assert torch.equal(linear(torch.ones(1, 10)), torch.load({str(tmp_path / "expected.pt")!r}))
 """
     subprocess.run([sys.executable, "-c", script], check=True)
 

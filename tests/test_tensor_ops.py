@@ -6,12 +6,18 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from spadi_ao import DictionaryConfig, DictionaryTensor, LowRankConfig, LowRankTensor, compression_stats, sparsify_dictionary_
-
 from models import tiny_llama, token_batches
 from tensor_checks import check_slice_and_copy_like_vllm
+from torch import nn
+
+from spadi_ao import (
+    DictionaryConfig,
+    DictionaryTensor,
+    LowRankConfig,
+    LowRankTensor,
+    compression_stats,
+    sparsify_dictionary_,
+)
 
 CONFIGS = {
     "dictionary": DictionaryConfig(compression_ratio=0.3),
@@ -33,14 +39,18 @@ def config(request):
     return CONFIGS[request.param]
 
 
-@pytest.mark.parametrize("convert", [lambda w: w.to(torch.bfloat16), lambda w: w.half(), lambda w: w.to(device="cpu", dtype=torch.bfloat16)])
+@pytest.mark.parametrize(
+    "convert", [lambda w: w.to(torch.bfloat16), lambda w: w.half(), lambda w: w.to(device="cpu", dtype=torch.bfloat16)]
+)
 def test_dtype_casts_convert_float_parts_and_keep_the_rest(config, convert):
     weight = _linear(config).weight
     cast = convert(weight)
     assert type(cast) is type(weight) and cast.dtype in (torch.bfloat16, torch.float16)
     if isinstance(cast, DictionaryTensor):
         assert cast.dictionary.dtype == cast.dtype and torch.equal(cast.bitmask, weight.bitmask)
-        if weight.values.dtype != weight.dtype:  # int8 (with scales) or bfloat16 values: a format of their own, as stored
+        if (
+            weight.values.dtype != weight.dtype
+        ):  # int8 (with scales) or bfloat16 values: a format of their own, as stored
             assert torch.equal(cast.values, weight.values) and cast.values.dtype == weight.values.dtype
             assert cast.value_scale is None or torch.equal(cast.value_scale, weight.value_scale)
         else:
@@ -49,26 +59,33 @@ def test_dtype_casts_convert_float_parts_and_keep_the_rest(config, convert):
         assert cast.down.dtype == cast.up.dtype == cast.dtype
     torch.testing.assert_close(cast.dequantize(torch.float32), weight.dequantize(), rtol=2e-2, atol=2e-2)
     x = torch.randn(5, 64).to(cast.dtype)
-    torch.testing.assert_close(F.linear(x, cast).float(), x.float() @ cast.dequantize(torch.float32).T, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        F.linear(x, cast).float(), x.float() @ cast.dequantize(torch.float32).T, rtol=2e-2, atol=2e-2
+    )
 
 
 def test_model_to_bfloat16_converts_compressed_weights():
     model = tiny_llama()
-    sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3), calibration=token_batches(2, 16), progress=False)
+    sparsify_dictionary_(
+        model, DictionaryConfig(compression_ratio=0.3), calibration=token_batches(2, 16), progress=False
+    )
     model.to(torch.bfloat16)
     weight = model.model.layers[0].mlp.up_proj.weight
     assert weight.dtype == weight.dictionary.dtype == weight.values.dtype == torch.bfloat16
     assert model(torch.arange(8).unsqueeze(0)).logits.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("take, dense", [
-    (lambda w: w[:8], lambda d: d[:8]),
-    (lambda w: w[5:17], lambda d: d[5:17]),
-    (lambda w: w.narrow(0, 16, 24), lambda d: d.narrow(0, 16, 24)),
-    (lambda w: w.narrow(1, 8, 40), lambda d: d.narrow(1, 8, 40)),
-    (lambda w: w[:, 3:9], lambda d: d[:, 3:9]),
-    (lambda w: w[-8:], lambda d: d[-8:]),
-])
+@pytest.mark.parametrize(
+    "take, dense",
+    [
+        (lambda w: w[:8], lambda d: d[:8]),
+        (lambda w: w[5:17], lambda d: d[5:17]),
+        (lambda w: w.narrow(0, 16, 24), lambda d: d.narrow(0, 16, 24)),
+        (lambda w: w.narrow(1, 8, 40), lambda d: d.narrow(1, 8, 40)),
+        (lambda w: w[:, 3:9], lambda d: d[:, 3:9]),
+        (lambda w: w[-8:], lambda d: d[-8:]),
+    ],
+)
 def test_slices_match_the_dense_slice(config, take, dense):
     weight = _linear(config).weight
     part = take(weight)
@@ -91,8 +108,15 @@ def test_slice_and_copy_like_vllm(config, dim):
     check_slice_and_copy_like_vllm(lambda seed: _linear(config, seed), dim)
 
 
-@pytest.mark.parametrize("op", [torch.ops.aten.detach.default, torch.ops.aten.alias.default, torch.ops.aten.clone.default,
-                                lambda w: torch.ops.aten._to_copy.default(w, dtype=torch.float32)])
+@pytest.mark.parametrize(
+    "op",
+    [
+        torch.ops.aten.detach.default,
+        torch.ops.aten.alias.default,
+        torch.ops.aten.clone.default,
+        lambda w: torch.ops.aten._to_copy.default(w, dtype=torch.float32),
+    ],
+)
 def test_detach_alias_clone_to_copy_keep_the_weight(config, op):
     weight = _linear(config).weight
     result = op(weight)
@@ -121,11 +145,18 @@ def test_meta_then_to_empty(config):
 
 def test_short_repr_and_print_model():
     model = tiny_llama()
-    sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3, values_dtype="int8"), calibration=token_batches(2, 16), progress=False)
+    sparsify_dictionary_(
+        model,
+        DictionaryConfig(compression_ratio=0.3, values_dtype="int8"),
+        calibration=token_batches(2, 16),
+        progress=False,
+    )
     weight = model.model.layers[0].self_attn.q_proj.weight
     text = repr(weight)
     assert len(text) < 200 and "values" in text
-    assert f"k={weight.num_atoms}, s={weight.nonzeros_per_row}" in text and f"stored_bytes={weight.stored_bytes()}" in text
+    assert (
+        f"k={weight.num_atoms}, s={weight.nonzeros_per_row}" in text and f"stored_bytes={weight.stored_bytes()}" in text
+    )
     assert "values=int8+scale" in text
     printed = str(model)
     assert printed.count("weight=DictionaryTensor(") >= 7 and len(printed) < 6000  # identical blocks print once
@@ -134,18 +165,26 @@ def test_short_repr_and_print_model():
     buffer.seek(0)
     assert str(torch.load(buffer, weights_only=False)) == printed == str(copy.deepcopy(model))
     low_rank = _linear(CONFIGS["low-rank"]).weight
-    assert repr(low_rank) == f"LowRankTensor(shape=(48, 64), rank={low_rank.rank}, dtype=float32, stored_bytes={low_rank.stored_bytes()})"
+    assert (
+        repr(low_rank)
+        == f"LowRankTensor(shape=(48, 64), rank={low_rank.rank}, dtype=float32, stored_bytes={low_rank.stored_bytes()})"
+    )
 
 
 def test_memory_footprint_counts_stored_bytes():
     shared = tiny_llama()  # the default shares dictionaries: each is counted once
-    sparsify_dictionary_(shared, DictionaryConfig(compression_ratio=0.3), calibration=token_batches(2, 16), progress=False)
+    sparsify_dictionary_(
+        shared, DictionaryConfig(compression_ratio=0.3), calibration=token_batches(2, 16), progress=False
+    )
     assert shared.get_memory_footprint() == compression_stats(shared)["model_stored_bytes"]
     model = tiny_llama()
     dense = model.get_memory_footprint()
     config = DictionaryConfig(compression_ratio=0.3, grouping=None)
     sparsify_dictionary_(model, config, calibration=token_batches(2, 16), progress=False)
-    removed = sum(m.weight.shape[0] * m.weight.shape[1] * 4 - m.weight.stored_bytes()
-                  for m in model.modules() if isinstance(m, nn.Linear) and isinstance(m.weight, DictionaryTensor))
+    removed = sum(
+        m.weight.shape[0] * m.weight.shape[1] * 4 - m.weight.stored_bytes()
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and isinstance(m.weight, DictionaryTensor)
+    )
     assert model.get_memory_footprint() == dense - removed
     assert model.get_memory_footprint() == compression_stats(model)["model_stored_bytes"]

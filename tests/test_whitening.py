@@ -1,5 +1,6 @@
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spadi_ao.solvers.whitening import shrink_gram, whiten
 
@@ -10,7 +11,12 @@ def _data(tokens: int, features: int, seed: int) -> torch.Tensor:
     return torch.randn(tokens, features, generator=generator, dtype=torch.float64) * scales
 
 
-@given(tokens=st.integers(2, 80), features=st.integers(2, 40), seed=st.integers(0, 1000), damping=st.sampled_from([0.0, 1e-2]))
+@given(
+    tokens=st.integers(2, 80),
+    features=st.integers(2, 40),
+    seed=st.integers(0, 1000),
+    damping=st.sampled_from([0.0, 1e-2]),
+)
 @settings(max_examples=60, deadline=None)
 def test_whitening_identity_including_rank_deficient(tokens, features, seed, damping):
     """||X E^T||_F == ||U E^T||_F for the (damped) Gram, also when tokens < features."""

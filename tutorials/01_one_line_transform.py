@@ -23,7 +23,14 @@ def main() -> None:
     sizes = run.sizes
 
     def ppl() -> float:
-        return perplexity(run.model, run.tokenizer, run.eval_text, seq_len=sizes.seq_len, max_windows=sizes.eval_windows, progress=False).ppl
+        return perplexity(
+            run.model,
+            run.tokenizer,
+            run.eval_text,
+            seq_len=sizes.seq_len,
+            max_windows=sizes.eval_windows,
+            progress=False,
+        ).ppl
 
     before = ppl()
     # The defaults are the measured best: the fast solver, per-layer ratios from a loss-weighted knapsack over the
@@ -37,10 +44,16 @@ def main() -> None:
 
     stats = compression_stats(run.model)
     first = report.layers[0]
-    print(f"compressed {len(report.layers)} Linears in {seconds:.0f} s: {stats['compressed_dense_bytes'] / 2**20:.1f} MiB -> "
-          f"{stats['compressed_stored_bytes'] / 2**20:.1f} MiB (honest ratio {report.compression_ratio:.3f})")
-    print(f"e.g. {first.name}: k={first.k} atoms, s={first.s} non-zeros per output, whitened error {first.whitened_error:.3f}")
-    print(f"perplexity on held-out stdlib text ({sizes.eval_windows} x {sizes.seq_len} tokens): dense {before:.2f} -> compressed {after:.2f}")
+    print(
+        f"compressed {len(report.layers)} Linears in {seconds:.0f} s: {stats['compressed_dense_bytes'] / 2**20:.1f} MiB -> "
+        f"{stats['compressed_stored_bytes'] / 2**20:.1f} MiB (honest ratio {report.compression_ratio:.3f})"
+    )
+    print(
+        f"e.g. {first.name}: k={first.k} atoms, s={first.s} non-zeros per output, whitened error {first.whitened_error:.3f}"
+    )
+    print(
+        f"perplexity on held-out stdlib text ({sizes.eval_windows} x {sizes.seq_len} tokens): dense {before:.2f} -> compressed {after:.2f}"
+    )
 
 
 if __name__ == "__main__":

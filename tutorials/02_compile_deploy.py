@@ -40,7 +40,9 @@ def greedy(forward, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor
 def main() -> None:
     arguments = parser(__doc__)
     arguments.add_argument("--new-tokens", type=int, default=24)
-    arguments.add_argument("--backend", default="inductor", help="torch.compile backend (tests use aot_eager: no C++ build)")
+    arguments.add_argument(
+        "--backend", default="inductor", help="torch.compile backend (tests use aot_eager: no C++ build)"
+    )
     args = arguments.parse_args()
     run = setup(args.tiny)
     dense = run.model
@@ -59,7 +61,9 @@ def main() -> None:
             raise SystemExit(f"{name}: compiled generation differs from eager")
         rows.append((name, eager_seconds, compiled_seconds, build, run.tokenizer.decode(compiled_tokens[0])))
 
-    print(f"greedy generation, {args.new_tokens} tokens after {prompt.shape[1]} prompt tokens (full-buffer forward per token):")
+    print(
+        f"greedy generation, {args.new_tokens} tokens after {prompt.shape[1]} prompt tokens (full-buffer forward per token):"
+    )
     print(f"{'model':<12} {'eager ms/tok':>12} {'compiled ms/tok':>16} {'compile s':>10}")
     for name, eager_seconds, compiled_seconds, build, _ in rows:
         print(f"{name:<12} {eager_seconds * 1e3:>12.1f} {compiled_seconds * 1e3:>16.1f} {build:>10.1f}")

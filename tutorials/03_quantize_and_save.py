@@ -22,7 +22,14 @@ from accelerate import init_empty_weights
 from torchao.quantization import Int8WeightOnlyConfig, quantize_
 from transformers import AutoModelForCausalLM
 
-from spadi_ao import DictionaryConfig, DictionaryTensor, attach_quantizer, compression_stats, quantize_dictionary_, sparsify_dictionary_
+from spadi_ao import (
+    DictionaryConfig,
+    DictionaryTensor,
+    attach_quantizer,
+    compression_stats,
+    quantize_dictionary_,
+    sparsify_dictionary_,
+)
 from spadi_ao.pipeline import perplexity
 from spadi_ao.serialization import load_compressed, save_compressed
 
@@ -33,7 +40,9 @@ def _compressed_linear(module: torch.nn.Module, fqn: str) -> bool:
 
 def main() -> None:
     arguments = parser(__doc__)
-    arguments.add_argument("--output", type=Path, default=None, help="folder for the saved models (default: a temporary one)")
+    arguments.add_argument(
+        "--output", type=Path, default=None, help="folder for the saved models (default: a temporary one)"
+    )
     args = arguments.parse_args()
     run = setup(args.tiny)
     sizes = run.sizes
@@ -52,8 +61,12 @@ def main() -> None:
     print(f"{'model':<22} {'Linear MiB':>10} {'ratio':>7} {'ppl':>8}")
     for name, model in (("cospadi 0.3", compressed), ("  + int8 dict & codes", int8)):
         stats = compression_stats(model)
-        ppl = perplexity(model, run.tokenizer, run.eval_text, seq_len=sizes.seq_len, max_windows=sizes.eval_windows, progress=False).ppl
-        print(f"{name:<22} {stats['compressed_stored_bytes'] / 2**20:>10.2f} {stats['linear_compression_ratio']:>7.3f} {ppl:>8.2f}")
+        ppl = perplexity(
+            model, run.tokenizer, run.eval_text, seq_len=sizes.seq_len, max_windows=sizes.eval_windows, progress=False
+        ).ppl
+        print(
+            f"{name:<22} {stats['compressed_stored_bytes'] / 2**20:>10.2f} {stats['linear_compression_ratio']:>7.3f} {ppl:>8.2f}"
+        )
 
     with torch.no_grad():
         expected = int8(ids).logits

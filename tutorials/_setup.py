@@ -31,7 +31,12 @@ TINY = Sizes(calibration_samples=4, seq_len=64, eval_windows=4)
 
 def parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", default=os.environ.get(TINY_ENV) == "1", help=f"tiny random model (or {TINY_ENV}=1)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        default=os.environ.get(TINY_ENV) == "1",
+        help=f"tiny random model (or {TINY_ENV}=1)",
+    )
     return parser
 
 
@@ -42,7 +47,12 @@ def _tiny_model_and_tokenizer(text: str):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
     tokenizer.train_from_iterator([text[:50_000]], trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
     torch.manual_seed(0)

@@ -53,7 +53,9 @@ def install_offloaded(module: nn.Linear, weight: torch.Tensor, hook: AlignDevice
 
     def undo() -> None:
         module._parameters.update(original)
-        module._hf_hook = hook  # re-attached as it was: add_hook_to_module would re-run its init on the restored weights
+        module._hf_hook = (
+            hook  # re-attached as it was: add_hook_to_module would re-run its init on the restored weights
+        )
 
     return WeightSwap(undo=undo, release=lambda: _forget(hook.weights_map, list(original)))
 

@@ -119,7 +119,9 @@ def _quantize_atoms(dictionary: torch.Tensor, config: AOBaseConfig) -> tuple[tor
 _quantized_atoms: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _shared_quantize_atoms(dictionary: torch.Tensor, config: AOBaseConfig) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _shared_quantize_atoms(
+    dictionary: torch.Tensor, config: AOBaseConfig
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     cached = _quantized_atoms.get(dictionary)
     if cached is None or cached[0] is not config:
         cached = _quantized_atoms[dictionary] = (config, *_quantize_atoms(dictionary, config))
@@ -180,7 +182,9 @@ def quantize_dictionary_(
         and (filter_fn is None or filter_fn(module, name))
     }
     if not targets:
-        raise ValueError("no Linear with a DictionaryTensor weight matched: compress the model with sparsify_dictionary_ first")
+        raise ValueError(
+            "no Linear with a DictionaryTensor weight matched: compress the model with sparsify_dictionary_ first"
+        )
     new_weights = {}
     for name, module in targets.items():
         try:

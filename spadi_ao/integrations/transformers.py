@@ -30,6 +30,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from spadi_ao.grouping import storage_key
 from spadi_ao.serialization import (
     FORMAT_VERSION,
     CheckpointError,
@@ -38,7 +39,6 @@ from spadi_ao.serialization import (
     flatten_state_dict,
     unflatten_tensor,
 )
-from spadi_ao.grouping import storage_key
 from spadi_ao.tensor import is_compressed_weight
 from spadi_ao.tensor_ops import describe_linears, inner_tensors
 
@@ -64,7 +64,9 @@ class SpadiAoConfig(QuantizationConfigMixin):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"SpadiAoConfig needs quant_method={QUANT_METHOD!r}, got {quant_method!r}")
         if format_version != FORMAT_VERSION:
-            raise CheckpointError(f"unsupported spadi_ao format_version {format_version!r} in config.json; expected {FORMAT_VERSION}")
+            raise CheckpointError(
+                f"unsupported spadi_ao format_version {format_version!r} in config.json; expected {FORMAT_VERSION}"
+            )
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.layers = dict(layers or {})
@@ -128,7 +130,9 @@ class SpadiAoDeserialize(ConversionOps):
     ) -> dict[str, torch.Tensor]:
         entry = self.hf_quantizer.quantization_config.layers.get(full_layer_name)
         if entry is None:
-            raise CheckpointError(f"{full_layer_name}: the checkpoint holds compressed parts that config.json does not list")
+            raise CheckpointError(
+                f"{full_layer_name}: the checkpoint holds compressed parts that config.json does not list"
+            )
         param = full_layer_name.rpartition(".")[2]
         collected = {name: input_dict.get(_source_pattern(param, name)) for name in _owned(full_layer_name, entry)}
         tensors = {name: values[0] for name, values in collected.items() if values}
@@ -165,12 +169,16 @@ class SpadiAoHfQuantizer(HfQuantizer):
                 ) from None
             current = getattr(module, attribute, None)
             if not isinstance(module, nn.Linear) or current is None or list(current.shape) != entry["shape"]:
-                raise CheckpointError(f"config.json lists {key} as a {entry['shape']} Linear weight; the model has {module}")
+                raise CheckpointError(
+                    f"config.json lists {key} as a {entry['shape']} Linear weight; the model has {module}"
+                )
         if checkpoint_files:
             stored = _stored_shapes(checkpoint_files)
             for key, entry in layers.items():
                 sources = _sources(key, entry)
-                check_stored_shapes(key, entry, {name: stored[source] for name, source in sources.items() if source in stored})
+                check_stored_shapes(
+                    key, entry, {name: stored[source] for name, source in sources.items() if source in stored}
+                )
         return model
 
     @property
@@ -240,7 +248,9 @@ def _relink_shared(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
             owners = {shared[name].removesuffix(f".{name}") if name in shared else None for name in parts}
             owner = owners.pop() if len(owners) == 1 else None
             if owner not in layers:
-                raise CheckpointError(f"{key}.{top}: config.json shares it only in part or with an unknown weight ({shared})")
+                raise CheckpointError(
+                    f"{key}.{top}: config.json shares it only in part or with an unknown weight ({shared})"
+                )
             setattr(weight, top, getattr(model.get_parameter(owner), top))
 
 

@@ -57,7 +57,13 @@ def row_blocks(out: int, k: int, dtype: torch.dtype) -> Iterator[tuple[int, int]
 
 
 def code_rows(
-    values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, k: int, start: int, stop: int, dtype: torch.dtype
+    values: torch.Tensor,
+    value_scale: Optional[torch.Tensor],
+    bitmask: torch.Tensor,
+    k: int,
+    start: int,
+    stop: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """Dense codes of output rows ``[start, stop)``, ``(stop - start, k)`` in ``dtype``, from torch ops
     (traceable); int8 values are dequantised per output row."""
@@ -68,7 +74,14 @@ def code_rows(
     return codes.masked_scatter(mask, dequantize_values(values[start:stop], scale, dtype))
 
 
-def _tile_plan(z: torch.Tensor, values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, k: int, plan: Optional[native.Plan]):
+def _tile_plan(
+    z: torch.Tensor,
+    values: torch.Tensor,
+    value_scale: Optional[torch.Tensor],
+    bitmask: torch.Tensor,
+    k: int,
+    plan: Optional[native.Plan],
+):
     """The native plan that expands tiles for ``z``'s dtype, or ``None`` for the torch-ops tiles."""
     if not (z.is_cpu and z.dtype in native.ACTIVATION_DTYPES and native.available()):
         return None
@@ -105,12 +118,20 @@ def _blocked_product(
 
 
 def codes_product(
-    z: torch.Tensor, values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, bias: Optional[torch.Tensor]
+    z: torch.Tensor,
+    values: torch.Tensor,
+    value_scale: Optional[torch.Tensor],
+    bitmask: torch.Tensor,
+    bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """``z @ C^T + b`` block by block in functional torch ops, for traced graphs and autograd."""
     k, out = z.shape[-1], values.shape[0]
     parts = [
-        F.linear(z, code_rows(values, value_scale, bitmask, k, start, stop, z.dtype), None if bias is None else bias[start:stop])
+        F.linear(
+            z,
+            code_rows(values, value_scale, bitmask, k, start, stop, z.dtype),
+            None if bias is None else bias[start:stop],
+        )
         for start, stop in row_blocks(out, k, z.dtype)
     ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
@@ -123,7 +144,9 @@ def transposed_codes_product(
     flat = g.reshape(-1, g.shape[-1])
     result = flat.new_zeros((flat.shape[0], k))
     for start, stop in row_blocks(values.shape[0], k, g.dtype):
-        result = torch.addmm(result, flat[:, start:stop], code_rows(values, value_scale, bitmask, k, start, stop, g.dtype))
+        result = torch.addmm(
+            result, flat[:, start:stop], code_rows(values, value_scale, bitmask, k, start, stop, g.dtype)
+        )
     return result.reshape(*g.shape[:-1], k)
 
 
@@ -149,7 +172,9 @@ def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _needs_grad(x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
+    return torch.is_grad_enabled() and (
+        x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
+    )
 
 
 def _native_decode(x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
@@ -176,7 +201,9 @@ class _CodesProduct(torch.autograd.Function):
     def backward(ctx, grad_output):
         z, values, value_scale, bitmask = ctx.saved_tensors
         k = z.shape[-1]
-        grad_z = transposed_codes_product(grad_output, values, value_scale, bitmask, k) if ctx.needs_input_grad[0] else None
+        grad_z = (
+            transposed_codes_product(grad_output, values, value_scale, bitmask, k) if ctx.needs_input_grad[0] else None
+        )
         grad_values = grad_bias = None
         flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
         if ctx.needs_input_grad[1] and value_scale is None:
@@ -200,7 +227,9 @@ def multiply_codes(
     plan = None
     if _native_decode(z, values, bias):
         k = z.shape[-1]
-        plan = native.codes_plan(values, value_scale, bitmask, k) or native.codes_plan(*map(_contiguous, (values, value_scale, bitmask)), k)
+        plan = native.codes_plan(values, value_scale, bitmask, k) or native.codes_plan(
+            *map(_contiguous, (values, value_scale, bitmask)), k
+        )
         y = None if plan is None else native.codes_gemv(plan, z.contiguous(), _contiguous(bias))
         if y is not None:
             return y

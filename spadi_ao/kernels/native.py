@@ -131,7 +131,9 @@ def _kernels() -> Optional[_Kernels]:
         library = ctypes.CDLL(str(_build(_compiler())))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", None) or error
-        warnings.warn(f"spadi_ao: the native CPU decode kernel could not be built ({detail}); using torch ops", stacklevel=3)
+        warnings.warn(
+            f"spadi_ao: the native CPU decode kernel could not be built ({detail}); using torch ops", stacklevel=3
+        )
         return None
     pointer = ctypes.c_void_p
     for function in (library.spadi_codes_gemv, library.spadi_dictionary_decode):
@@ -198,7 +200,9 @@ _plans: dict[int, Plan] = {}  # id(values) -> its plan; an entry leaves with its
 
 
 def _fits(tensor: Optional[torch.Tensor], shape: tuple[int, ...]) -> bool:
-    return tensor is None or (type(tensor) is torch.Tensor and tensor.is_cpu and tensor.is_contiguous() and tensor.shape == shape)
+    return tensor is None or (
+        type(tensor) is torch.Tensor and tensor.is_cpu and tensor.is_contiguous() and tensor.shape == shape
+    )
 
 
 def _address(tensor: Optional[torch.Tensor]) -> Optional[int]:
@@ -212,18 +216,44 @@ def _new_plan(dictionary, dictionary_scale, values, value_scale, bitmask, k: int
     in_features = 0 if dictionary is None else dictionary.shape[-1]
     if dictionary is not None and not readable(dictionary, dictionary_scale):
         return None
-    shapes = ((dictionary, (k, in_features)), (dictionary_scale, (k,)), (values, (out, s)), (value_scale, (out,)), (bitmask, (out, (k + 7) // 8)))
+    shapes = (
+        (dictionary, (k, in_features)),
+        (dictionary_scale, (k,)),
+        (values, (out, s)),
+        (value_scale, (out,)),
+        (bitmask, (out, (k + 7) // 8)),
+    )
     if not all(_fits(tensor, shape) for tensor, shape in shapes):
         return None
     dictionary_type = 0 if dictionary is None else _ELEMENT_TYPES[dictionary.dtype]
     stored = _StoredWeight(
-        _address(dictionary), _address(dictionary_scale), values.data_ptr(), _address(value_scale), bitmask.data_ptr(),
-        dictionary_type, _ELEMENT_TYPES[values.dtype], in_features, k, s, out,
+        _address(dictionary),
+        _address(dictionary_scale),
+        values.data_ptr(),
+        _address(value_scale),
+        bitmask.data_ptr(),
+        dictionary_type,
+        _ELEMENT_TYPES[values.dtype],
+        in_features,
+        k,
+        s,
+        out,
     )
     key = id(values)
     if key not in _plans:
         weakref.finalize(values, _plans.pop, key, None)
-    plan = Plan(weakref.ref(values), dictionary, dictionary_scale, value_scale, bitmask, stored, ctypes.addressof(stored), in_features, k, out)
+    plan = Plan(
+        weakref.ref(values),
+        dictionary,
+        dictionary_scale,
+        value_scale,
+        bitmask,
+        stored,
+        ctypes.addressof(stored),
+        in_features,
+        k,
+        out,
+    )
     _plans[key] = plan
     return plan
 
@@ -245,7 +275,9 @@ def dictionary_plan(
     return _new_plan(dictionary, dictionary_scale, values, value_scale, bitmask, dictionary.shape[0])
 
 
-def codes_plan(values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, k: int) -> Optional[Plan]:
+def codes_plan(
+    values: torch.Tensor, value_scale: Optional[torch.Tensor], bitmask: torch.Tensor, k: int
+) -> Optional[Plan]:
     """The plan for stage 2 alone (codes over ``k`` atoms), or ``None`` as :func:`dictionary_plan`."""
     plan = _plans.get(id(values))
     if plan is not None and plan.k == k and plan.holds(None, None, values, value_scale, bitmask):
@@ -268,12 +300,16 @@ def _run(kernel, plan: Plan, x: torch.Tensor, width: int, bias: Optional[torch.T
     activation_type = _ACTIVATION_TYPES.get(x.dtype)
     if x.shape[-1] != width or activation_type is None or not (x.is_cpu and x.is_contiguous()):
         return None
-    if bias is not None and not (bias.dtype == x.dtype and bias.shape == (plan.out,) and bias.is_cpu and bias.is_contiguous()):
+    if bias is not None and not (
+        bias.dtype == x.dtype and bias.shape == (plan.out,) and bias.is_cpu and bias.is_contiguous()
+    ):
         return None
     y = x.new_empty((*x.shape[:-1], plan.out))
     tokens = x.numel() // width if width else 0
     bias_address = None if bias is None else bias.data_ptr()
-    invalid = kernel(plan.address, x.data_ptr(), tokens, bias_address, y.data_ptr(), activation_type, torch.get_num_threads())
+    invalid = kernel(
+        plan.address, x.data_ptr(), tokens, bias_address, y.data_ptr(), activation_type, torch.get_num_threads()
+    )
     if invalid:
         _refuse(invalid, plan)
     return y
@@ -295,6 +331,8 @@ def codes_tile(plan: Plan, start: int, stop: int, tile: torch.Tensor) -> None:
     """Write output rows ``[start, stop)`` of the codes (``C^T``) into ``tile``, a contiguous CPU
     ``(stop - start, k)`` tensor of one of ``ACTIVATION_DTYPES`` (int8 values times their row scale, rounded
     to ``tile.dtype`` as ``dequantize_values`` rounds them)."""
-    invalid = _kernels().codes_tile(plan.address, start, stop, tile.data_ptr(), _ACTIVATION_TYPES[tile.dtype], torch.get_num_threads())
+    invalid = _kernels().codes_tile(
+        plan.address, start, stop, tile.data_ptr(), _ACTIVATION_TYPES[tile.dtype], torch.get_num_threads()
+    )
     if invalid:
         _refuse(invalid, plan)

@@ -61,7 +61,9 @@ def dictionary_linear(
     kernel = select_kernel(x.device, x.dtype, math.prod(x.shape[:-1]))
     if not kernel.startswith("triton"):
         return _dictionary_linear_torch(x, dictionary, dictionary_scale, values, value_scale, bitmask, bias)
-    return triton_dictionary.dictionary_linear(x, dictionary, dictionary_scale, values, value_scale, bitmask, bias, kernel)
+    return triton_dictionary.dictionary_linear(
+        x, dictionary, dictionary_scale, values, value_scale, bitmask, bias, kernel
+    )
 
 
 dictionary_linear.register_kernel("cpu")(cpu.dictionary_linear)
@@ -83,13 +85,17 @@ def _backward(ctx, grad_output: torch.Tensor):
     x, dictionary, dictionary_scale, values, value_scale, bitmask = ctx.saved_tensors
     needs_x, needs_dictionary, _, needs_values, _, _, needs_bias = ctx.needs_input_grad
     k = dictionary.shape[0]
-    grad_atoms = cpu.transposed_codes_product(grad_output, values, value_scale, bitmask, k)  # the gradient at z = x D~^T
+    grad_atoms = cpu.transposed_codes_product(
+        grad_output, values, value_scale, bitmask, k
+    )  # the gradient at z = x D~^T
     atoms = dequantize_dictionary(dictionary, dictionary_scale, grad_output.dtype)
     grad_x = grad_atoms @ atoms if needs_x else None
     grad_dictionary = grad_values = grad_bias = None
     flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
     if needs_dictionary and dictionary_scale is None:
-        grad_dictionary = (grad_atoms.reshape(-1, k).T @ x.reshape(-1, x.shape[-1]).to(grad_output.dtype)).to(dictionary.dtype)
+        grad_dictionary = (grad_atoms.reshape(-1, k).T @ x.reshape(-1, x.shape[-1]).to(grad_output.dtype)).to(
+            dictionary.dtype
+        )
     if needs_values and value_scale is None:
         projected = F.linear(x.to(grad_output.dtype), atoms).reshape(-1, k)
         grad_values = cpu.values_gradient(flat_grad, projected, bitmask, k).view_as(values).to(values.dtype)

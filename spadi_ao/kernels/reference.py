@@ -12,7 +12,9 @@ from spadi_ao.format import unpack_codes
 __all__ = ["dequantize_dictionary", "dequantize_values", "reference_dictionary_linear"]
 
 
-def dequantize_dictionary(dictionary: torch.Tensor, dictionary_scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def dequantize_dictionary(
+    dictionary: torch.Tensor, dictionary_scale: Optional[torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
     """Float ``(k, in)`` dictionary; int8 rows are scaled by their per-atom ``dictionary_scale``."""
     if dictionary_scale is None:
         return dictionary.to(dtype)

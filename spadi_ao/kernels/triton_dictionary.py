@@ -49,7 +49,9 @@ def _operand(v, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _codes_tile(bitmask_ptr, values_ptr, offs_n, rows, start, base, S, NB, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _codes_tile(
+    bitmask_ptr, values_ptr, offs_n, rows, start, base, S, NB, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):
     """Dense ``C[offs_n, start:start + BLOCK_K]`` and the per-row count of set bits so far."""
     offs_byte = start // 8 + tl.arange(0, BLOCK_K // 8)
     byte = tl.load(
@@ -81,9 +83,13 @@ def _codes_kernel(
     for start in range(0, K, BLOCK_K):
         codes, base = _codes_tile(bitmask_ptr, values_ptr, offs_n, rows, start, base, S, NB, BLOCK_N, BLOCK_K)
         offs_k = start + tl.arange(0, BLOCK_K)
-        z = tl.load(z_ptr + offs_m[:, None] * K + offs_k[None, :], mask=tokens[:, None] & (offs_k[None, :] < K), other=0.0)
+        z = tl.load(
+            z_ptr + offs_m[:, None] * K + offs_k[None, :], mask=tokens[:, None] & (offs_k[None, :] < K), other=0.0
+        )
         # z is rounded to the output dtype first, as the two-GEMM reference does.
-        acc += tl.dot(_operand(z, out_dtype, UPCAST), tl.trans(_operand(codes, out_dtype, UPCAST)), input_precision=PRECISION)
+        acc += tl.dot(
+            _operand(z, out_dtype, UPCAST), tl.trans(_operand(codes, out_dtype, UPCAST)), input_precision=PRECISION
+        )
     if HAS_V_SCALE:
         acc *= tl.load(v_scale_ptr + offs_n, mask=rows, other=0.0)[None, :]
     if HAS_BIAS:
@@ -133,12 +139,18 @@ def _atoms_split_kernel(
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_in = tl.program_id(1) * BLOCK_IN + tl.arange(0, BLOCK_IN)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    x = tl.load(x_ptr + offs_m[:, None] * IN + offs_in[None, :], mask=(offs_m[:, None] < M) & (offs_in[None, :] < IN), other=0.0)
-    d = tl.load(d_ptr + offs_k[None, :] * IN + offs_in[:, None], mask=(offs_k[None, :] < K) & (offs_in[:, None] < IN), other=0)
+    x = tl.load(
+        x_ptr + offs_m[:, None] * IN + offs_in[None, :], mask=(offs_m[:, None] < M) & (offs_in[None, :] < IN), other=0.0
+    )
+    d = tl.load(
+        d_ptr + offs_k[None, :] * IN + offs_in[:, None], mask=(offs_k[None, :] < K) & (offs_in[:, None] < IN), other=0
+    )
     acc = tl.dot(_operand(x, x.dtype, UPCAST), _operand(d, x.dtype, UPCAST), input_precision=PRECISION)
     if HAS_D_SCALE:
         acc *= tl.load(d_scale_ptr + offs_k, mask=offs_k < K, other=0.0)[None, :]
-    tl.atomic_add(z_ptr + offs_m[:, None] * K + offs_k[None, :], acc, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+    tl.atomic_add(
+        z_ptr + offs_m[:, None] * K + offs_k[None, :], acc, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K)
+    )
 
 
 @triton.autotune(
@@ -163,12 +175,24 @@ def _atoms_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
     for start in range(0, IN, BLOCK_IN):
         offs_in = start + tl.arange(0, BLOCK_IN)
-        x = tl.load(x_ptr + offs_m[:, None] * IN + offs_in[None, :], mask=(offs_m[:, None] < M) & (offs_in[None, :] < IN), other=0.0)
-        d = tl.load(d_ptr + offs_k[None, :] * IN + offs_in[:, None], mask=(offs_k[None, :] < K) & (offs_in[:, None] < IN), other=0)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * IN + offs_in[None, :],
+            mask=(offs_m[:, None] < M) & (offs_in[None, :] < IN),
+            other=0.0,
+        )
+        d = tl.load(
+            d_ptr + offs_k[None, :] * IN + offs_in[:, None],
+            mask=(offs_k[None, :] < K) & (offs_in[:, None] < IN),
+            other=0,
+        )
         acc += tl.dot(_operand(x, x.dtype, UPCAST), _operand(d, x.dtype, UPCAST), input_precision=PRECISION)
     if HAS_D_SCALE:
         acc *= tl.load(d_scale_ptr + offs_k, mask=offs_k < K, other=0.0)[None, :]
-    tl.store(z_ptr + offs_m[:, None] * K + offs_k[None, :], acc.to(z_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+    tl.store(
+        z_ptr + offs_m[:, None] * K + offs_k[None, :],
+        acc.to(z_ptr.dtype.element_ty),
+        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+    )
 
 
 def dictionary_linear(

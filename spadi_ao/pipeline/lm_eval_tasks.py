@@ -22,7 +22,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from spadi_ao.pipeline import PipelineError
 from spadi_ao.pipeline.data import zeroshot_data_dir
 
-__all__ = ["LOCAL_TASKS", "LocalTask", "ZeroShotResult", "local_task_config", "read_documents", "task_specs", "zero_shot"]
+__all__ = [
+    "LOCAL_TASKS",
+    "LocalTask",
+    "ZeroShotResult",
+    "local_task_config",
+    "read_documents",
+    "task_specs",
+    "zero_shot",
+]
 
 INSTALL_HINT = 'pip install "spadi-ao[eval]" (lm-eval)'
 
@@ -108,7 +116,9 @@ def read_documents(task: str, data_dir: str | Path) -> list[dict[str, Any]]:
     try:
         return [spec.to_stock(record) for record in records]
     except (KeyError, ValueError, IndexError) as error:
-        raise PipelineError(f"task {task!r}: a record of {data_dir / spec.records} does not fit the format ({error!r})") from error
+        raise PipelineError(
+            f"task {task!r}: a record of {data_dir / spec.records} does not fit the format ({error!r})"
+        ) from error
 
 
 @dataclass(frozen=True)
@@ -143,7 +153,11 @@ def local_task_config(task: str, data_dir: str | Path) -> dict[str, Any]:
     for key in ("tag", "group", "dataset_kwargs"):
         config.pop(key, None)
     evaluated = "test_split" if config.get("test_split") else "validation_split"
-    unused = {name: None for name in ("training_split", "validation_split", "test_split", "fewshot_split") if name != evaluated}
+    unused = {
+        name: None
+        for name in ("training_split", "validation_split", "test_split", "fewshot_split")
+        if name != evaluated
+    }
     return {
         **config,
         **unused,
@@ -153,7 +167,9 @@ def local_task_config(task: str, data_dir: str | Path) -> dict[str, Any]:
     }
 
 
-def task_specs(tasks: Sequence[str], data_dir: str | Path | None = None) -> tuple[list[str | dict[str, Any]], dict[str, str]]:
+def task_specs(
+    tasks: Sequence[str], data_dir: str | Path | None = None
+) -> tuple[list[str | dict[str, Any]], dict[str, str]]:
     """What to hand lm-eval for each task name, and where each task's documents come from.
 
     A task of :data:`LOCAL_TASKS` reads ``data_dir`` (its files must be there) or, without one, the default
@@ -203,7 +219,9 @@ class ZeroShotResult:
         return json.loads(json.dumps(report, default=str))
 
 
-def _summarise(output: dict[str, Any], tasks: Sequence[str], sources: dict[str, str], limit: int | None) -> ZeroShotResult:
+def _summarise(
+    output: dict[str, Any], tasks: Sequence[str], sources: dict[str, str], limit: int | None
+) -> ZeroShotResult:
     from lm_eval.utils import make_table
 
     results = output["results"]
@@ -267,7 +285,9 @@ def zero_shot(
     was_training = model.training
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        output = lm_eval.simple_evaluate(model=lm, tasks=specs, limit=limit, task_manager=manager, log_samples=log_samples)
+        output = lm_eval.simple_evaluate(
+            model=lm, tasks=specs, limit=limit, task_manager=manager, log_samples=log_samples
+        )
     finally:
         model.train(was_training)
     return _summarise(output, tasks, sources, limit)

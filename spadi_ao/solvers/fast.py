@@ -39,7 +39,9 @@ def _least_squares_dictionary(signals: torch.Tensor, codes: torch.Tensor, curren
     return torch.where(used.unsqueeze(0), dictionary, current)
 
 
-def _refit_codes(signals: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor, iterations: int) -> torch.Tensor:
+def _refit_codes(
+    signals: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor, iterations: int
+) -> torch.Tensor:
     """Conjugate gradients on every column's normal equations, restricted to its support, all at once."""
     gram = dictionary.T @ dictionary
     residual = mask * (dictionary.T @ signals - gram @ codes)
@@ -54,12 +56,17 @@ def _refit_codes(signals: torch.Tensor, dictionary: torch.Tensor, codes: torch.T
         codes.add_(step * direction)
         residual.sub_(step * product)
         new_squared = residual.pow(2).sum(0)
-        direction = residual + torch.where(squared > tiny, new_squared / squared.clamp_min(tiny), torch.zeros_like(squared)) * direction
+        direction = (
+            residual
+            + torch.where(squared > tiny, new_squared / squared.clamp_min(tiny), torch.zeros_like(squared)) * direction
+        )
         squared = new_squared
     return codes
 
 
-def fast_dictionary(signals: torch.Tensor, k: int, s: int, steps: int = 8, cg_iterations: int = 4, seed: int = 42) -> KSVDResult:
+def fast_dictionary(
+    signals: torch.Tensor, k: int, s: int, steps: int = 8, cg_iterations: int = 4, seed: int = 42
+) -> KSVDResult:
     """Dictionary (n x k, unit-norm atoms) and ``s``-sparse codes for ``signals`` (n x m); see the module docstring."""
     if not 1 <= s <= k:
         raise ValueError(f"need 1 <= s <= k, got s={s}, k={k}")

@@ -17,7 +17,14 @@ import torch
 from spadi_ao.solvers import BLOCK_ELEMENTS
 from spadi_ao.solvers.omp import batched_omp, codes_to_dense, least_squares_codes
 
-__all__ = ["KSVDResult", "ksvd", "initial_dictionary", "leading_left_singular_vectors", "squared_error", "svd_dictionary"]
+__all__ = [
+    "KSVDResult",
+    "ksvd",
+    "initial_dictionary",
+    "leading_left_singular_vectors",
+    "squared_error",
+    "svd_dictionary",
+]
 
 
 @dataclass

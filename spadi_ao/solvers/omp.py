@@ -29,7 +29,9 @@ def _robust_cholesky(matrix: torch.Tensor) -> torch.Tensor:
     return factor
 
 
-def _omp_chunk(gram: torch.Tensor, alpha0: torch.Tensor, s: int, atoms_per_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _omp_chunk(
+    gram: torch.Tensor, alpha0: torch.Tensor, s: int, atoms_per_step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = alpha0.shape
     dtype, device = alpha0.dtype, alpha0.device
     indices = torch.empty(m, s, dtype=torch.long, device=device)
