@@ -7,8 +7,8 @@
 
 Calibration sources: WikiText-2 validation and the stdlib corpus (its calibration part), "blend" (half
 of each), "generated" (the model's own text, see ``generated_batches``) and "stdlib+generated" (half
-stdlib, half generated); evaluation: WikiText-2 test and the stdlib held-out part. Methods: CoSpaDi and SVD-LLM, each with
-``gram_shrinkage`` 0 and "auto". Writes benchmarks/results/calibration.{json,md,png}.
+stdlib, half generated); evaluation: WikiText-2 test and the stdlib held-out part. Methods: CoSpaDi and SVD-LLM, each
+with ``gram_shrinkage`` 0 and "auto". Writes benchmarks/results/calibration.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ SOURCES = {
     "stdlib": lambda: split_text(load_text("stdlib"))[0],
 }
 BLEND = {"stdlib": 0.5, "wikitext2-valid": 0.5}
-"""The 'blend' source: half the sequences from each (``mix_calibration``), what a user mixing their own text with a generic one gets."""
+"""The 'blend' source: half the sequences from each (``mix_calibration``), what a user mixing their own text
+with a generic one gets."""
 GENERATED = ("generated", "stdlib+generated")
 EVALUATIONS = {
     "wikitext2-test": lambda: load_text("wikitext2-test"),
@@ -240,7 +241,9 @@ def main() -> None:
     write_json(RESULTS / f"{args.name}.json", payload)
     cospadi = config_for("cospadi", "auto", args)
     lines = [
-        f"CR {args.ratio} (cospadi: allocation {cospadi.allocation}, solver {cospadi.solver}, grouping {cospadi.grouping}), calibration {args.n_samples} x {args.seq_len}, evaluation first {args.eval_windows} x {args.seq_len} tokens. "
+        f"CR {args.ratio} (cospadi: allocation {cospadi.allocation}, solver {cospadi.solver}, grouping "
+        f"{cospadi.grouping}), calibration {args.n_samples} x {args.seq_len}, evaluation first "
+        f"{args.eval_windows} x {args.seq_len} tokens. "
         f"Dense: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()),
         "",
         "| calibration | method | gram_shrinkage | mean chosen | " + " | ".join(f"PPL {k}" for k in EVALUATIONS) + " |",

@@ -130,8 +130,8 @@ def main() -> None:
             }
         )
         print(
-            f"{name:40s} {stored / 2**20:7.2f} MiB ({1 - stored / dense_bytes:6.1%} smaller)  ppl {result['ppl']:8.3f}  "
-            f"word ppl {result['word_ppl']:8.3f}  {seconds:5.0f}s",
+            f"{name:40s} {stored / 2**20:7.2f} MiB ({1 - stored / dense_bytes:6.1%} smaller)  ppl "
+            f"{result['ppl']:8.3f}  word ppl {result['word_ppl']:8.3f}  {seconds:5.0f}s",
             flush=True,
         )
 
@@ -201,7 +201,8 @@ def main() -> None:
     header = (
         f"SmolLM2-135M-Instruct, {len(names)} projections ({dense_bytes / 2**20:.1f} MiB fp32). WikiText-2 test, first "
         f"{args.eval_windows} x {args.seq_len} ({dense['n_tokens']} predicted tokens); calibration {args.n_samples} x "
-        f"{args.seq_len} of {args.calibration}; CoSpaDi {'one-shot ' + str(ONE_SHOT) if args.one_shot else 'DictionaryConfig()'}, "
+        f"{args.seq_len} of {args.calibration}; CoSpaDi "
+        f"{'one-shot ' + str(ONE_SHOT) if args.one_shot else 'DictionaryConfig()'}, "
         f"gram_shrinkage={args.gram_shrinkage}. Bytes are what the weights hold: torchao's int4 keeps one value "
         f"per int8 byte on CPU plus a scale and zero point per group of {GROUP}."
     )

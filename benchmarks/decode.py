@@ -156,7 +156,8 @@ def main() -> None:
             f"{row['tokens_per_s'] / dense_speed[row['mode']]:.2f}x |"
         )
     header = (
-        f"SmolLM2-135M-Instruct, {args.dtype}, greedy decode of {args.new_tokens} tokens after a {PROMPT_TOKENS}-token prompt, "
+        f"SmolLM2-135M-Instruct, {args.dtype}, greedy decode of {args.new_tokens} tokens after a "
+        f"{PROMPT_TOKENS}-token prompt, "
         f"{torch.get_num_threads()} threads, median of {args.rounds} rounds after {args.warmup} warm-up rounds."
     )
     print("\n" + header + "\n\n" + "\n".join(table))

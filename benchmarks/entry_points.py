@@ -126,14 +126,16 @@ def main() -> None:
     }
     write_json(RESULTS / f"{args.name}.json", payload)
     lines = [
-        f"SmolLM2-135M-Instruct, CR 0.3, {payload['calibration']}; perplexity on {payload['evaluation']} (dense {payload['dense_ppl']:.2f}).",
+        f"SmolLM2-135M-Instruct, CR 0.3, {payload['calibration']}; perplexity on {payload['evaluation']} (dense "
+        f"{payload['dense_ppl']:.2f}).",
         "",
         "| entry point | seconds | achieved CR | PPL | same as CLI |",
         "|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| `{row['entry point']}` | {row['seconds']:.0f} | {row['compression_ratio']:.4f} | {row['ppl']:.2f} | {row.get('same_as_cli', '-')} |"
+            f"| `{row['entry point']}` | {row['seconds']:.0f} | {row['compression_ratio']:.4f} | {row['ppl']:.2f} "
+            f"| {row.get('same_as_cli', '-')} |"
         )
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -151,14 +151,16 @@ def prepare(work: Path, ratios: list[float], int8: bool) -> dict[str, tuple[Path
 def table(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     dense = {row["stage"]: row for row in results["dense"]}
     lines = [
-        "| model | stage | stored MiB | weight MiB (live) | weight / stored | KV cache MiB | RSS MiB | RSS vs dense | peak RSS MiB |",
+        "| model | stage | stored MiB | weight MiB (live) | weight / stored | KV cache MiB | RSS MiB | RSS vs "
+        "dense | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in results.items():
         for row in rows:
             lines.append(
                 f"| {name} | {row['stage']} | {row['stored_bytes'] / MIB:.1f} | {row['weight_bytes'] / MIB:.1f} "
-                f"| {row['weight_bytes'] / row['stored_bytes']:.3f} | {row['kv_bytes'] / MIB:.1f} | {row['rss_bytes'] / MIB:.0f} "
+                f"| {row['weight_bytes'] / row['stored_bytes']:.3f} | {row['kv_bytes'] / MIB:.1f} | "
+                f"{row['rss_bytes'] / MIB:.0f} "
                 f"| {row['rss_bytes'] / dense[row['stage']]['rss_bytes']:.2f}x | {row['peak_rss_bytes'] / MIB:.0f} |"
             )
     return lines
@@ -202,7 +204,8 @@ def main() -> None:
     print("\n" + header + "\n\n" + "\n".join(lines))
     payload = {"environment": environment(), "command": " ".join(sys.argv), "seconds": round(time.time() - started, 1),
                "compression": "DictionaryConfig(compression_ratio=r, solver='fast', fast_steps=0, gram_shrinkage=0.0), "
-                              "4 x 128 calibration tokens; + int8: quantize_dictionary_(Int8WeightOnlyConfig(), values_dtype='int8')",
+                              "4 x 128 calibration tokens; + int8: quantize_dictionary_(Int8WeightOnlyConfig(), "
+                              "values_dtype='int8')",
                "results": results}  # fmt: skip
     write_json(RESULTS / f"{args.name}.json", payload)
     (RESULTS / f"{args.name}.md").write_text(f"# Run-time memory\n\n{header}\n\n" + "\n".join(lines) + "\n")

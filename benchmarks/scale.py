@@ -351,8 +351,9 @@ def part_layers(args: argparse.Namespace) -> list[dict]:
             rows.append(row)
             gram = f"Gram {row['gram_seconds']:.1f}s, " if "gram_seconds" in row else ""
             print(
-                f"layer {shape} ({row['out']}x{row['in']}, k={row['k']}, s={row['s']}), {solver}: {gram}{row['seconds']:.1f}s, "
-                f"peak RSS {row['peak_rss'] / 2**30:.2f} GiB (+{(row['peak_rss'] - row['rss_before_solve']) / 2**30:.2f} GiB during it)",
+                f"layer {shape} ({row['out']}x{row['in']}, k={row['k']}, s={row['s']}), {solver}: "
+                f"{gram}{row['seconds']:.1f}s, peak RSS {row['peak_rss'] / 2**30:.2f} GiB "
+                f"(+{(row['peak_rss'] - row['rss_before_solve']) / 2**30:.2f} GiB during it)",
                 flush=True,
             )
     return rows
@@ -403,10 +404,12 @@ def part_rss(args: argparse.Namespace) -> dict:
         result["peak_over_weights"] = result["peak_rss"] / result["weight_bytes"]
         runs.append(result)
         print(
-            f"rss: {layers} layers, {result['parameters'] / 1e9:.2f}B params, weights {result['weight_bytes'] / 2**30:.2f} GiB, "
-            f"peak RSS {result['peak_rss'] / 2**30:.2f} GiB ({result['peak_over_weights']:.2f}x), {result['seconds']:.0f}s; first pass "
-            f"{result['first_pass_seconds']:.0f}s (sensitivity {result['sensitivity_seconds']:.0f}s), peak RSS by its end "
-            f"{result['peak_rss_after_first_pass'] / 2**30:.2f} GiB (after the sensitivity {result['peak_rss_after_sensitivity'] / 2**30:.2f} GiB)",
+            f"rss: {layers} layers, {result['parameters'] / 1e9:.2f}B params, weights "
+            f"{result['weight_bytes'] / 2**30:.2f} GiB, peak RSS {result['peak_rss'] / 2**30:.2f} GiB "
+            f"({result['peak_over_weights']:.2f}x), {result['seconds']:.0f}s; first pass "
+            f"{result['first_pass_seconds']:.0f}s (sensitivity {result['sensitivity_seconds']:.0f}s), peak RSS by its "
+            f"end {result['peak_rss_after_first_pass'] / 2**30:.2f} GiB (after the sensitivity "
+            f"{result['peak_rss_after_sensitivity'] / 2**30:.2f} GiB)",
             flush=True,
         )
     growth = None
@@ -437,9 +440,10 @@ def part_speedup(args: argparse.Namespace) -> dict:
         "identical": single["digest"] == double["digest"],
     }
     print(
-        f"speedup: solve phase 1 rank {single['solve_seconds']:.1f}s, 2 ranks {double['solve_seconds']:.1f}s -> {result['speedup']:.2f}x "
-        f"(whole run {single['seconds']:.1f}s vs {double['seconds']:.1f}s), identical output: {result['identical']}; first pass "
-        f"{single['first_pass_seconds']:.1f}s vs {double['first_pass_seconds']:.1f}s, its table phase {single['table_seconds']:.1f}s vs "
+        f"speedup: solve phase 1 rank {single['solve_seconds']:.1f}s, 2 ranks {double['solve_seconds']:.1f}s -> "
+        f"{result['speedup']:.2f}x (whole run {single['seconds']:.1f}s vs {double['seconds']:.1f}s), identical "
+        f"output: {result['identical']}; first pass {single['first_pass_seconds']:.1f}s vs "
+        f"{double['first_pass_seconds']:.1f}s, its table phase {single['table_seconds']:.1f}s vs "
         f"{double['table_seconds']:.1f}s",
         flush=True,
     )
@@ -510,8 +514,8 @@ def part_resume(args: argparse.Namespace) -> dict:
         "identical": finished["digest"] == reference["digest"],
     }
     print(
-        f"resume: killed with {kills} of {total} checkpoint entries (first-pass tables and Linears) done; final model identical "
-        f"to uninterrupted: {result['identical']}",
+        f"resume: killed with {kills} of {total} checkpoint entries (first-pass tables and Linears) done; final "
+        f"model identical to uninterrupted: {result['identical']}",
         flush=True,
     )
     return result
@@ -521,25 +525,26 @@ MALLOC_NOTE = ", glibc MALLOC_MMAP_THRESHOLD_={} (freed weights go back to the s
 
 
 def write(results: dict, args: argparse.Namespace) -> None:
+    malloc = MALLOC_NOTE.format(os.environ["MALLOC_MMAP_THRESHOLD_"]) if "MALLOC_MMAP_THRESHOLD_" in os.environ else ""
     lines = [
-        f"Model shape `{args.shape}` ({SHAPES[args.shape]}), calibration {args.samples} x {args.seq_len} random tokens, "
-        f"CoSpaDi CR 0.3, solver='fast', fast_steps=0, {args.setting} allocation, sequential=True, "
-        f"{args.threads} thread(s) per process (rss, resume)"
-        f"{MALLOC_NOTE.format(os.environ['MALLOC_MMAP_THRESHOLD_']) if 'MALLOC_MMAP_THRESHOLD_' in os.environ else ''}.",
+        f"Model shape `{args.shape}` ({SHAPES[args.shape]}), calibration {args.samples} x {args.seq_len} random "
+        f"tokens, CoSpaDi CR 0.3, solver='fast', fast_steps=0, {args.setting} allocation, sequential=True, "
+        f"{args.threads} thread(s) per process (rss, resume){malloc}.",
         "",
     ]
     if "rss" in results:
         lines += [
-            "| layers | parameters | fp32 weights GiB | RSS after imports GiB | peak RSS GiB | peak / weights | seconds | "
+            "| layers | parameters | fp32 weights GiB | RSS after imports GiB | peak RSS GiB | peak / weights | "
+            "seconds | "
             "first pass s (sensitivity s) | peak RSS by the end of the first pass GiB (of the sensitivity) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for run in results["rss"]["runs"]:
             lines.append(
                 f"| {run['layers']} | {run['parameters'] / 1e9:.3f}B | {run['weight_bytes'] / 2**30:.2f} | "
-                f"{run['baseline_rss'] / 2**30:.2f} | {run['peak_rss'] / 2**30:.2f} | {run['peak_over_weights']:.2f} | {run['seconds']:.0f} | "
-                f"{run['first_pass_seconds']:.0f} ({run['sensitivity_seconds']:.0f}) | {run['peak_rss_after_first_pass'] / 2**30:.2f} "
-                f"({run['peak_rss_after_sensitivity'] / 2**30:.2f}) |"
+                f"{run['baseline_rss'] / 2**30:.2f} | {run['peak_rss'] / 2**30:.2f} | {run['peak_over_weights']:.2f} "
+                f"| {run['seconds']:.0f} | {run['first_pass_seconds']:.0f} ({run['sensitivity_seconds']:.0f}) | "
+                f"{run['peak_rss_after_first_pass'] / 2**30:.2f} ({run['peak_rss_after_sensitivity'] / 2**30:.2f}) |"
             )
         growth = results["rss"]["growth"]
         if growth:
@@ -552,10 +557,11 @@ def write(results: dict, args: argparse.Namespace) -> None:
         r = results["speedup"]
         lines += [
             "",
-            f"Solve phase ({r['layers']} layers): 1 rank x 1 thread {r['one_rank_solve_seconds']:.1f} s, 2 ranks x 1 thread "
-            f"{r['two_ranks_solve_seconds']:.1f} s: {r['speedup']:.2f}x (whole run {r['one_rank_total_seconds']:.1f} s vs "
-            f"{r['two_ranks_total_seconds']:.1f} s); identical output: {r['identical']}. First pass {r['one_rank_first_pass_seconds']:.1f} s "
-            f"vs {r['two_ranks_first_pass_seconds']:.1f} s, its table phase {r['one_rank_table_seconds']:.1f} s vs "
+            f"Solve phase ({r['layers']} layers): 1 rank x 1 thread {r['one_rank_solve_seconds']:.1f} s, 2 ranks x 1 "
+            f"thread {r['two_ranks_solve_seconds']:.1f} s: {r['speedup']:.2f}x (whole run "
+            f"{r['one_rank_total_seconds']:.1f} s vs {r['two_ranks_total_seconds']:.1f} s); identical output: "
+            f"{r['identical']}. First pass {r['one_rank_first_pass_seconds']:.1f} s vs "
+            f"{r['two_ranks_first_pass_seconds']:.1f} s, its table phase {r['one_rank_table_seconds']:.1f} s vs "
             f"{r['two_ranks_table_seconds']:.1f} s.",
         ]
     if "resume" in results:
@@ -571,15 +577,17 @@ def write(results: dict, args: argparse.Namespace) -> None:
         lines += [
             "",
             f"Block inputs ({r['layers']} layers, {r['input_bytes_per_block'] / 2**20:.0f} MiB a block): peak RSS "
-            f"{r['in_memory_peak_rss'] / 2**30:.2f} GiB kept in memory, {r['spilled_peak_rss'] / 2**30:.2f} GiB spilled to "
-            f"memory-mapped files; {r['in_memory_seconds']:.1f} s vs {r['spilled_seconds']:.1f} s; identical output: {r['identical']}.",
+            f"{r['in_memory_peak_rss'] / 2**30:.2f} GiB kept in memory, {r['spilled_peak_rss'] / 2**30:.2f} GiB "
+            f"spilled to memory-mapped files; {r['in_memory_seconds']:.1f} s vs {r['spilled_seconds']:.1f} s; "
+            f"identical output: {r['identical']}.",
         ]
     if "layers" in results:
         lines += [
             "",
             f"Per layer, CR 0.3, 1 thread, a fresh process per row (peak RSS of the whole process; 'added' is what the "
             f"step added to the weight and Gram already in memory). '{WHITENING}': Gram accumulation over "
-            f"{GRAM_TOKENS[0]} x {GRAM_TOKENS[1]} tokens, then the in-place whitening; the solver rows include whitening.",
+            f"{GRAM_TOKENS[0]} x {GRAM_TOKENS[1]} tokens, then the in-place whitening; the solver rows include "
+            "whitening.",
             "",
             "| layer | out x in | k / s | step | Gram s | seconds | Gram MiB | peak RSS GiB | added GiB |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -589,7 +597,8 @@ def write(results: dict, args: argparse.Namespace) -> None:
             gram = f"{r['gram_seconds']:.2f}" if "gram_seconds" in r else "-"
             lines.append(
                 f"| {r['shape']} | {r['out']}x{r['in']} | {sizes} | {r['solver']} | {gram} | {r['seconds']:.2f} | "
-                f"{r['gram_bytes'] / 2**20:.0f} | {r['peak_rss'] / 2**30:.2f} | {(r['peak_rss'] - r['rss_before_solve']) / 2**30:.2f} |"
+                f"{r['gram_bytes'] / 2**20:.0f} | {r['peak_rss'] / 2**30:.2f} | "
+                f"{(r['peak_rss'] - r['rss_before_solve']) / 2**30:.2f} |"
             )
     RESULTS.mkdir(parents=True, exist_ok=True)
     malloc = (

@@ -185,8 +185,13 @@ def decide(args: argparse.Namespace) -> None:
     payload = {
         "command": " ".join(["python", *sys.argv]),
         "rules": {
-            "gram_shrinkage": f"lowest geometric mean of perplexity over {list(SHRINKAGE_SOURCES)} calibration x the validation texts",
-            "calibration_source": "among sources needing no download, lowest geometric mean over the validation texts at the chosen shrinkage",
+            "gram_shrinkage": (
+                f"lowest geometric mean of perplexity over {list(SHRINKAGE_SOURCES)} calibration x the validation texts"
+            ),
+            "calibration_source": (
+                "among sources needing no download, lowest geometric mean over the validation texts at the chosen "
+                "shrinkage"
+            ),
         },
         "validation_texts": list(VALIDATION),
         "settings": parts[next(iter(parts))]["settings"],
@@ -201,9 +206,9 @@ def decide(args: argparse.Namespace) -> None:
     write_json(RESULTS / "select_defaults.json", payload)
     settings = payload["settings"]
     lines = [
-        f"Selection on validation text only (CR {settings['ratio']}, knapsack + fast solver ({settings['fast_steps']} refits) + "
-        f"shared-input groups, calibration {settings['n_samples']} x {settings['seq_len']}, first {settings['eval_windows']} x "
-        f"{settings['seq_len']} tokens of each validation text). Dense: "
+        f"Selection on validation text only (CR {settings['ratio']}, knapsack + fast solver ({settings['fast_steps']} "
+        f"refits) + shared-input groups, calibration {settings['n_samples']} x {settings['seq_len']}, first "
+        f"{settings['eval_windows']} x {settings['seq_len']} tokens of each validation text). Dense: "
         + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()),
         "",
         "| calibration | gram_shrinkage | " + " | ".join(f"PPL {t}" for t in VALIDATION) + " | geometric mean |",

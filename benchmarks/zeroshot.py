@@ -1,8 +1,8 @@
 """Zero-shot accuracy table from ``spadi-ao eval --tasks ... --output REPORT.json`` reports.
 
 Each evaluation is its own CLI run (one model, or some of its tasks, per run keeps every run short); this
-script puts their lm-eval numbers side by side (it reads JSON only: no model, no torch): per task the metric papers report (``acc_norm`` where lm-eval defines it,
-else ``acc``), the average of those, and the average of plain ``acc``.
+script puts their lm-eval numbers side by side (it reads JSON only: no model, no torch): per task the metric papers
+report (``acc_norm`` where lm-eval defines it, else ``acc``), the average of those, and the average of plain ``acc``.
 
     python benchmarks/zeroshot.py dense=benchmarks/results/zeroshot-dense.json \\
         cospadi=benchmarks/results/zeroshot-cospadi.json svd-llm=benchmarks/results/zeroshot-svd-llm.json

@@ -99,7 +99,8 @@ def solve_knapsack(
         best, picks[unit] = new, pick
     if not math.isfinite(float(best[capacity])):
         raise ValueError(
-            f"no choice fits {budget} bytes once costs are rounded up to {quantum}-byte quanta; raise max_bins or the budget"
+            f"no choice fits {budget} bytes once costs are rounded up to {quantum}-byte quanta; raise max_bins or "
+            "the budget"
         )
     chosen, remaining = [], capacity
     for unit in reversed(range(len(costs))):

@@ -128,7 +128,8 @@ def _units(targets: dict[str, nn.Linear], config: DictionaryConfig | LowRankConf
         weights = [targets[name].weight for name in unit]
         if len({w.shape[1] for w in weights}) > 1 or len({w.dtype for w in weights}) > 1:
             raise ValueError(
-                f"grouping puts {unit} in one group, but they differ in in_features or dtype; they cannot share a dictionary"
+                f"grouping puts {unit} in one group, but they differ in in_features or dtype; they cannot share a "
+                "dictionary"
             )
         if any(config.for_layer(name) != config.for_layer(unit[0]) for name in unit[1:]):
             raise ValueError(f"grouping puts {unit} in one group, but layer_overrides give them different settings")
@@ -204,8 +205,8 @@ def _check_overrides(targets: dict[str, nn.Linear], config: DictionaryConfig | L
         if not any(re.search(pattern, name) for name in targets):
             examples = ", ".join(list(targets)[:3])
             raise ValueError(
-                f"layer_overrides pattern {pattern!r} matches none of the {len(targets)} selected Linears (e.g. {examples}); "
-                "fix the pattern (re.search on the module name) or remove it"
+                f"layer_overrides pattern {pattern!r} matches none of the {len(targets)} selected Linears (e.g. "
+                f"{examples}); fix the pattern (re.search on the module name) or remove it"
             )
 
 
@@ -490,7 +491,8 @@ def _sparsify_sequential(
         for batch in calibration
     ):
         raise ValueError(
-            "sequential=True does not leave padding out of the Grams yet: pass unpadded sequences (no 0 in attention_mask)"
+            "sequential=True does not leave padding out of the Grams yet: pass unpadded sequences (no 0 in "
+            "attention_mask)"
         )
     if sensitivity is not None:
         _sensitivity(model, targets, calibration, sensitivity)  # checks it covers every Linear

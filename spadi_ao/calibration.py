@@ -105,8 +105,8 @@ class GramCollector:
             return list(sequences)
         if tuple(x.shape[:-1]) != tuple(self._mask.shape):
             raise ValueError(
-                f"{name} reads an input of shape {tuple(x.shape)} whose tokens the attention_mask {tuple(self._mask.shape)} "
-                "cannot select; calibrate this model on unpadded sequences"
+                f"{name} reads an input of shape {tuple(x.shape)} whose tokens the attention_mask "
+                f"{tuple(self._mask.shape)} cannot select; calibrate this model on unpadded sequences"
             )
         mask = self._mask.to(x.device)
         return [sequence[keep] for sequence, keep in zip(sequences, mask)]

@@ -68,7 +68,10 @@ def _add_eval_arguments(parser: argparse.ArgumentParser, default_windows: Option
     parser.add_argument(
         "--eval-text",
         default=None,
-        help="evaluation text: 'stdlib' (held-out part; used when omitted), a file/dir, 'wikitext2-test', 'hf:NAME[:CONFIG[:SPLIT]]'",
+        help=(
+            "evaluation text: 'stdlib' (held-out part; used when omitted), a file/dir, 'wikitext2-test', "
+            "'hf:NAME[:CONFIG[:SPLIT]]'"
+        ),
     )
     parser.add_argument(
         "--eval-windows", type=_positive, default=default_windows, help="evaluate the first N windows only (None: all)"
@@ -157,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--solver",
         choices=["fast", "ksvd", "procrustes"],
         **field,
-        help=f"cospadi: the fast closed-form refits, K-SVD (the paper's) or orthonormal Procrustes dictionaries (default: {d['solver']})",
+        help=(
+            "cospadi: the fast closed-form refits, K-SVD (the paper's) or orthonormal Procrustes dictionaries "
+            f"(default: {d['solver']})"
+        ),
     )
     compress.add_argument(
         "--fast-steps",
@@ -190,13 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--allocation",
         choices=["uniform", "knapsack"],
         **field,
-        help=f"per-layer ratios: a knapsack over the whole-model budget or uniform (default: {d['allocation']} for cospadi, uniform for svd-llm)",
+        help=(
+            f"per-layer ratios: a knapsack over the whole-model budget or uniform (default: {d['allocation']} for "
+            "cospadi, uniform for svd-llm)"
+        ),
     )
     compress.add_argument(
         "--grouping",
         choices=["inputs", "paper", "none"],
         **field,
-        help=f"cospadi: layers sharing one dictionary: 'inputs' (q/k/v and gate/up of a block), 'paper' (not with --sequential), 'none' (default: {d['grouping']})",
+        help=(
+            "cospadi: layers sharing one dictionary: 'inputs' (q/k/v and gate/up of a block), 'paper' (not with "
+            f"--sequential), 'none' (default: {d['grouping']})"
+        ),
     )
     compress.add_argument(
         "--damping", type=float, **field, help=f"Gram ridge, relative to its mean diagonal (default: {d['damping']})"
@@ -235,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
         "model",
         nargs="?",
         default=None,
-        help="a spadi-ao output dir, a save_pretrained folder, or any --model source of 'compress' (None: the embedded default)",
+        help=(
+            "a spadi-ao output dir, a save_pretrained folder, or any --model source of 'compress' (None: the "
+            "embedded default)"
+        ),
     )
     evaluate.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype a dense model is loaded in")
     _add_eval_arguments(evaluate, default_windows=None)
@@ -319,7 +334,10 @@ def _perplexity(model, tokenizer, text: str, args: argparse.Namespace, label: st
         max_windows=args.eval_windows,
         word_level=args.word_level,
     )
-    line = f"{label}: perplexity {result.ppl:.3f} over {result.n_tokens} tokens ({result.n_windows} windows x {result.seq_len})"
+    line = (
+        f"{label}: perplexity {result.ppl:.3f} over {result.n_tokens} tokens ({result.n_windows} windows x "
+        f"{result.seq_len})"
+    )
     if result.word_ppl is not None:
         line += f", word perplexity {result.word_ppl:.3f}"
     print(f"{line} [{time.perf_counter() - start:.0f}s]", flush=True)
@@ -393,7 +411,8 @@ def _compress(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, tokenizer = _load_any(args.model, args.dtype)
     print(
-        f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) in {time.perf_counter() - start:.0f}s",
+        f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) in "
+        f"{time.perf_counter() - start:.0f}s",
         flush=True,
     )
     if args.seq_len > model_context_length(model):
@@ -447,7 +466,8 @@ def _zero_shot(model, tokenizer, args: argparse.Namespace) -> dict:
         by_metric = {metric: [t for t, m in result.reported.items() if m == metric] for metric in ("acc_norm", "acc")}
         used = "; ".join(f"{metric}: {', '.join(names)}" for metric, names in by_metric.items() if names)
         print(
-            f"average over {len(result.reported)} tasks ({used}): {result.average:.4f}; mean acc {result.average_acc:.4f}"
+            f"average over {len(result.reported)} tasks ({used}): {result.average:.4f}; mean acc "
+            f"{result.average_acc:.4f}"
         )
     print(f"[{time.perf_counter() - start:.0f}s]", flush=True)
     return result.to_dict()
@@ -513,7 +533,8 @@ def _show_settings(settings: dict[str, Any], calibration: Optional[str]) -> None
     achieved = settings.get("compression_ratio")
     achieved = f"{achieved:.4f}" if isinstance(achieved, float) else achieved
     print(
-        f"  method {settings.get('method')} ({settings.get('config_type')}), target ratio {settings.get('target_ratio')}, achieved {achieved}"
+        f"  method {settings.get('method')} ({settings.get('config_type')}), target ratio "
+        f"{settings.get('target_ratio')}, achieved {achieved}"
     )
     for key in (
         "solver",
@@ -562,7 +583,8 @@ def _info(args: argparse.Namespace) -> int:
     elif report.get("compression"):
         compression = report["compression"]
         print(
-            f"  method {compression['method']}, target ratio {compression['target_ratio']}, achieved {compression['compression_ratio']:.4f}"
+            f"  method {compression['method']}, target ratio {compression['target_ratio']}, achieved "
+            f"{compression['compression_ratio']:.4f}"
         )
     for key in ("dense_perplexity", "compressed_perplexity"):
         if key in report:

@@ -89,7 +89,8 @@ class _BaseConfig(AOBaseConfig):
     """Shrink the Gram toward its diagonal: 0 is the activation-aware objective, 1 weight-space fitting;
     ``"auto"`` estimates it per layer from the calibration sequences alone (0 when there are none)."""
     layer_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    """Regex on the module's qualified name -> field overrides, e.g. ``{r"\\.down_proj$": {"compression_ratio": 0.2}}``."""
+    """Regex on the module's qualified name -> field overrides, e.g.
+    ``{r"\\.down_proj$": {"compression_ratio": 0.2}}``."""
     allocation: str = "uniform"
     """``"uniform"``: every layer at ``compression_ratio``. ``"knapsack"``: per-layer ratios from
     ``allocation_candidates`` minimising the loss-weighted error under the whole-model byte budget (see
@@ -106,14 +107,16 @@ class _BaseConfig(AOBaseConfig):
             raise ValueError(f"allocation must be 'uniform' or 'knapsack', got {self.allocation!r}")
         if not isinstance(self.allocation_candidates, tuple) or not self.allocation_candidates:
             raise ValueError(
-                f"allocation_candidates must be a non-empty tuple of ratios in (0, 1), got {self.allocation_candidates!r}"
+                "allocation_candidates must be a non-empty tuple of ratios in (0, 1), got "
+                f"{self.allocation_candidates!r}"
             )
         for candidate in self.allocation_candidates:
             _check_ratio("allocation_candidates", candidate)
         if self.allocation == "knapsack" and self.compression_ratio > max(self.allocation_candidates):
             raise ValueError(
                 f"compression_ratio {self.compression_ratio} is above the largest of allocation_candidates "
-                f"({max(self.allocation_candidates)}): the knapsack cannot meet it; add larger candidates or use allocation='uniform'"
+                f"({max(self.allocation_candidates)}): the knapsack cannot meet it; add larger candidates or use "
+                "allocation='uniform'"
             )
         if not isinstance(self.damping, (int, float)) or not math.isfinite(self.damping) or self.damping < 0:
             raise ValueError(f"damping must be a finite float >= 0, got {self.damping!r}")
@@ -226,7 +229,8 @@ class DictionaryConfig(_BaseConfig):
         _check_positive_int("fast_steps", self.fast_steps, minimum=0)
         if not (self.grouping is None or self.grouping in GROUPINGS or callable(self.grouping)):
             raise ValueError(
-                f"grouping must be None, one of {sorted(GROUPINGS)} or a callable fqn -> group key, got {self.grouping!r}"
+                f"grouping must be None, one of {sorted(GROUPINGS)} or a callable fqn -> group key, got "
+                f"{self.grouping!r}"
             )
         check_dictionary_quantization(self.dictionary_quantization)
         check_values_dtype(self.values_dtype)

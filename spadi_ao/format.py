@@ -72,7 +72,8 @@ def check_bitmask(bitmask: torch.Tensor, k: int, s: int) -> None:
     expected = (bitmask.shape[0], bitmask_bytes(k)) if bitmask.dim() == 2 else None
     if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != expected:
         raise ValueError(
-            f"bitmask must be uint8 of shape (out, {bitmask_bytes(k)}) for k={k} atoms, got {bitmask.dtype} {tuple(bitmask.shape)}"
+            f"bitmask must be uint8 of shape (out, {bitmask_bytes(k)}) for k={k} atoms, got {bitmask.dtype} "
+            f"{tuple(bitmask.shape)}"
         )
     bits = unpack_mask(bitmask, bitmask.shape[1] * 8)
     counts, padding = bits[:, :k].sum(1), bits[:, k:].any(1)
@@ -81,7 +82,8 @@ def check_bitmask(bitmask: torch.Tensor, k: int, s: int) -> None:
         row = int(bad[0])
         extra = " and padding bits past k" if bool(padding[row]) else ""
         raise ValueError(
-            f"bitmask row {row} sets {int(counts[row])} atoms{extra}; every row must set exactly s={s} of its k={k} atoms"
+            f"bitmask row {row} sets {int(counts[row])} atoms{extra}; every row must set exactly s={s} of its "
+            f"k={k} atoms"
         )
 
 

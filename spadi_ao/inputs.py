@@ -55,7 +55,8 @@ def _check_ids(
 ) -> torch.Tensor:
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(
-            f"{where} must hold integer token ids, got dtype {ids.dtype}; pass the tokenizer's ids (torch.long) or ids.long()"
+            f"{where} must hold integer token ids, got dtype {ids.dtype}; pass the tokenizer's ids (torch.long) "
+            "or ids.long()"
         )
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
@@ -102,7 +103,8 @@ def _check_batch(
         kwargs = dict(batch)
         if "input_ids" not in kwargs:
             raise ValueError(
-                f"{where} is a mapping without 'input_ids' (keys: {sorted(kwargs)}); pass the tokenizer's output or {{'input_ids': ids}}"
+                f"{where} is a mapping without 'input_ids' (keys: {sorted(kwargs)}); pass the tokenizer's output "
+                "or {'input_ids': ids}"
             )
         kwargs["input_ids"] = _check_ids(
             f"{where}['input_ids']", _as_tensor(f"{where}['input_ids']", kwargs["input_ids"]), vocab, positions
@@ -133,7 +135,8 @@ def calibration_batches(calibration: Any, model: nn.Module) -> list[dict[str, An
         items = list(calibration)
     except TypeError:
         raise TypeError(
-            f"calibration must be a tensor of token ids, a tokenizer's output or an iterable of them, got {type(calibration).__name__}"
+            "calibration must be a tensor of token ids, a tokenizer's output or an iterable of them, got "
+            f"{type(calibration).__name__}"
         ) from None
     if not items:
         raise ValueError("calibration is empty: pass at least one batch of input ids (or None for data-free fitting)")

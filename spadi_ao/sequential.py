@@ -117,9 +117,10 @@ def units_by_block(units: dict[str, list[str]], block_prefix: str, count: int) -
         indices = {int(name[len(block_prefix) + 1 :].split(".", 1)[0]) for name in members}
         if len(indices) != 1:
             raise ValueError(
-                f"grouping puts {members} in one group across decoder blocks {sorted(indices)}; sequential, checkpointed "
-                "and distributed runs compress one block at a time and need groups inside one block (grouping='inputs'); "
-                "use sequential=False (the whole model at once) for cross-block groups such as grouping='paper'"
+                f"grouping puts {members} in one group across decoder blocks {sorted(indices)}; sequential, "
+                "checkpointed and distributed runs compress one block at a time and need groups inside one block "
+                "(grouping='inputs'); use sequential=False (the whole model at once) for cross-block groups such as "
+                "grouping='paper'"
             )
         blocks[indices.pop()][label] = members
     return blocks
@@ -523,9 +524,10 @@ class _Blockwise:
             sensitivity = allocation.sensitivity or self._sensitivity(model, blocks, batches)
             for index in tqdm(range(todo[-1] + 1), desc="allocation survey", disable=not progress):
                 pending = [label for label in units[index] if label not in tables]
-                job = lambda label, members, weights, collector: allocation.survey(
-                    label, members, weights, collector, sensitivity
-                )  # noqa: E731
+
+                def job(label, members, weights, collector):
+                    return allocation.survey(label, members, weights, collector, sensitivity)
+
                 with self._on_compute(blocks[index]) as compute:
                     mine, inputs = self._run_units(
                         blocks[index], units[index], pending, inputs, compute, index < todo[-1], job
@@ -662,9 +664,10 @@ class _Blockwise:
         # Compressed propagation runs the compressed block after the solves instead: the dense outputs
         # (N x hidden floats, 256 MiB at 8B and 32 x 512 tokens) are not kept through them.
         keep = self.propagate == "dense" and keep_outputs
-        job = lambda label, members, weights, collector: self.solve(
-            label, members, weights, collector, ratios.get(label)
-        )  # noqa: E731
+
+        def job(label, members, weights, collector):
+            return self.solve(label, members, weights, collector, ratios.get(label))
+
         mine, next_inputs = self._run_units(block, units, pending, inputs, compute, keep, job)
         solved = {
             name: result for label, unit_results in mine.items() for name, result in zip(units[label], unit_results)
@@ -750,8 +753,9 @@ def run_sequential(
     except BaseException as exc:
         if finished:
             exc.add_note(
-                f"spadi-ao: blocks 0-{finished - 1} of {len(blocks)} were compressed before the failure and keep their compressed "
-                "weights; the block in flight was restored. Rerun on a freshly loaded model (with checkpoint_dir to skip finished layers)."
+                f"spadi-ao: blocks 0-{finished - 1} of {len(blocks)} were compressed before the failure and keep "
+                "their compressed weights; the block in flight was restored. Rerun on a freshly loaded model (with "
+                "checkpoint_dir to skip finished layers)."
             )
         raise
     return reports, run.gram_bytes

@@ -144,7 +144,8 @@ def unflatten_tensor(key: str, entry: dict[str, Any], tensors: dict[str, torch.T
     for name, spec in _inner_specs(entry).items():
         if spec is not None and _dtype_name(tensors[name].dtype) != spec["dtype"]:
             raise CheckpointError(
-                f"{key}.{name}: stored dtype {_dtype_name(tensors[name].dtype)} does not match the recorded {spec['dtype']}"
+                f"{key}.{name}: stored dtype {_dtype_name(tensors[name].dtype)} does not match the recorded "
+                f"{spec['dtype']}"
             )
         top, _, part = name.partition(".")
         if top in nested_parts:
@@ -206,7 +207,8 @@ def flatten_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
 def unflatten_state_dict(tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     if manifest.get("format_version") not in _READABLE_VERSIONS:
         raise CheckpointError(
-            f"unsupported checkpoint format_version {manifest.get('format_version')!r}; this version reads {list(_READABLE_VERSIONS)}"
+            f"unsupported checkpoint format_version {manifest.get('format_version')!r}; this version reads "
+            f"{list(_READABLE_VERSIONS)}"
         )
     state = dict(tensors)
     for key, entry in manifest["subclasses"].items():

@@ -151,7 +151,10 @@ def _weight_summary(weight: torch.Tensor) -> str:
 
 
 def _linear_extra_repr(self: nn.Linear) -> str:
-    return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, weight={_weight_summary(self.weight)}"
+    return (
+        f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, "
+        f"weight={_weight_summary(self.weight)}"
+    )
 
 
 def describe_linears(model: nn.Module) -> None:

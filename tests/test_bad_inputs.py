@@ -222,7 +222,8 @@ def render() -> str:
         raised, untouched = run_case(case)
         message = str(raised).replace("|", "\\|").replace("\n", " ")
         lines.append(
-            f"| {number} | {case.input.replace('|', chr(92) + '|')} | `{type(raised).__name__}`: {message} | {'yes' if untouched else 'no'} |"
+            f"| {number} | {case.input.replace('|', chr(92) + '|')} | `{type(raised).__name__}`: {message} | "
+            f"{'yes' if untouched else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 

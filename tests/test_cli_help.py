@@ -14,7 +14,8 @@ SCRIPT = "import sys; sys.argv = ['/venv/bin/spadi-ao', *sys.argv[1:]]; from spa
 
 
 def _imported_modules(*argv: str, script: bool = False) -> set[str]:
-    """Modules imported by ``python -m spadi_ao ARGV`` or, with ``script``, as the installed ``spadi-ao`` script runs it."""
+    """Modules imported by ``python -m spadi_ao ARGV`` or, with ``script``, as the installed ``spadi-ao``
+    script runs it."""
     launch = ["-c", SCRIPT] if script else ["-m", "spadi_ao"]
     result = subprocess.run([sys.executable, "-X", "importtime", *launch, *argv], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -30,7 +31,10 @@ def test_help_imports_no_heavy_module():
 
 
 def test_import_outside_the_command_line_registers_everything():
-    code = "import sys, spadi_ao; from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING; assert 'spadi_ao' in AUTO_QUANTIZER_MAPPING"
+    code = (
+        "import sys, spadi_ao; from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING; assert 'spadi_ao' "
+        "in AUTO_QUANTIZER_MAPPING"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

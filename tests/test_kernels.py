@@ -222,7 +222,10 @@ def test_gradcheck():
 def test_compile_with_grad_matches_eager():
     """Compiled without ``no_grad``, the graph carries the backward; input gradients match eager."""
     layer = make_layer(12, 10, 9, 4, torch.float32, bias=True, seed=5)
-    block = lambda x: F.gelu(torch.ops.spadi_ao.dictionary_linear(*args(x, layer)))
+
+    def block(x):
+        return F.gelu(torch.ops.spadi_ao.dictionary_linear(*args(x, layer)))
+
     compiled = torch.compile(block, fullgraph=True)
     x = torch.randn(4, 10, requires_grad=True)
     (eager_grad,) = torch.autograd.grad(block(x).square().sum(), x)

@@ -304,7 +304,9 @@ _HASH_SCRIPT = """
 import torch, spadi_ao
 from spadi_ao.integrations.torchao import quantize_dictionary
 from torchao.quantization import IntxWeightOnlyConfig, PerGroup
-weight = spadi_ao.DictionaryTensor(torch.zeros(6, 32), torch.zeros(5, 3), torch.zeros(5, 1, dtype=torch.uint8), torch.float32)
+weight = spadi_ao.DictionaryTensor(
+    torch.zeros(6, 32), torch.zeros(5, 3), torch.zeros(5, 1, dtype=torch.uint8), torch.float32
+)
 int4 = quantize_dictionary(weight, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)), "int8")
 low_rank = spadi_ao.LowRankTensor(torch.zeros(2, 32), torch.zeros(5, 2), torch.float32)
 print(weight._stable_hash_for_caching(), int4._stable_hash_for_caching(), low_rank._stable_hash_for_caching())
@@ -323,7 +325,8 @@ def test_stable_hash_is_the_same_in_every_process():
 
 
 def test_compile_asks_for_no_default_cache_hash():
-    """torch warns once per subclass that lacks ``_stable_hash_for_caching`` when it builds an AOT-autograd cache key."""
+    """torch warns once per subclass that lacks ``_stable_hash_for_caching`` when it builds an AOT-autograd
+    cache key."""
     from torch._dynamo.utils import warn_once_cache
 
     model, low_rank = _weights()

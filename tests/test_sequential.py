@@ -67,8 +67,8 @@ def test_knapsack_with_dense_propagation_equals_one_shot_bit_for_bit(grouping):
         sequential, config, calibration=batches, sequential=True, propagate="dense", progress=False
     )
     assert len({layer.k for layer in expected.layers}) > 3  # the knapsack gave the layers different sizes
-    assert [(l.name, l.k, l.s, l.group, l.stored_bytes) for l in report.layers] == [
-        (l.name, l.k, l.s, l.group, l.stored_bytes) for l in expected.layers
+    assert [(layer.name, layer.k, layer.s, layer.group, layer.stored_bytes) for layer in report.layers] == [
+        (layer.name, layer.k, layer.s, layer.group, layer.stored_bytes) for layer in expected.layers
     ]
     _assert_identical(_compressed_state(one_shot), _compressed_state(sequential))
     attention = sequential.model.layers[1].self_attn
@@ -156,7 +156,7 @@ def test_knapsack_resume_reuses_the_first_pass_and_is_bit_identical(tmp_path, mo
     )
     assert not recomputed and len(surveyed) == (4 if crash_in == "survey" else 0)
     _assert_identical(expected, _compressed_state(resumed))
-    assert [l.k for l in report.layers] == [l.k for l in reference.layers]
+    assert [layer.k for layer in report.layers] == [layer.k for layer in reference.layers]
     attention = resumed.model.layers[0].self_attn  # read back from the checkpoint, one dictionary again
     assert attention.q_proj.weight.dictionary is attention.v_proj.weight.dictionary
 
@@ -205,7 +205,8 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
             checkpoint_dir=tmp_path,
             progress=False,
         )
-    # Block 0 finished and keeps its compressed weights (dense ones were released); block 1 was in flight and is restored.
+    # Block 0 finished and keeps its compressed weights (dense ones were released); block 1 was in flight and is
+    # restored.
     assert sorted({name.split(".")[2] for name in _compressed_state(crashed)}) == ["0"]
     assert all(torch.equal(p, dense_block_1[n]) for n, p in crashed.model.layers[1].named_parameters())
     assert "blocks 0-0 of 2 were compressed" in "".join(getattr(failure.value, "__notes__", []))
@@ -266,7 +267,10 @@ def test_two_gloo_processes_equal_one(tmp_path, variant):
     knapsack the ranks share the first pass's tables, and groups keep one dictionary."""
     extra = {
         "float": "allocation='uniform', grouping=None",
-        "torchao-int8-dictionary": "allocation='uniform', grouping=None, dictionary_quantization=Int8DynamicActivationInt8WeightConfig(), values_dtype='int8'",
+        "torchao-int8-dictionary": (
+            "allocation='uniform', grouping=None, "
+            "dictionary_quantization=Int8DynamicActivationInt8WeightConfig(), values_dtype='int8'"
+        ),
         "knapsack-inputs-groups": "allocation='knapsack', grouping='inputs'",
     }[variant]
     script = tmp_path / "worker.py"
@@ -284,7 +288,8 @@ def test_two_gloo_processes_equal_one(tmp_path, variant):
         sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3, iterations=1, atoms_per_step=4, {extra}),
                              calibration=token_batches(3, 16), sequential=True, progress=False)
         rank = dist.get_rank() if dist.is_initialized() else "single"
-        state = {{n: m.weight.dequantize() for n, m in model.named_modules() if type(getattr(m, "weight", None)).__name__ == "DictionaryTensor"}}
+        state = {{n: m.weight.dequantize() for n, m in model.named_modules()
+                  if type(getattr(m, "weight", None)).__name__ == "DictionaryTensor"}}
         attention = model.model.layers[1].self_attn
         state["shared"] = torch.tensor(attention.q_proj.weight.dictionary is attention.k_proj.weight.dictionary)
         torch.save(state, {str(tmp_path)!r} + f"/state_{{rank}}.pt")

@@ -45,14 +45,16 @@ def main() -> None:
     stats = compression_stats(run.model)
     first = report.layers[0]
     print(
-        f"compressed {len(report.layers)} Linears in {seconds:.0f} s: {stats['compressed_dense_bytes'] / 2**20:.1f} MiB -> "
-        f"{stats['compressed_stored_bytes'] / 2**20:.1f} MiB (honest ratio {report.compression_ratio:.3f})"
+        f"compressed {len(report.layers)} Linears in {seconds:.0f} s: {stats['compressed_dense_bytes'] / 2**20:.1f} "
+        f"MiB -> {stats['compressed_stored_bytes'] / 2**20:.1f} MiB (honest ratio {report.compression_ratio:.3f})"
     )
     print(
-        f"e.g. {first.name}: k={first.k} atoms, s={first.s} non-zeros per output, whitened error {first.whitened_error:.3f}"
+        f"e.g. {first.name}: k={first.k} atoms, s={first.s} non-zeros per output, whitened error "
+        f"{first.whitened_error:.3f}"
     )
     print(
-        f"perplexity on held-out stdlib text ({sizes.eval_windows} x {sizes.seq_len} tokens): dense {before:.2f} -> compressed {after:.2f}"
+        f"perplexity on held-out stdlib text ({sizes.eval_windows} x {sizes.seq_len} tokens): dense {before:.2f} "
+        f"-> compressed {after:.2f}"
     )
 
 

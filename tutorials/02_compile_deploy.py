@@ -62,7 +62,8 @@ def main() -> None:
         rows.append((name, eager_seconds, compiled_seconds, build, run.tokenizer.decode(compiled_tokens[0])))
 
     print(
-        f"greedy generation, {args.new_tokens} tokens after {prompt.shape[1]} prompt tokens (full-buffer forward per token):"
+        f"greedy generation, {args.new_tokens} tokens after {prompt.shape[1]} prompt tokens (full-buffer forward "
+        "per token):"
     )
     print(f"{'model':<12} {'eager ms/tok':>12} {'compiled ms/tok':>16} {'compile s':>10}")
     for name, eager_seconds, compiled_seconds, build, _ in rows:

@@ -65,7 +65,8 @@ def main() -> None:
             model, run.tokenizer, run.eval_text, seq_len=sizes.seq_len, max_windows=sizes.eval_windows, progress=False
         ).ppl
         print(
-            f"{name:<22} {stats['compressed_stored_bytes'] / 2**20:>10.2f} {stats['linear_compression_ratio']:>7.3f} {ppl:>8.2f}"
+            f"{name:<22} {stats['compressed_stored_bytes'] / 2**20:>10.2f} "
+            f"{stats['linear_compression_ratio']:>7.3f} {ppl:>8.2f}"
         )
 
     with torch.no_grad():

@@ -96,7 +96,8 @@ def compression_record(config: Any, report: Any) -> dict[str, Any]:
 
 
 def _source_pattern(param: str, name: str) -> str:
-    """transformers matches checkpoint keys with regexes; escaped, ``dictionary.scale`` cannot match ``dictionary_scale``."""
+    """transformers matches checkpoint keys with regexes; escaped, ``dictionary.scale`` cannot match
+    ``dictionary_scale``."""
     return re.escape(f"{param}.{name}")
 
 
@@ -183,7 +184,8 @@ class SpadiAoHfQuantizer(HfQuantizer):
 
     @property
     def serialized_names(self) -> dict[str, list[str]]:
-        """``{"weight": ["weight\\.dictionary", ...]}``: the (escaped) key suffixes that load into one compressed weight."""
+        """``{"weight": ["weight\\.dictionary", ...]}``: the (escaped) key suffixes that load into one
+        compressed weight."""
         names: dict[str, set[str]] = {}
         for key, entry in self.quantization_config.layers.items():
             param = key.rpartition(".")[2]
@@ -199,7 +201,8 @@ class SpadiAoHfQuantizer(HfQuantizer):
             weight = model.get_parameter(key)
             if type(weight).__name__ != entry["type"]:
                 raise CheckpointError(
-                    f"{key} was not loaded as a {entry['type']} (got {type(weight).__name__}); the checkpoint is incomplete"
+                    f"{key} was not loaded as a {entry['type']} (got {type(weight).__name__}); the checkpoint is "
+                    "incomplete"
                 )
             weight.requires_grad_(False)
             check_loaded(key, weight)

@@ -83,8 +83,9 @@ def leading_left_singular_vectors(signals: torch.Tensor, count: int) -> torch.Te
 
     From the eigendecomposition of the smaller float64 Gram rather than a float32 SVD: ``min(n, m)^3`` work
     instead of the SVD's ``max * min^2`` for a wide whitened weight (gate/up: ``in x out`` with
-    ``out = 4 in``; timings in ``docs/scaling.md``), and none of the SVD's ``n x m`` scratch. Squaring the spectrum in float64 resolves the leading vectors at least as
-    well as float32 does unsquared; a tall ``signals`` maps its right vectors back, ``u = S v / sigma``.
+    ``out = 4 in``; timings in ``docs/scaling.md``), and none of the SVD's ``n x m`` scratch. Squaring the spectrum in
+    float64 resolves the leading vectors at least as well as float32 does unsquared; a tall ``signals`` maps its right
+    vectors back, ``u = S v / sigma``.
     """
     n, m = signals.shape
     eigenvalues, eigenvectors = torch.linalg.eigh(_small_gram(signals))  # ascending

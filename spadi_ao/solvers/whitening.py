@@ -27,7 +27,8 @@ BLOCK_ROWS = 512
 
 @dataclass(frozen=True)
 class Whitening:
-    """``U`` (in x in) with ``U^T U = G_used``, kept factored: :meth:`apply` is ``U x``, :meth:`apply_inverse` ``U^-1 y``.
+    """``U`` (in x in) with ``U^T U = G_used``, kept factored: :meth:`apply` is ``U x``, :meth:`apply_inverse`
+    ``U^-1 y``.
 
     ``"cholesky"``: ``matrix`` is ``U`` (upper triangular). ``"eigh"`` (the fallback for Grams Cholesky
     rejects): ``U = diag(roots) V^T`` with ``matrix = V``; its inverse floors tiny eigenvalues
@@ -121,7 +122,8 @@ def _damped(gram: torch.Tensor, damping: float, shrinkage: float, overwrite: boo
 
 
 def _cholesky_upper_(damped: torch.Tensor) -> bool:
-    """Overwrite the symmetric ``damped`` with ``U`` (upper, ``U^T U = damped``); False if it is not safely positive definite.
+    """Overwrite the symmetric ``damped`` with ``U`` (upper, ``U^T U = damped``); False if it is not safely positive
+    definite.
 
     LAPACK factors the column-major view ``damped^T`` in place into its lower factor ``L``, whose row-major
     storage is ``U = L^T``: no second matrix, and the same bits as ``cholesky(damped).T``.
