@@ -128,7 +128,8 @@ class DictionaryTensor(TorchAOBaseTensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         """``F.linear`` in eager CPU decode goes to the native kernel before the generic dispatch
-        (1 us less per call, of SmolLM2's ~10 us); everything else dispatches like any torchao tensor."""
+        (the generic dispatch is a visible share of a small layer's decode); everything else dispatches like any
+        torchao tensor."""
         if func is F.linear and not kwargs and len(args) > 1 and type(args[1]) is cls:
             decoded = _inference_decode(args[0], args[1], args[2] if len(args) > 2 else None)
             if decoded is not None:
@@ -227,10 +228,10 @@ def _torchao_dictionary_linear(x: torch.Tensor, weight: DictionaryTensor, bias: 
 def _direct_cpu_call(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether an eager CPU inference call may run the CPU kernel without going through the op.
 
-    Going through the subclass and then the op's dispatch (custom op, autograd wrapper, kernel lookup) for
-    each of SmolLM2's 210 Linears cost 2.9 ms of 40.3 ms a decoded token at CR 0.3 (``benchmarks/decode.py``,
-    eager). Compiled graphs, tracing and fake-tensor modes, autocast and anything needing gradients keep
-    the op (same kernel, same numbers).
+    Going through the subclass and then the op's dispatch (custom op, autograd wrapper, kernel lookup) costs
+    every Linear of every decoded token a fixed amount (``benchmarks/decode.py`` measures it). Compiled
+    graphs, tracing and fake-tensor modes, autocast and anything needing gradients keep the op (same kernel,
+    same numbers).
     """
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
@@ -249,8 +250,7 @@ def _inference_decode(
 
     The decision ``_direct_cpu_call``, ``cpu.dictionary_linear`` and ``select_kernel`` would reach, made inline
     and cheapest check first, on the weight's cached ``native.Plan`` (which checked the stored tensors once):
-    SmolLM2 decodes through 210 Linears a token, and each microsecond of Python per call is 0.6 % of
-    end-to-end decode speed (``benchmarks/decode.py``, CR 0.3).
+    a model decodes through hundreds of Linears a token, so the Python per call shows end to end.
     """
     if torch.is_grad_enabled() or type(x) is not torch.Tensor or not x.is_cpu or x.dim() == 0:
         return None

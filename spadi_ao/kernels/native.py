@@ -1,17 +1,16 @@
 """Decode (a few tokens) as a small C kernel for x86-64 CPUs with AVX-512 (``csrc/dictionary_decode.c``).
 
 It reads the stored format as it is: a float32, bfloat16 or float16 dictionary and values, or the int8 ones
-with float32 row scales that ``spadi_ao.integrations.torchao`` stores (one byte per element read, 1.5-1.9x
-faster cold). Activations are float32, bfloat16 or float16; products accumulate in float32.
+with float32 row scales that ``spadi_ao.integrations.torchao`` stores (one byte per element read).
+Activations are float32, bfloat16 or float16; products accumulate in float32.
 
 Stock torch ops can multiply by the sparse codes fast only through the codes decompressed to a dense
 ``(out, k)`` matrix (``spadi_ao.kernels.cpu``), which reads ``out * k`` floats: at ``k / s = 2`` that is
 twice the stored values, and for SmolLM2's gate/up projections at CR 0.3 more bytes than the dense layer.
-This kernel reads the stored values and bitmask themselves. Measured per call on the 1536 x 445 layer
-(CR 0.3), 2 threads, cold caches: 69 us against 110 us for the dense-codes GEMV (and 134 us for the
-dense layer). :func:`dictionary_decode` runs both stages in one call, which also saves the Python and
-dispatch cost of a second product (SmolLM2's 576-wide layers take 10-60 us each, so a few microseconds
-per call show end to end); :func:`codes_gemv` is stage 2 alone, behind a quantised dictionary.
+This kernel reads the stored values and bitmask themselves, so decode reads exactly the stored bytes
+(latencies: ``docs/kernels.md``). :func:`dictionary_decode` runs both stages in one call, which also saves
+the Python and dispatch cost of a second product, a visible share of a small layer's time;
+:func:`codes_gemv` is stage 2 alone, behind a quantised dictionary.
 For prefill, :func:`codes_tile` expands a block of output rows of the codes into a small dense tile that
 BLAS multiplies (``spadi_ao.kernels.cpu``).
 
@@ -292,8 +291,8 @@ def _refuse(invalid: int, plan: Plan) -> None:
     raise ValueError(f"bitmask: {invalid} of {stored.out} rows do not set exactly s={stored.s} bits below k={stored.k}")
 
 
-# The calls below run once per layer and decoded token, so they avoid every tensor op they can (each costs
-# ~0.5-2 us against kernels of 5-100 us).
+# The calls below run once per layer and decoded token, so they avoid every tensor op they can: each one's
+# fixed cost is a visible share of a small layer's decode.
 
 
 def _run(kernel, plan: Plan, x: torch.Tensor, width: int, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

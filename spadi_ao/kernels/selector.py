@@ -16,8 +16,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 DECODE_MAX_TOKENS = 16
 
 # The native CPU kernel re-expands the codes for every 4 tokens, so it wins while the weights' bytes, not
-# arithmetic, bound the layer: with cold caches it beat the dense-codes GEMM up to 12 tokens (1.5-2.9x at
-# 1-8 tokens) on SmolLM2 and Llama-3-8B shapes at CR 0.3 and tied at 16 (2 Sapphire Rapids cores).
+# arithmetic, bound the layer; past a few tokens a BLAS GEMM against expanded tiles of the codes wins
+# (the crossover is measured in benchmarks/layer_latency.py and docs/kernels.md).
 NATIVE_MAX_TOKENS = 8
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -19,9 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Software prefetch distance in the streams: 4 KiB ahead raised the DRAM throughput of the codes of a cold
-   1536 x 445 layer from 8 to 11 GB/s per thread (the variable stride defeats the hardware prefetcher),
-   and stage 1's by 1-5 %. */
+/* Software prefetch distance in the streams: the codes' variable stride defeats the hardware prefetcher,
+   so the kernel prefetches 4 KiB ahead itself (the distance was chosen on cold-weight timings). */
 #define PREFETCH_BYTES 4096
 
 /* 16 stored elements as float32: all of them, or only the lanes in mask. */
@@ -63,8 +62,8 @@ static void share(int64_t n, int64_t *begin, int64_t *end) {
 /* ------------------------------------------------------------------------------------------- stage 2 */
 
 /* The next popcount(bits) values, expanded into the set lanes. Float32 values expand straight from memory
-   (vexpandps with a memory operand: stage 2 of a hot 1536 x 445 layer 17 % faster than a masked load and a
-   register expand, the same with cold weights); int8 and 16-bit values are loaded, widened, then expanded. */
+   (vexpandps with a memory operand saves the masked load and register expand); int8 and 16-bit values are
+   loaded, widened, then expanded. */
 static inline __m512 expand_F32(const float **values, __mmask16 bits) {
     __m512 expanded = _mm512_maskz_expandloadu_ps(bits, *values);
     *values += __builtin_popcount(bits);
@@ -119,7 +118,7 @@ EXPAND_WIDENED(F16, uint16_t)
     }
 
 /* Output rows [begin, end) for all tokens; returns how many bitmask rows were malformed (left unwritten).
-   Not inlined into the dispatcher: inlined side by side, the two element types' loops ran 3-8 % slower. */
+   Not inlined into the dispatcher: inlined side by side, the element types' loops compile to slower code. */
 #define ROWS(NAME, ELEMENT)                                                                               \
     ROW_TILE(NAME, ELEMENT, 1)                                                                            \
     ROW_TILE(NAME, ELEMENT, 2)                                                                            \
@@ -195,8 +194,8 @@ static int64_t rows(const float *z, int64_t tokens, int64_t k, const void *value
         for (int t = 0; t < T; ++t) sums[t] = _mm512_reduce_add_ps(acc[t]);                               \
     }
 
-/* One token (decode proper): four dictionary rows at once, four independent accumulator chains (2-3 %
-   faster than one row at a time on cold SmolLM2 layers). */
+/* One token (decode proper): four dictionary rows at once, four independent accumulator chains, so the
+   adds of one row do not wait on the previous row's. */
 #define ATOM_QUAD(NAME, ELEMENT)                                                                          \
     static void atom_quad_##NAME(const float *x, int64_t in, const ELEMENT *row, float *sums) {           \
         const ELEMENT *row1 = row + in, *row2 = row + 2 * in, *row3 = row + 3 * in;                       \
@@ -314,7 +313,7 @@ static void narrow(const float *from, int64_t type, int64_t n, uint16_t *to) {
 /* ------------------------------------------------------------------------------------------ entries */
 
 /* A stored weight, laid out once per weight by spadi_ao/kernels/native.py (_StoredWeight), so that a call
-   passes one pointer instead of a dozen arguments (ctypes converts each; 16 cost 1.9 us a call, 6 0.8 us).
+   passes one pointer instead of a dozen arguments (ctypes converts each one on every call).
    dictionary (k, in) and values (out, s) are F32, BF16 or F16, or I8 with a float32 scale per row (else the
    scale is NULL); bitmask is (out, ceil(k / 8)); all contiguous. Stage 2 alone leaves dictionary NULL. */
 typedef struct {
