@@ -85,7 +85,7 @@ def _add_eval_arguments(parser: argparse.ArgumentParser, default_windows: Option
 
 # DictionaryConfig()'s defaults, written out so that --help imports no torch (tests/test_cli.py keeps them equal).
 _CONFIG_DEFAULTS = {
-    "gram_shrinkage": "auto",
+    "gram_shrinkage": 0.3,
     "rho": 2.0,
     "solver": "fast",
     "fast_steps": 8,

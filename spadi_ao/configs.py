@@ -160,12 +160,15 @@ class _BaseConfig(AOBaseConfig):
 class DictionaryConfig(_BaseConfig):
     """CoSpaDi: calibration-whitened sparse dictionaries; ``rho = k / s`` atoms per non-zero.
 
-    The defaults are the measured best (README, "Beyond the paper"): the fast solver, the loss-weighted
+    The defaults are the measured best (`docs/results.md`): the fast solver, the loss-weighted
     knapsack allocation and dictionaries shared by the Linears that read the same input.
     :meth:`paper` gives the paper's own setting.
     """
 
     allocation: str = "knapsack"
+    gram_shrinkage: GramShrinkage = 0.3
+    """As in ``LowRankConfig``; 0.3 is chosen on validation text (``benchmarks/select_defaults.py``): the
+    lowest geometric-mean perplexity over in- and out-of-domain calibration and two validation texts."""
     rho: float = 2.0
     """Dictionary size over non-zeros per column (the paper's k/s); >= 1."""
     iterations: int = 60

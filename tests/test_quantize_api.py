@@ -76,7 +76,7 @@ def test_default_is_the_measured_best_and_the_preset_is_the_paper():
         8,
         "knapsack",
         "inputs",
-        "auto",
+        0.3,
     )
     assert LowRankConfig().allocation == "uniform"
     paper = DictionaryConfig(

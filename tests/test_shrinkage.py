@@ -21,7 +21,11 @@ def _weight(seed: int = 1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "config", [LowRankConfig(compression_ratio=0.4), DictionaryConfig(compression_ratio=0.4, iterations=2)]
+    "config",
+    [
+        LowRankConfig(compression_ratio=0.4),
+        DictionaryConfig(compression_ratio=0.4, iterations=2, gram_shrinkage="auto"),
+    ],
 )
 def test_zero_shrinkage_is_the_unregularised_solution(config):
     gram = _gram()
