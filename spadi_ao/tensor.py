@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import _get_current_dispatch_mode, is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torchao.quantization import Int8Tensor, IntxUnpackedToInt8Tensor
 from torchao.quantization.quantize_.workflows import QuantizeTensorToInt8Kwargs
 from torchao.utils import TorchAOBaseTensor
@@ -20,7 +20,7 @@ from torchao.utils import TorchAOBaseTensor
 from spadi_ao.format import unpack_codes
 from spadi_ao.kernels import cpu, native
 from spadi_ao.kernels.op import dequantize_dictionary, dequantize_values
-from spadi_ao.kernels.selector import NATIVE_MAX_TOKENS
+from spadi_ao.kernels.selector import eager_cpu_route, eager_native_decode
 
 __all__ = ["DictionaryTensor", "LowRankTensor", "stored_bytes", "is_compressed_weight"]
 
@@ -225,38 +225,12 @@ def _torchao_dictionary_linear(x: torch.Tensor, weight: DictionaryTensor, bias: 
     return cpu.multiply_codes(atoms, weight.values, weight.value_scale, weight.bitmask, bias)
 
 
-def _direct_cpu_call(x: torch.Tensor, weight: DictionaryTensor, bias: Optional[torch.Tensor]) -> bool:
-    """Whether an eager CPU inference call may run the CPU kernel without going through the op.
-
-    Going through the subclass and then the op's dispatch (custom op, autograd wrapper, kernel lookup) costs
-    every Linear of every decoded token a fixed amount (``benchmarks/decode.py`` measures it). Compiled
-    graphs, tracing and fake-tensor modes, autocast and anything needing gradients keep the op (same kernel,
-    same numbers).
-    """
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    if type(x) is not torch.Tensor or not x.is_cpu or torch.is_autocast_enabled("cpu"):
-        return False
-    if not torch.is_grad_enabled():
-        return True
-    tensors = (x, weight, weight.dictionary, weight.dictionary_scale, weight.values, weight.value_scale, bias)
-    return not any(t is not None and t.requires_grad for t in tensors)
-
-
 def _inference_decode(
     x: torch.Tensor, weight: DictionaryTensor, bias: Optional[torch.Tensor]
 ) -> Optional[torch.Tensor]:
-    """Eager CPU decode with nothing to trace or differentiate: the native kernel at once, else None.
-
-    The decision ``_direct_cpu_call``, ``cpu.dictionary_linear`` and ``select_kernel`` would reach, made inline
-    and cheapest check first, on the weight's cached ``native.Plan`` (which checked the stored tensors once):
-    a model decodes through hundreds of Linears a token, so the Python per call shows end to end.
-    """
-    if torch.is_grad_enabled() or type(x) is not torch.Tensor or not x.is_cpu or x.dim() == 0:
-        return None
-    if x.numel() > NATIVE_MAX_TOKENS * x.shape[-1]:
-        return None
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu"):
+    """Eager CPU decode with nothing to trace or differentiate (``selector.eager_native_decode``): the native
+    kernel at once on the weight's cached ``native.Plan`` (which checked the stored tensors once), else None."""
+    if not eager_native_decode(x):
         return None
     plan = native.dictionary_plan(
         weight.dictionary, weight.dictionary_scale, weight.values, weight.value_scale, weight.bitmask
@@ -271,7 +245,8 @@ def _(func, types, args, kwargs):
     dictionary = weight.dictionary
     if type(dictionary) is not torch.Tensor and is_traceable_wrapper_subclass(dictionary):
         return _torchao_dictionary_linear(x, weight, bias)
-    if _direct_cpu_call(x, weight, bias):
+    stored = (weight.dictionary_scale, weight.values, weight.value_scale)
+    if eager_cpu_route(x, (x, weight, dictionary, *stored, bias)):
         return cpu.dictionary_linear(
             x, dictionary, weight.dictionary_scale, weight.values, weight.value_scale, weight.bitmask, bias
         )

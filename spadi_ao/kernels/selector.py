@@ -1,14 +1,28 @@
-"""The one place that decides which implementation runs ``spadi_ao::dictionary_linear``."""
+"""The one place that decides which implementation runs ``spadi_ao::dictionary_linear``.
+
+:func:`select_kernel` picks the kernel from device, dtype and token count. Eager CPU inference may skip the
+op's dispatch altogether: :func:`eager_cpu_route` and :func:`eager_native_decode` decide when, because every
+Linear of every decoded token pays that dispatch (``benchmarks/decode.py`` measures it).
+"""
 
 from __future__ import annotations
 
 import importlib.util
+from typing import Iterable, Optional
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from spadi_ao.kernels import native
 
-__all__ = ["DECODE_MAX_TOKENS", "NATIVE_MAX_TOKENS", "HAS_TRITON", "select_kernel"]
+__all__ = [
+    "DECODE_MAX_TOKENS",
+    "NATIVE_MAX_TOKENS",
+    "HAS_TRITON",
+    "select_kernel",
+    "eager_cpu_route",
+    "eager_native_decode",
+]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -36,3 +50,24 @@ def select_kernel(device: torch.device, dtype: torch.dtype, tokens: int) -> str:
     if kind == "cpu" and dtype in native.ACTIVATION_DTYPES and tokens <= NATIVE_MAX_TOKENS and native.available():
         return "native_decode"
     return "torch"
+
+
+def _traced() -> bool:
+    """Compiling, tracing, a fake-tensor or other dispatch mode, or CPU autocast: the op must run."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu")
+
+
+def eager_cpu_route(x: torch.Tensor, tensors: Iterable[Optional[torch.Tensor]]) -> bool:
+    """Whether a call may run the CPU route (``spadi_ao.kernels.cpu``) without the op's dispatch: eager, on
+    the CPU, and no gradient to flow through ``tensors`` (the op's autograd formula would be skipped)."""
+    if type(x) is not torch.Tensor or not x.is_cpu or _traced():
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
+def eager_native_decode(x: torch.Tensor) -> bool:
+    """Whether an inference call goes straight to the native decode kernel: what :func:`eager_cpu_route` and
+    :func:`select_kernel` would decide, checked cheapest first (the kernel still refuses what it cannot read)."""
+    if torch.is_grad_enabled() or type(x) is not torch.Tensor or not x.is_cpu or x.dim() == 0:
+        return False
+    return x.numel() <= NATIVE_MAX_TOKENS * x.shape[-1] and not _traced()
