@@ -87,9 +87,9 @@ def test_grouped_tensors_match_an_independent_solve_of_the_stacked_whitened_weig
     weights = [torch.randn(out, 32, generator=generator) for out in (24, 40)]
     x = torch.randn(200, 32, generator=generator) * torch.linspace(0.2, 2.0, 32)
     grams = [x[:100].T @ x[:100] / 100, x[100:].T @ x[100:] / 100]
-    config = DictionaryConfig(compression_ratio=0.3, **ONE_SHOT)
+    config = DictionaryConfig(compression_ratio=0.3, gram_shrinkage=0.0, **ONE_SHOT)
     results = compress_group(["a", "b"], weights, grams, config)
-    # reference: average the Grams, whiten, stack along outputs, solve, map the atoms back
+    # reference: average the (unshrunk) Grams, whiten, stack along outputs, solve, map the atoms back
     whitening = whiten(torch.stack([g.double() for g in grams]).mean(0), config.damping)
     stacked = torch.cat(weights).double()
     budget = dictionary_budget(64, 32, 0.3, 2.0, 4)
