@@ -92,7 +92,7 @@ def test_info_reads_a_save_pretrained_folder(tiny_llama, tmp_path, capsys):
         "solver: fast",
         "allocation: knapsack",
         "grouping: inputs",
-        "gram_shrinkage: auto",
+        "gram_shrinkage: 0.3",
         "calibration: 64 tokens",
     ):
         assert line in out, out
