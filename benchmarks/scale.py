@@ -162,7 +162,7 @@ class FirstPassClock:
         self.peak_rss_after_sensitivity = self.peak_rss_after = 0
         self._start: float | None = None
         survey, sensitivity = spadi_ao.sequential._Blockwise.survey, spadi_ao.sequential.blockwise_sensitivity
-        tabulate, exchange = spadi_ao.api._tabulate, spadi_ao.sequential._exchange_tables
+        tabulate, exchange = spadi_ao.api.tabulate_unit, spadi_ao.sequential._exchange_tables
 
         def timed_survey(*args, **kwargs):
             start = time.perf_counter()
@@ -193,7 +193,7 @@ class FirstPassClock:
             timed_survey,
             timed_sensitivity,
         )
-        spadi_ao.api._tabulate, spadi_ao.sequential._exchange_tables = timed_tabulate, timed_exchange
+        spadi_ao.api.tabulate_unit, spadi_ao.sequential._exchange_tables = timed_tabulate, timed_exchange
 
 
 def child(args: argparse.Namespace) -> None:

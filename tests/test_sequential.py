@@ -14,6 +14,7 @@ from models import tiny_llama, token_batches
 from torch import nn
 
 import spadi_ao.api
+import spadi_ao.report
 import spadi_ao.sequential
 from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
 from spadi_ao.calibration import GramCollector
@@ -77,8 +78,8 @@ def test_knapsack_with_dense_propagation_equals_one_shot_bit_for_bit(grouping):
     )
     assert shared == (grouping == "inputs")
     assert (
-        spadi_ao.api.compression_stats(sequential)["model_stored_bytes"]
-        == spadi_ao.api.compression_stats(one_shot)["model_stored_bytes"]
+        spadi_ao.report.compression_stats(sequential)["model_stored_bytes"]
+        == spadi_ao.report.compression_stats(one_shot)["model_stored_bytes"]
     )
 
 
@@ -144,10 +145,10 @@ def test_knapsack_resume_reuses_the_first_pass_and_is_bit_identical(tmp_path, mo
     recomputed = []
     monkeypatch.setattr(spadi_ao.sequential, "blockwise_sensitivity", lambda *a: recomputed.append(a) or {})
     surveyed = []
-    original_tabulate = spadi_ao.api._tabulate
+    original_tabulate = spadi_ao.api.tabulate_unit
     monkeypatch.setattr(
         spadi_ao.api,
-        "_tabulate",
+        "tabulate_unit",
         lambda config, unit, *a, **k: surveyed.append(unit) or original_tabulate(config, unit, *a, **k),
     )
     resumed = tiny_llama(layers=3)
