@@ -128,7 +128,7 @@ class SolveClock:
         solve, solve_group, exchange = (
             spadi_ao.api.compress_weight,
             spadi_ao.api.compress_group,
-            spadi_ao.sequential._exchange,
+            spadi_ao.sequential.exchange_layers,
         )
 
         def timed(function):
@@ -146,7 +146,7 @@ class SolveClock:
             return result
 
         spadi_ao.api.compress_weight, spadi_ao.api.compress_group = timed(solve), timed(solve_group)
-        spadi_ao.sequential._exchange = timed_exchange
+        spadi_ao.sequential.exchange_layers = timed_exchange
 
 
 class FirstPassClock:
@@ -162,7 +162,7 @@ class FirstPassClock:
         self.peak_rss_after_sensitivity = self.peak_rss_after = 0
         self._start: float | None = None
         survey, sensitivity = spadi_ao.sequential._Blockwise.survey, spadi_ao.sequential.blockwise_sensitivity
-        tabulate, exchange = spadi_ao.api._tabulate, spadi_ao.sequential._exchange_tables
+        tabulate, exchange = spadi_ao.api.tabulate_unit, spadi_ao.sequential.exchange_tables
 
         def timed_survey(*args, **kwargs):
             start = time.perf_counter()
@@ -193,7 +193,7 @@ class FirstPassClock:
             timed_survey,
             timed_sensitivity,
         )
-        spadi_ao.api._tabulate, spadi_ao.sequential._exchange_tables = timed_tabulate, timed_exchange
+        spadi_ao.api.tabulate_unit, spadi_ao.sequential.exchange_tables = timed_tabulate, timed_exchange
 
 
 def child(args: argparse.Namespace) -> None:
@@ -205,9 +205,9 @@ def child(args: argparse.Namespace) -> None:
     from spadi_ao import DictionaryConfig, sparsify_dictionary_
 
     if args.force_spill:
-        import spadi_ao.sequential
+        import spadi_ao.block_inputs
 
-        spadi_ao.sequential._available_memory_bytes = lambda: 0
+        spadi_ao.block_inputs.available_memory_bytes = lambda: 0
     baseline = _current_rss_bytes()
     model = build_model(args.shape, args.layers)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -44,10 +44,11 @@ def import_all() -> None:
         kernels,  # noqa: F401  (registers torch.ops.spadi_ao.*)
         transform,  # noqa: F401  (registers the configs' handlers for torchao's quantize_)
     )
-    from spadi_ao.api import CompressionReport, compression_stats, prepare_calibration, sparsify_dictionary_
+    from spadi_ao.api import prepare_calibration, sparsify_dictionary_
     from spadi_ao.configs import DictionaryConfig, LowRankConfig
     from spadi_ao.integrations.after_import import call_after_import
     from spadi_ao.integrations.torchao import quantize_dictionary_
+    from spadi_ao.report import CompressionReport, compression_stats
     from spadi_ao.tensor import DictionaryTensor, LowRankTensor
 
     globals().update(

@@ -6,11 +6,11 @@ inputs, compress them, and run the block to produce the next block's inputs, eit
 weights (``propagate="dense"``: every Gram equals the one-shot transform's) or with the compressed ones
 (``propagate="compressed"``: later layers see and correct the error of earlier ones).
 
-Each finished layer can be checkpointed (write-then-rename); a run restarted with the same arguments
+Each finished layer can be checkpointed (``spadi_ao.checkpoint``); a run restarted with the same arguments
 loads finished layers instead of solving them and ends bit-identical. Inside an initialised
 ``torch.distributed`` process group the solves of a block are dealt to the ranks by estimated cost
-(longest first, to the least-loaded rank) and the results exchanged, so every rank ends with the full
-compressed model.
+(longest first, to the least-loaded rank) and the results exchanged (``spadi_ao.distributed``), so every
+rank ends with the full compressed model.
 
 A whole-model allocation (the knapsack, ``GlobalAllocation``) adds a first pass: the loss sensitivities
 from one backward per calibration batch with each block recomputed in the backward (activation
@@ -19,7 +19,7 @@ unit's small table of candidate sizes and errors, dealt to ranks like the solves
 once from all tables, and the compress pass follows. Tables and sensitivities are checkpointed too.
 
 Memory stays near the model's own: block inputs wait on the host between blocks (in memory-mapped
-temporary files when they would not fit, see ``_InputStore``), one block's Grams exist at a time (each
+temporary files when they would not fit, see ``spadi_ao.block_inputs``), one block's Grams exist at a time (each
 freed, widest first, once its last reader is solved, and whitened in its own memory; the rest wait in
 temporary files while the widest is solved), and a block's dense weights go once the block is done.
 ``device`` moves one block at a time to an accelerator and back; a model dispatched by accelerate (CPU
@@ -28,14 +28,12 @@ or disk offload included) is compressed where its hooks run it, through ``spadi_
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,12 +41,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from spadi_ao.allocation import output_sensitivity
+from spadi_ao.block_inputs import InputStore, capture_block_inputs, input_device, run_block
 from spadi_ao.calibration import GramCollector
+from spadi_ao.checkpoint import Checkpoint, run_fingerprint
+from spadi_ao.distributed import UnitShape, deal_solves, exchange_layers, exchange_tables, rank_and_world, solve_costs
 from spadi_ao.grouping import share_dictionary
 from spadi_ao.layer import LayerReport
 from spadi_ao.offload import WeightSwap, dense_weight, execution_device, install_weight, is_dispatched
 
-__all__ = ["run_sequential", "decoder_blocks", "blockwise_sensitivity", "GlobalAllocation", "CheckpointMismatchError"]
+__all__ = ["run_sequential", "decoder_blocks", "blockwise_sensitivity", "GlobalAllocation"]
 
 SolveFn = Callable[
     [str, list[str], list[torch.Tensor], GramCollector, Optional[float]], list[tuple[torch.Tensor, LayerReport]]
@@ -59,8 +60,6 @@ chose (None: the config's). It reads the Grams from ``collector`` (``take`` / ``
 SurveyFn = Callable[[str, list[str], list[torch.Tensor], GramCollector, dict[str, torch.Tensor]], dict]
 """``survey(unit, members, dense weights, collector, sensitivity)``: the unit's allocation table, small and
 JSON-able (e.g. each candidate's ratio, stored bytes and error)."""
-MANIFEST = "manifest.json"
-SENSITIVITY = "sensitivity.safetensors"
 
 
 @dataclass(frozen=True)
@@ -75,21 +74,6 @@ class GlobalAllocation:
     survey: SurveyFn
     choose: Callable[[dict[str, dict]], dict[str, float]]
     sensitivity: Optional[dict[str, torch.Tensor]] = None
-
-
-class UnitShape(NamedTuple):
-    """A solve's size for dealing it: a group is one solve of its stacked outputs."""
-
-    out_features: int
-    in_features: int
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint directory belongs to a run with other arguments, or is corrupted."""
-
-
-class _StopForward(Exception):
-    pass
 
 
 def decoder_blocks(model: nn.Module, targets: dict[str, nn.Linear]) -> tuple[str, nn.ModuleList]:
@@ -159,336 +143,6 @@ def blockwise_sensitivity(
         return output_sensitivity(model, targets, batches)
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    """Where the calibration batches go: the first materialised parameter's device (offloaded ones are on meta)."""
-    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
-
-
-def _available_memory_bytes() -> int:
-    """Host memory available to this process now (Linux ``MemAvailable``; elsewhere the free pages)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62
-
-
-class _InputStore:
-    """Where the calibration samples' hidden states wait between blocks: on the host while one block's worth
-    fits in a quarter of the memory available at the start, in temporary files past that.
-
-    A spilled tensor is written, memory-mapped back and its file unlinked at once (the mapping keeps the
-    data): the OS pages it in while a block reads it and can drop it again, and nothing is left on disk
-    when the run ends or dies. Two blocks' worth (inputs and outputs) exist at a time, so the host holds
-    at most half the memory that was available.
-    """
-
-    def __init__(self, directory: Optional[str | os.PathLike] = None) -> None:
-        """``directory``: where spilled inputs go (sequential mode passes ``checkpoint_dir``; default: the
-        system's temporary directory)."""
-        self.budget = _available_memory_bytes() // 4
-        self.directory = directory
-        self.held = 0
-        self.spilled = 0
-
-    def next_block(self) -> None:
-        """The block in flight starts producing the next block's inputs."""
-        self.held = 0
-
-    def keep(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.to("cpu")
-        size = hidden.numel() * hidden.element_size()
-        if self.held + size <= self.budget:
-            self.held += size
-            return hidden
-        if self.directory is not None:
-            os.makedirs(self.directory, exist_ok=True)
-        handle, path = tempfile.mkstemp(prefix="spadi-ao-inputs-", suffix=".pt", dir=self.directory)
-        os.close(handle)
-        try:
-            torch.save(hidden, path)
-            mapped = torch.load(path, mmap=True, weights_only=True)
-        finally:
-            os.unlink(path)
-        self.spilled += 1
-        return mapped
-
-
-def _capture_block_inputs(
-    model: nn.Module, first_block: nn.Module, batches: Iterable[Any], store: _InputStore
-) -> list[tuple[tuple, dict]]:
-    """Run the model up to the first block for each batch; keep that block's (args, kwargs) on the host."""
-    captured: list[tuple[tuple, dict]] = []
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict):
-        captured.append(((store.keep(args[0]),) + _to(args[1:], "cpu"), _to(kwargs, "cpu")))
-        raise _StopForward
-
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    device = _input_device(model)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    if isinstance(batch, dict):
-                        model(**_to(batch, device), use_cache=False)
-                    else:
-                        batch = batch if batch.dim() == 2 else batch.unsqueeze(0)
-                        model(batch.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise ValueError("calibration is empty: pass at least one batch of input ids")
-    return captured
-
-
-def _to(value: Any, device: Any) -> Any:
-    if torch.is_tensor(value):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    if isinstance(value, list):
-        return [_to(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
-def _run_block(
-    block: nn.Module, inputs: list[tuple[tuple, dict]], device: torch.device, store: Optional[_InputStore]
-) -> Optional[list[tuple[tuple, dict]]]:
-    """The block's outputs for every sample, kept by ``store`` as the next block's inputs; with no store the
-    block runs for its hooks only (the Gram pass of compressed propagation) and nothing is kept."""
-    outputs: Optional[list[tuple[tuple, dict]]] = None
-    if store is not None:
-        store.next_block()
-        outputs = []
-    with torch.no_grad():
-        for args, kwargs in inputs:
-            result = block(*_to(args, device), **_to(kwargs, device))
-            if outputs is not None:
-                hidden = result[0] if isinstance(result, tuple) else result
-                outputs.append(((store.keep(hidden),) + tuple(args[1:]), kwargs))
-    return outputs
-
-
-class _Checkpoint:
-    """One safetensors file per finished layer plus a manifest, each written then renamed."""
-
-    def __init__(self, directory: Path, fingerprint: str) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        manifest = directory / MANIFEST
-        if manifest.exists():
-            try:
-                state = json.loads(manifest.read_text())
-            except json.JSONDecodeError as exc:
-                raise CheckpointMismatchError(
-                    f"{manifest} is corrupted ({exc}); delete the directory to start over"
-                ) from None
-            if state.get("fingerprint") != fingerprint:
-                raise CheckpointMismatchError(
-                    f"checkpoint_dir {directory} was written by a run with different arguments "
-                    "(model, config, layers or calibration); use a new directory or the original arguments"
-                )
-            self.done: dict[str, dict] = state["layers"]
-            self.tables: dict[str, dict] = state.get("tables", {})
-            self.has_sensitivity: bool = state.get("sensitivity", False)
-        else:
-            self.done, self.tables, self.has_sensitivity = {}, {}, False
-        self.fingerprint = fingerprint
-        self._write_manifest()
-
-    def _atomic_write(self, path: Path, write: Callable[[str], None]) -> None:
-        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.")
-        os.close(handle)
-        try:
-            write(temporary)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-
-    def _write_manifest(self) -> None:
-        state = {
-            "fingerprint": self.fingerprint,
-            "layers": self.done,
-            "tables": self.tables,
-            "sensitivity": self.has_sensitivity,
-        }
-        payload = json.dumps(state, indent=1)
-        self._atomic_write(self.directory / MANIFEST, lambda p: Path(p).write_text(payload))
-
-    def load(self, name: str) -> Optional[tuple[torch.Tensor, LayerReport]]:
-        entry = self.done.get(name)
-        if entry is None:
-            return None
-        from safetensors.torch import load_file
-
-        from spadi_ao.serialization import unflatten_state_dict
-
-        try:
-            tensors = load_file(str(self.directory / entry["file"]))
-        except Exception as exc:
-            raise CheckpointMismatchError(
-                f"checkpoint file for {name} cannot be read ({exc}); delete it to recompute"
-            ) from None
-        weight = unflatten_state_dict(tensors, entry["manifest"])["weight"]
-        return weight, LayerReport(**entry["report"])
-
-    def save(self, name: str, weight: torch.Tensor, report: LayerReport) -> None:
-        from safetensors.torch import save_file
-
-        from spadi_ao.serialization import flatten_state_dict
-
-        tensors, manifest = flatten_state_dict({"weight": weight})
-        file = f"{name}.safetensors"
-        self._atomic_write(self.directory / file, lambda p: save_file(tensors, p))
-        self.done[name] = {"file": file, "manifest": manifest, "report": report.to_dict()}
-        self._write_manifest()
-
-    def save_tables(self, tables: dict[str, dict]) -> None:
-        """The first pass's tables of some units (JSON keeps every float exactly)."""
-        self.tables.update(tables)
-        self._write_manifest()
-
-    def load_sensitivity(self) -> Optional[dict[str, torch.Tensor]]:
-        if not self.has_sensitivity:
-            return None
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(self.directory / SENSITIVITY))
-        except Exception as exc:
-            raise CheckpointMismatchError(
-                f"{SENSITIVITY} cannot be read ({exc}); delete the checkpoint directory to recompute"
-            ) from None
-
-    def save_sensitivity(self, sensitivity: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        tensors = {name: value.contiguous() for name, value in sensitivity.items()}
-        self._atomic_write(self.directory / SENSITIVITY, lambda p: save_file(tensors, p))
-        self.has_sensitivity = True
-        self._write_manifest()
-
-
-def run_fingerprint(
-    model: nn.Module, config: Any, targets: dict[str, nn.Linear], inputs: list[tuple[tuple, dict]], propagate: str
-) -> str:
-    """Hash of everything that determines the result: config, layer names and shapes, first-block inputs."""
-    digest = hashlib.sha256()
-    digest.update(repr(config).encode())
-    digest.update(propagate.encode())
-    for name, module in targets.items():
-        digest.update(f"{name}{tuple(module.weight.shape)}{module.weight.dtype}".encode())
-        digest.update(dense_weight(module).float().sum().item().hex().encode())
-    for args, _ in inputs:
-        digest.update(args[0].float().sum().item().hex().encode())
-        digest.update(str(tuple(args[0].shape)).encode())
-    return digest.hexdigest()
-
-
-def _exchange(
-    results: dict[str, tuple[torch.Tensor, LayerReport]], names: list[str]
-) -> dict[str, tuple[torch.Tensor, LayerReport]]:
-    """Every rank contributes the layers it solved; every rank receives them all.
-
-    Each layer's layout (serialization manifest, inner shapes and dtypes, report) goes round as one small
-    object exchange; the inner tensors are then broadcast from the rank that solved them, never pickled:
-    for a 1B block's ~110 MiB of compressed weights, 0.05 s instead of 0.45 s with ``all_gather_object``.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return results
-    from spadi_ao.serialization import flatten_state_dict, unflatten_state_dict
-
-    rank = dist.get_rank()
-    wire = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    local, layouts = {}, {}
-    for name, (weight, report) in results.items():
-        local[name], manifest = flatten_state_dict({"weight": weight.cpu()})
-        layouts[name] = (manifest, report, {key: (tuple(t.shape), t.dtype) for key, t in local[name].items()})
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, layouts)
-    owner_of = {name: owner for owner, part in enumerate(gathered) for name in part}
-    missing = set(names) - set(owner_of)
-    if missing:
-        raise RuntimeError(f"distributed solve lost layers {sorted(missing)}")
-    merged: dict[str, tuple[torch.Tensor, LayerReport]] = {}
-    for name in names:  # the same order on every rank: the broadcasts pair up
-        owner = owner_of[name]
-        manifest, report, specs = gathered[owner][name]
-        tensors = {}
-        for key, (shape, dtype) in sorted(specs.items()):
-            tensor = local[name][key].to(wire) if owner == rank else torch.empty(shape, dtype=dtype, device=wire)
-            dist.broadcast(tensor, src=owner)
-            tensors[key] = tensor.cpu()
-        merged[name] = results[name] if owner == rank else (unflatten_state_dict(tensors, manifest)["weight"], report)
-    return merged
-
-
-def _exchange_tables(tables: dict[str, dict], labels: list[str]) -> dict[str, dict]:
-    """Every rank contributes the tables it computed (a few floats per candidate); every rank receives them all."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tables
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, tables)
-    merged = {label: table for part in gathered for label, table in part.items()}
-    missing = set(labels) - set(merged)
-    if missing:
-        raise RuntimeError(f"distributed allocation survey lost units {sorted(missing)}")
-    return {label: merged[label] for label in labels}
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def solve_cost(linear: nn.Linear) -> float:
-    """A FLOP count of one Linear's solve, to balance ranks before anything is measured: the whitening's
-    float64 Cholesky and ``U W^T`` (``in^3 / 3 + 2 in^2 out``), plus ``4 max min^2 + 8 min^3`` for the
-    solve on the whitened ``in x out`` weight: its smaller Gram and the coding GEMMs (``2 max min^2`` each,
-    with ``k`` near ``min / 2``) and that Gram's eigendecomposition (``~8 min^3``)."""
-    width, height = linear.in_features, linear.out_features
-    small, large = sorted((width, height))
-    return 4 * large * small**2 + 8 * small**3 + width**3 / 3 + 2 * width**2 * height
-
-
-def solve_costs(linears: list[nn.Linear | UnitShape], measured: dict[tuple[int, int], float]) -> list[float]:
-    """Seconds an earlier block took for the same shapes when all of them have been seen (a decoder repeats
-    its blocks; the float64/float32 speed ratio of the machine is in them), else :func:`solve_cost`."""
-    shapes = [(linear.out_features, linear.in_features) for linear in linears]
-    if all(shape in measured for shape in shapes):
-        return [measured[shape] for shape in shapes]
-    return [solve_cost(linear) for linear in linears]
-
-
-def deal_solves(costs: list[float], world: int) -> list[int]:
-    """The rank of each job: longest first, each to the least-loaded rank (ties: earlier job, lower rank).
-
-    Deterministic, so every rank computes the same assignment without talking. Round-robin would give a
-    Llama block's three equal MLP solves two to one rank out of two; this pairs gate/up against down plus
-    attention (measured in ``benchmarks/scale.py --parts speedup``).
-    """
-    loads = [0.0] * world
-    owners = [0] * len(costs)
-    for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
-        rank = min(range(world), key=lambda r: (loads[r], r))
-        owners[job] = rank
-        loads[rank] += costs[job]
-    return owners
-
-
 @dataclass
 class _Blockwise:
     """One sequential run's fixed context; :meth:`compress_block` does one block, all or nothing."""
@@ -496,12 +150,12 @@ class _Blockwise:
     targets: dict[str, nn.Linear]
     solve: SolveFn
     propagate: str
-    checkpoint: Optional[_Checkpoint]
+    checkpoint: Optional[Checkpoint]
     device: Optional[torch.device]
     dispatched: bool
     rank: int = 0
     world: int = 1
-    store: _InputStore = field(default_factory=_InputStore)
+    store: InputStore = field(default_factory=InputStore)
     measured: dict[tuple[int, int], float] = field(default_factory=dict)
     """Solve seconds per unit shape ``(outputs, in)``, from the exchanged reports: the same on every rank."""
     gram_bytes: int = 0
@@ -532,7 +186,7 @@ class _Blockwise:
                     mine, inputs = self._run_units(
                         blocks[index], units[index], pending, inputs, compute, index < todo[-1], job
                     )
-                found = _exchange_tables(mine, pending)
+                found = exchange_tables(mine, pending)
                 if self.checkpoint is not None and self.rank == 0:
                     self.checkpoint.save_tables(found)
                 if self.checkpoint is not None and self.world > 1:
@@ -573,7 +227,7 @@ class _Blockwise:
                 for name in names:
                     swaps.append(install_weight(self.targets[name], results[name][0], name))
                 if self.propagate == "compressed" and not last:
-                    next_inputs = _run_block(block, inputs, compute, self.store)
+                    next_inputs = run_block(block, inputs, compute, self.store)
             except BaseException:
                 for swap in reversed(swaps):
                     swap.undo()
@@ -587,7 +241,7 @@ class _Blockwise:
         """The block on its compute device while inside (moved there and back when ``device`` was given)."""
         home = None if self.dispatched or self.device is None else next(block.parameters()).device
         compute = (
-            (execution_device(block) or _input_device(block))
+            (execution_device(block) or input_device(block))
             if self.dispatched
             else self.device or next(block.parameters()).device
         )
@@ -614,10 +268,10 @@ class _Blockwise:
         other Gram parked in a file. Each Gram is freed as soon as its last reader is done."""
         keep = self.store if keep_outputs else None
         if not pending:
-            return {}, _run_block(block, inputs, compute, keep) if keep is not None else None
+            return {}, run_block(block, inputs, compute, keep) if keep is not None else None
         names = [name for label in pending for name in units[label]]
         with GramCollector({name: self.targets[name] for name in names}) as collector:
-            next_inputs = _run_block(block, inputs, compute, keep)
+            next_inputs = run_block(block, inputs, compute, keep)
         self.gram_bytes = max(self.gram_bytes, collector.memory_bytes)
         # Widest inputs first: the largest Gram (512 MiB at 8192 inputs) is solved, and freed, before the rest.
         pending = sorted(pending, key=lambda label: -self.targets[units[label][0]].in_features)
@@ -673,7 +327,7 @@ class _Blockwise:
             name: result for label, unit_results in mine.items() for name, result in zip(units[label], unit_results)
         }
         pending_names = [name for label in pending for name in units[label]]
-        solved = _exchange(solved, pending_names)
+        solved = exchange_layers(solved, pending_names)
         for label in pending:  # members solved on another rank arrive with a copy of the dictionary each
             share_dictionary([solved[name][0] for name in units[label]])
         if self.checkpoint is not None and self.rank == 0:
@@ -728,14 +382,14 @@ def run_sequential(
     block_prefix, blocks = decoder_blocks(model, targets)
     block_units = units_by_block(units or {name: [name] for name in targets}, block_prefix, len(blocks))
     batches = list(batches)
-    store = _InputStore(checkpoint_dir)
-    inputs = _capture_block_inputs(model, blocks[0], batches, store)
+    store = InputStore(checkpoint_dir)
+    inputs = capture_block_inputs(model, blocks[0], batches, store)
     checkpoint = (
-        _Checkpoint(Path(checkpoint_dir), run_fingerprint(model, config, targets, inputs, propagate))
+        Checkpoint(Path(checkpoint_dir), run_fingerprint(model, config, targets, inputs, propagate))
         if checkpoint_dir
         else None
     )
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     compute = torch.device(device) if device is not None else None
     run = _Blockwise(targets, solve, propagate, checkpoint, compute, dispatched, rank, world, store)
     ratios: dict[str, float] = {}

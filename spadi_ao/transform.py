@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from spadi_ao.api import check_budget, check_dense_weight
 from spadi_ao.calibration import observation
 from spadi_ao.configs import DictionaryConfig, LowRankConfig
 from spadi_ao.layer import compress_linear
+from spadi_ao.validation import check_budget, check_dense_weight
 
 __all__: list[str] = []
 

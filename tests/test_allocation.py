@@ -203,7 +203,7 @@ def test_knapsack_without_batches_weighs_every_output_alike(caplog):
         with GramCollector(select_linears(candidate)) as collector:
             run_calibration(candidate, token_batches(2, 16), progress=False)
         collectors.append(collector)
-    with caplog.at_level(logging.WARNING, logger="spadi_ao.api"):
+    with caplog.at_level(logging.WARNING, logger="spadi_ao.allocation_driver"):
         report = sparsify_dictionary_(
             model, DictionaryConfig(allocation="knapsack"), calibration=collectors[0], progress=False
         )

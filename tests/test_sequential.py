@@ -14,10 +14,14 @@ from models import tiny_llama, token_batches
 from torch import nn
 
 import spadi_ao.api
+import spadi_ao.block_inputs
+import spadi_ao.checkpoint
+import spadi_ao.distributed
+import spadi_ao.report
 import spadi_ao.sequential
 from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
 from spadi_ao.calibration import GramCollector
-from spadi_ao.sequential import CheckpointMismatchError
+from spadi_ao.checkpoint import CheckpointMismatchError
 
 CONFIG = DictionaryConfig(compression_ratio=0.3, iterations=1, atoms_per_step=4, allocation="uniform", grouping=None)
 GLOBAL = dataclasses.replace(CONFIG, allocation="knapsack", grouping="inputs")
@@ -77,8 +81,8 @@ def test_knapsack_with_dense_propagation_equals_one_shot_bit_for_bit(grouping):
     )
     assert shared == (grouping == "inputs")
     assert (
-        spadi_ao.api.compression_stats(sequential)["model_stored_bytes"]
-        == spadi_ao.api.compression_stats(one_shot)["model_stored_bytes"]
+        spadi_ao.report.compression_stats(sequential)["model_stored_bytes"]
+        == spadi_ao.report.compression_stats(one_shot)["model_stored_bytes"]
     )
 
 
@@ -121,7 +125,7 @@ def test_knapsack_resume_reuses_the_first_pass_and_is_bit_identical(tmp_path, mo
         pass
 
     name = "save_tables" if crash_in == "survey" else "save"
-    original = getattr(spadi_ao.sequential._Checkpoint, name)
+    original = getattr(spadi_ao.checkpoint.Checkpoint, name)
     calls = []
 
     def crash_on_second(self, *args):
@@ -130,12 +134,12 @@ def test_knapsack_resume_reuses_the_first_pass_and_is_bit_identical(tmp_path, mo
         if len(calls) == 2:
             raise Killed
 
-    monkeypatch.setattr(spadi_ao.sequential._Checkpoint, name, crash_on_second)
+    monkeypatch.setattr(spadi_ao.checkpoint.Checkpoint, name, crash_on_second)
     with pytest.raises(Killed):
         sparsify_dictionary_(
             tiny_llama(layers=3), GLOBAL, calibration=batches, sequential=True, checkpoint_dir=tmp_path, progress=False
         )
-    monkeypatch.setattr(spadi_ao.sequential._Checkpoint, name, original)
+    monkeypatch.setattr(spadi_ao.checkpoint.Checkpoint, name, original)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["sensitivity"] and len(manifest["tables"]) == (
         8 if crash_in == "survey" else 12
@@ -144,10 +148,10 @@ def test_knapsack_resume_reuses_the_first_pass_and_is_bit_identical(tmp_path, mo
     recomputed = []
     monkeypatch.setattr(spadi_ao.sequential, "blockwise_sensitivity", lambda *a: recomputed.append(a) or {})
     surveyed = []
-    original_tabulate = spadi_ao.api._tabulate
+    original_tabulate = spadi_ao.api.tabulate_unit
     monkeypatch.setattr(
         spadi_ao.api,
-        "_tabulate",
+        "tabulate_unit",
         lambda config, unit, *a, **k: surveyed.append(unit) or original_tabulate(config, unit, *a, **k),
     )
     resumed = tiny_llama(layers=3)
@@ -184,7 +188,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     )
 
     crashed = tiny_llama()
-    original_save = spadi_ao.sequential._Checkpoint.save
+    original_save = spadi_ao.checkpoint.Checkpoint.save
     saved = []
 
     def crash_after_nine(self, name, weight, report):
@@ -193,7 +197,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
         if len(saved) == 9:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(spadi_ao.sequential._Checkpoint, "save", crash_after_nine)
+    monkeypatch.setattr(spadi_ao.checkpoint.Checkpoint, "save", crash_after_nine)
     dense_block_1 = {n: p.clone() for n, p in crashed.model.layers[1].named_parameters()}
     with pytest.raises(KeyboardInterrupt) as failure:
         sparsify_dictionary_(
@@ -212,7 +216,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     assert "blocks 0-0 of 2 were compressed" in "".join(getattr(failure.value, "__notes__", []))
     with torch.no_grad():
         assert torch.isfinite(crashed(batches[0]).logits).all()  # a working, partly compressed model
-    monkeypatch.setattr(spadi_ao.sequential._Checkpoint, "save", original_save)
+    monkeypatch.setattr(spadi_ao.checkpoint.Checkpoint, "save", original_save)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert len(manifest["layers"]) == 9
 
@@ -320,8 +324,8 @@ def test_solves_are_dealt_within_the_greedy_bound_of_the_best_split(world, seed)
     import itertools
 
     costs = torch.rand(6, generator=torch.Generator().manual_seed(seed)).add(0.1).tolist()
-    owners = spadi_ao.sequential.deal_solves(costs, world)
-    assert owners == spadi_ao.sequential.deal_solves(costs, world)  # every rank computes the same deal
+    owners = spadi_ao.distributed.deal_solves(costs, world)
+    assert owners == spadi_ao.distributed.deal_solves(costs, world)  # every rank computes the same deal
     makespan = max(sum(c for c, o in zip(costs, owners) if o == r) for r in range(world))
     best = min(
         max(sum(c for c, o in zip(costs, split) if o == r) for r in range(world))
@@ -341,11 +345,11 @@ def test_a_llama_blocks_mlp_solves_are_not_dealt_two_to_one_rank():
         "down": (2048, 8192),
     }
     linears = [nn.Linear(i, o, bias=False, device="meta") for o, i in shapes.values()]
-    owners = dict(zip(shapes, spadi_ao.sequential.deal_solves(spadi_ao.sequential.solve_costs(linears, {}), 2)))
+    owners = dict(zip(shapes, spadi_ao.distributed.deal_solves(spadi_ao.distributed.solve_costs(linears, {}), 2)))
     assert owners["gate"] == owners["up"] != owners["down"]
     # Once a block has been timed its seconds replace the FLOP model, e.g. where float64 is fast.
     measured = {(o, i): seconds for (o, i), seconds in zip(shapes.values(), [4, 0.5, 0.5, 4, 12, 12, 16])}
-    owners = dict(zip(shapes, spadi_ao.sequential.deal_solves(spadi_ao.sequential.solve_costs(linears, measured), 2)))
+    owners = dict(zip(shapes, spadi_ao.distributed.deal_solves(spadi_ao.distributed.solve_costs(linears, measured), 2)))
     assert owners["gate"] == owners["up"] != owners["down"] == owners["q"] == owners["o"]
 
 
@@ -490,14 +494,14 @@ def test_block_inputs_that_do_not_fit_are_spilled_and_change_nothing(propagate, 
     in_memory = tiny_llama()
     sparsify_dictionary_(in_memory, CONFIG, calibration=batches, sequential=True, propagate=propagate, progress=False)
     stores = []
-    original = spadi_ao.sequential._InputStore.__init__
+    original = spadi_ao.block_inputs.InputStore.__init__
 
     def record(self, directory=None):
         original(self, directory)
         stores.append(self)
 
-    monkeypatch.setattr(spadi_ao.sequential, "_available_memory_bytes", lambda: 0)
-    monkeypatch.setattr(spadi_ao.sequential._InputStore, "__init__", record)
+    monkeypatch.setattr(spadi_ao.block_inputs, "available_memory_bytes", lambda: 0)
+    monkeypatch.setattr(spadi_ao.block_inputs.InputStore, "__init__", record)
     spilled = tiny_llama()
     sparsify_dictionary_(
         spilled,

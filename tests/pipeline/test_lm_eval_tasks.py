@@ -249,7 +249,7 @@ def test_without_lm_eval_the_package_imports_and_zero_shot_says_what_to_install(
     tiny_llama, tiny_tokenizer, monkeypatch
 ):
     code = "import sys; sys.modules['lm_eval'] = None; import spadi_ao.pipeline, spadi_ao.cli"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(PipelineError, match=r"pip install \"spadi-ao\[eval\]\""):
         zero_shot(tiny_llama, tiny_tokenizer, ["piqa"], data_dir=FIXTURES)

@@ -3,7 +3,7 @@
 The Triton kernels are checked on CPU tensors with the Triton interpreter. ``TRITON_INTERPRET=1`` must be
 set before the kernels are decorated (when ``spadi_ao`` is imported), so ``test_triton_interpreter``
 reruns this file's ``*_interpreted`` tests in a child pytest with the variable set; in the parent they
-skip. To run them directly: ``TRITON_INTERPRET=1 pytest tests/test_kernels.py -k interpreted``.
+skip. To run them directly: ``TRITON_INTERPRET=1 pytest tests/kernels/test_kernels.py -k interpreted``.
 GPU tests skip without CUDA; ``scripts/gpu_check.sh`` runs them with the kernel benchmark.
 """
 

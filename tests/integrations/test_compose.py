@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -351,7 +352,7 @@ def test_fresh_process_weights_only_load(mixed_model, tmp_path):
     script = f"""
 import sys, torch, spadi_ao
 from accelerate import init_empty_weights
-sys.path.insert(0, {str(__file__.rsplit("/", 1)[0])!r})
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from models import tiny_llama
 state = torch.load({str(tmp_path / "state.pt")!r}, weights_only=True)
 with init_empty_weights(include_buffers=False):
