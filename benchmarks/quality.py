@@ -37,12 +37,16 @@ from spadi_ao.api import select_linears
 from spadi_ao.calibration import GramCollector, run_calibration
 from spadi_ao.pipeline.data import calibration_batches, load_text
 
-TABLE_ROWS = ("dense", "svd-llm", "paper", "compot", "compot-knapsack", "default", "sequential")
+TABLE_ROWS = (
+    "dense", "svd-llm", "paper", "compot", "compot-spectral", "compot-knapsack", "default", "sequential"
+)  # fmt: skip
 """The quality table's rows. ``paper``: uniform K-SVD per layer, exact OMP (``--paper-iterations``
 iterations after the SVD-initialised coding); ``compot``: the COMPOT-style solver (orthonormal atoms,
-``--procrustes-iterations``) per layer at a uniform ratio; ``compot-knapsack``: the same solver with the
-default's allocation and groups; ``default``: knapsack + fast solver + shared-input groups;
-``sequential``: the default, block by block with compressed propagation."""
+``--procrustes-iterations``) per layer at a uniform ratio; ``compot-spectral``: the same solver with
+COMPOT's kind of global allocation, spending the bytes where the whitened spectrum's discarded energy is
+smallest, every output weighted alike (the knapsack without the loss sensitivity); ``compot-knapsack``: the
+same solver with the default's loss-weighted allocation and groups; ``default``: knapsack + fast solver +
+shared-input groups; ``sequential``: the default, block by block with compressed propagation."""
 
 TABLE_CALIBRATIONS = ("stdlib", "wikitext2-valid")
 
@@ -334,6 +338,7 @@ def table_config(row: str, ratio: float, args: argparse.Namespace):
     fields = {
         "paper": dict(solver="ksvd", iterations=args.paper_iterations, atoms_per_step=1, init="svd", **per_layer),
         "compot": dict(solver="procrustes", iterations=args.procrustes_iterations, **per_layer),
+        "compot-spectral": dict(default, solver="procrustes", iterations=args.procrustes_iterations),
         "compot-knapsack": dict(default, solver="procrustes", iterations=args.procrustes_iterations),
         "default": default,
         "sequential": default,
@@ -380,7 +385,7 @@ def run_table(args: argparse.Namespace, model, tokenizer) -> None:
                 config = table_config(row, ratio, args)
                 if (
                     getattr(config, "allocation", "uniform") == "knapsack"
-                    and row != "sequential"
+                    and row not in ("sequential", "compot-spectral")
                     and sensitivity is None
                 ):
                     start = time.perf_counter()  # one pass over the sequences the knapsack rows share
@@ -400,11 +405,12 @@ def run_table(args: argparse.Namespace, model, tokenizer) -> None:
                             progress=False,
                         )
                     else:
-                        extra = (
-                            {"sensitivity": sensitivity}
-                            if getattr(config, "allocation", "uniform") == "knapsack"
-                            else {}
-                        )
+                        extra = {}
+                        if row == "compot-spectral":
+                            alike = {name: torch.ones(m.out_features) for name, m in select_linears(model).items()}
+                            extra["sensitivity"] = alike
+                        elif getattr(config, "allocation", "uniform") == "knapsack":
+                            extra["sensitivity"] = sensitivity
                         report = sparsify_dictionary_(
                             compressed, config, calibration=collector, progress=False, **extra
                         )

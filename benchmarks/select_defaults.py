@@ -3,6 +3,7 @@
     python benchmarks/select_defaults.py --sources stdlib                  # one part per calibration source
     python benchmarks/select_defaults.py --sources wikitext2-valid-a
     python benchmarks/select_defaults.py --sources generated stdlib+generated
+    python benchmarks/select_defaults.py --solvers --sources stdlib wikitext2-valid-a --shrinkage 0.3
     python benchmarks/select_defaults.py --decide                          # merge the parts, apply the rules
 
 Every candidate runs the recommended settings (``DictionaryConfig(solver="fast", allocation="knapsack",
@@ -23,9 +24,12 @@ Rules (stated before the runs):
 2. CLI default calibration source: among the sources needing no download, the lowest geometric mean over
    the two validation texts at the chosen shrinkage (the generated sources need only that value:
    ``--shrinkage <chosen>``).
+3. Solver (``--solvers``, at the chosen shrinkage, every other setting the default's): the fast solver with
+   the default's refits against the COMPOT-style ``solver="procrustes"`` (``--procrustes-iterations``), the
+   lowest geometric mean over the same four cells.
 
-Parts: benchmarks/results/select_defaults-<source>.json, saved after every candidate (a re-run resumes); the
-decision: select_defaults.{json,md}.
+Parts: benchmarks/results/select_defaults-<source>.json (``--solvers``: select_defaults-solver-<source>.json),
+saved after every candidate (a re-run resumes); the decision: select_defaults.{json,md}.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from spadi_ao.pipeline.data import calibration_batches, load_text, split_text
 SOURCES = ("stdlib", "generated", "stdlib+generated", "wikitext2-valid-a")
 NO_DOWNLOAD = ("stdlib", "generated", "stdlib+generated")
 SHRINKAGE_SOURCES = ("stdlib", "wikitext2-valid-a")
+SOLVERS = ("fast", "procrustes")
 VALIDATION = ("wikitext2-valid-b", "stdlib-held-out")
 GENERATED_CACHE = Path.home() / ".cache" / "spadi-ao"
 
@@ -71,6 +76,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-windows", type=int, default=8, help="first N windows of each validation text")
     parser.add_argument("--fast-steps", type=int, default=2)
     parser.add_argument("--sensitivity-samples", type=int, default=8)
+    parser.add_argument("--solvers", action="store_true", help="rule 3: compare SOLVERS at --shrinkage (one value)")
+    parser.add_argument("--procrustes-iterations", type=int, default=20)
     parser.add_argument("--decide", action="store_true", help="merge the parts present and apply the rules")
     return parser.parse_args()
 
@@ -100,12 +107,31 @@ def batches_for(source: str, model, tokenizer, args: argparse.Namespace) -> list
     ]
 
 
+def candidate_config(args: argparse.Namespace, shrinkage: str, solver: str = "screening") -> DictionaryConfig:
+    """A candidate: the recommended settings with this shrinkage and solver (``screening``: ``--fast-steps``)."""
+    value = shrinkage if shrinkage == "auto" else float(shrinkage)
+    common = dict(compression_ratio=args.ratio, gram_shrinkage=value, allocation="knapsack", grouping="inputs")
+    if solver == "procrustes":
+        return DictionaryConfig(**common, solver="procrustes", iterations=args.procrustes_iterations)
+    if solver == "fast":
+        return DictionaryConfig(**common, solver="fast")
+    return DictionaryConfig(**common, solver="fast", fast_steps=args.fast_steps, iterations=0)
+
+
 def run_source(
     source: str, model, tokenizer, texts: dict[str, str], args: argparse.Namespace, part: dict, save
 ) -> None:
-    """Every ``--shrinkage`` value not yet in ``part``; ``save()`` after each, so a run can be resumed."""
-    done = {row["shrinkage"] for row in part.setdefault("rows", [])}
-    todo = [shrinkage for shrinkage in args.shrinkage if shrinkage not in done]
+    """Every candidate not yet in ``part``; ``save()`` after each, so a run can be resumed.
+
+    Candidates: each ``--shrinkage`` value, or with ``--solvers`` each of SOLVERS at the one ``--shrinkage``.
+    """
+    rows = part.setdefault("rows", [])
+    if args.solvers:
+        done = {row["solver"] for row in rows}
+        todo = [(args.shrinkage[0], solver) for solver in SOLVERS if solver not in done]
+    else:
+        done = {row["shrinkage"] for row in rows}
+        todo = [(shrinkage, "screening") for shrinkage in args.shrinkage if shrinkage not in done]
     if not todo:
         return
     start = time.perf_counter()
@@ -115,12 +141,8 @@ def run_source(
     with GramCollector(select_linears(model)) as collector:
         run_calibration(model, batches, progress=False)
     part.update(source=source, calibration_seconds=time.perf_counter() - start)
-    for shrinkage in todo:
-        value = shrinkage if shrinkage == "auto" else float(shrinkage)
-        config = DictionaryConfig(
-            compression_ratio=args.ratio, gram_shrinkage=value, solver="fast", fast_steps=args.fast_steps,
-            allocation="knapsack", grouping="inputs", iterations=0,
-        )  # fmt: skip
+    for shrinkage, solver in todo:
+        config = candidate_config(args, shrinkage, solver)
         compressed = fresh_copy(model)
         start = time.perf_counter()
         report = sparsify_dictionary_(
@@ -134,6 +156,7 @@ def run_source(
         part["rows"].append(
             {
                 "shrinkage": shrinkage,
+                **({"solver": solver} if args.solvers else {}),
                 "compression_ratio": report.compression_ratio,
                 "seconds": seconds,
                 "perplexity": perplexity,
@@ -141,7 +164,7 @@ def run_source(
         )
         save()
         print(
-            f"{source:18s} shrinkage {shrinkage:5s}: "
+            f"{source:18s} shrinkage {shrinkage:5s} {solver:10s}: "
             + ", ".join(f"{k} {v:.2f}" for k, v in perplexity.items())
             + f" ({seconds:.0f}s)",
             flush=True,
@@ -151,6 +174,30 @@ def run_source(
 
 def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def solver_cells(shrinkage: str) -> dict[str, list[float]]:
+    """Rule 3's cells: each solver's perplexities over SHRINKAGE_SOURCES x VALIDATION, where all were measured."""
+    paths = [RESULTS / f"select_defaults-solver-{source}.json" for source in SHRINKAGE_SOURCES]
+    if not all(path.is_file() for path in paths):
+        return {}
+    rows = [
+        {
+            row["solver"]: row["perplexity"]
+            for row in json.loads(path.read_text())["rows"]
+            if row["shrinkage"] == shrinkage
+        }
+        for path in paths
+    ]
+    return {
+        solver: [per_source[solver][text] for per_source in rows for text in VALIDATION]
+        for solver in SOLVERS
+        if all(solver in per_source for per_source in rows)
+    }
+
+
+def solver_means(shrinkage: str) -> dict[str, float]:
+    return {solver: geometric_mean(values) for solver, values in solver_cells(shrinkage).items()}
 
 
 def decide(args: argparse.Namespace) -> None:
@@ -203,6 +250,10 @@ def decide(args: argparse.Namespace) -> None:
         "calibration_seconds": {s: part["calibration_seconds"] for s, part in parts.items()},
         "cells": [{"source": s, "shrinkage": g, "text": t, "ppl": v} for (s, g, t), v in cells.items()],
     }
+    by_solver = solver_means(chosen)
+    if by_solver:
+        payload["geometric_mean_by_solver"] = by_solver
+        payload["chosen_solver"] = min(by_solver, key=by_solver.get)
     write_json(RESULTS / "select_defaults.json", payload)
     settings = payload["settings"]
     lines = [
@@ -226,6 +277,14 @@ def decide(args: argparse.Namespace) -> None:
     lines += [f"| {s} | {v:.2f}{' (chosen)' if s == chosen else ''} |" for s, v in by_shrinkage.items()]
     lines += ["", f"| calibration source (no download), gram_shrinkage {chosen} | geometric mean |", "|---|---|"]
     lines += [f"| {s} | {v:.2f}{' (chosen)' if s == source else ''} |" for s, v in by_source.items()]
+    if by_solver:
+        lines += ["", f"| solver, gram_shrinkage {chosen} | " + " | ".join(
+            f"PPL {t}, {s}" for s in SHRINKAGE_SOURCES for t in VALIDATION) + " | geometric mean |",
+            "|---|" + "---|" * (len(SHRINKAGE_SOURCES) * len(VALIDATION) + 1)]  # fmt: skip
+        for solver, mean in by_solver.items():
+            values = solver_cells(chosen)[solver]
+            lines.append(f"| {solver} | " + " | ".join(f"{v:.2f}" for v in values)
+                         + f" | {mean:.2f}{' (chosen)' if solver == payload['chosen_solver'] else ''} |")  # fmt: skip
     (RESULTS / "select_defaults.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -246,8 +305,12 @@ def main() -> None:
         k: getattr(args, k)
         for k in ("ratio", "n_samples", "seq_len", "eval_windows", "fast_steps", "sensitivity_samples")
     }
+    if args.solvers:
+        if len(args.shrinkage) != 1:
+            raise SystemExit("--solvers compares solvers at one --shrinkage value (rule 1's choice)")
+        settings.update(fast_steps=DictionaryConfig().fast_steps, procrustes_iterations=args.procrustes_iterations)
     for source in args.sources:
-        path = RESULTS / f"select_defaults-{source}.json"
+        path = RESULTS / f"select_defaults-{'solver-' if args.solvers else ''}{source}.json"
         part = json.loads(path.read_text()) if path.is_file() else {}
         part.update(command=" ".join(["python", *sys.argv]), settings=settings, dense=dense, environment=environment())
         run_source(source, model, tokenizer, texts, args, part, lambda: write_json(path, part))
