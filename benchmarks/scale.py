@@ -265,7 +265,7 @@ WHITENING = "Gram + whitening"
 SOLVERS = {
     "K-SVD one-shot (iterations=0)": dict(solver="ksvd", iterations=0, atoms_per_step=8),
     "fast, 0 steps": dict(solver="fast", fast_steps=0),
-    "fast, 8 steps (CLI default)": dict(solver="fast"),
+    "fast, 8 steps": dict(solver="fast"),
     "K-SVD, 1 iteration": dict(solver="ksvd", iterations=1, atoms_per_step=8),
 }
 GRAM_TOKENS = (8, 256)

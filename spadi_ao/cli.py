@@ -87,9 +87,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser, default_windows: Option
 _CONFIG_DEFAULTS = {
     "gram_shrinkage": 0.3,
     "rho": 2.0,
-    "solver": "fast",
+    "solver": "procrustes",
     "fast_steps": 8,
-    "iterations": 60,
+    "iterations": 20,
     "power_iterations": 8,
     "atoms_per_step": 1,
     "init": "svd",
@@ -172,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"cospadi, fast solver: dictionary / code refits (default: {d['fast_steps']})",
     )
     compress.add_argument(
-        "--iterations", type=int, **field, help=f"cospadi, K-SVD: iterations (default: {d['iterations']}, the paper's)"
+        "--iterations",
+        type=int,
+        **field,
+        help=f"cospadi, procrustes / ksvd: solver rounds (default: {d['iterations']}; the paper's K-SVD: 60)",
     )
     compress.add_argument(
         "--power-iterations",

@@ -223,7 +223,12 @@ def test_cli_defaults_are_the_measured_best_for_cospadi_and_the_plain_baseline_o
 
     best = config()
     assert best == DictionaryConfig()  # the CLI takes the config's defaults as they are
-    assert (best.allocation, best.solver, best.grouping, best.gram_shrinkage) == ("knapsack", "fast", "inputs", 0.3)
+    assert (best.allocation, best.solver, best.grouping, best.gram_shrinkage) == (
+        "knapsack",
+        "procrustes",
+        "inputs",
+        0.3,
+    )
     assert config("--sequential") == DictionaryConfig()  # the same knapsack and groups, block by block
     baseline = config("--method", "svd-llm")
     assert baseline == LowRankConfig() and baseline.allocation == "uniform"
@@ -236,6 +241,8 @@ def test_cli_defaults_are_the_measured_best_for_cospadi_and_the_plain_baseline_o
         "ksvd",
         "--init",
         "random-columns",
+        "--iterations",
+        "60",
         "--gram-shrinkage",
         "0",
     )

@@ -71,9 +71,9 @@ def _prepared(model: nn.Module, batches) -> nn.Module:
 
 def test_default_is_the_measured_best_and_the_preset_is_the_paper():
     default = DictionaryConfig()
-    assert (default.solver, default.fast_steps, default.allocation, default.grouping, default.gram_shrinkage) == (
-        "fast",
-        8,
+    assert (default.solver, default.iterations, default.allocation, default.grouping, default.gram_shrinkage) == (
+        "procrustes",
+        20,
         "knapsack",
         "inputs",
         0.3,

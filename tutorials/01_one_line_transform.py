@@ -33,9 +33,10 @@ def main() -> None:
         ).ppl
 
     before = ppl()
-    # The defaults are the measured best: the fast solver, per-layer ratios from a loss-weighted knapsack over the
-    # whole-model budget, and one dictionary for the Linears that read the same input (DictionaryConfig.paper() is
-    # the paper's setting). torchao users get the per-layer part with quantize_(model, DictionaryConfig()).
+    # The defaults are the measured best: orthonormal (Procrustes) dictionaries, per-layer ratios from a
+    # loss-weighted knapsack over the whole-model budget, and one dictionary for the Linears that read the
+    # same input (DictionaryConfig.paper() is the paper's setting). torchao users get the per-layer part
+    # with quantize_(model, DictionaryConfig()).
     config = DictionaryConfig(compression_ratio=0.3)
     start = time.perf_counter()
     report = sparsify_dictionary_(run.model, config, calibration=run.calibration)  # <- the one line
