@@ -37,16 +37,15 @@ from spadi_ao.api import select_linears
 from spadi_ao.calibration import GramCollector, run_calibration
 from spadi_ao.pipeline.data import calibration_batches, load_text
 
-TABLE_ROWS = (
-    "dense", "svd-llm", "paper", "compot", "compot-spectral", "compot-knapsack", "default", "sequential"
-)  # fmt: skip
+TABLE_ROWS = ("dense", "svd-llm", "paper", "compot", "compot-spectral", "fast", "default", "sequential")
 """The quality table's rows. ``paper``: uniform K-SVD per layer, exact OMP (``--paper-iterations``
 iterations after the SVD-initialised coding); ``compot``: the COMPOT-style solver (orthonormal atoms,
 ``--procrustes-iterations``) per layer at a uniform ratio; ``compot-spectral``: the same solver with
 COMPOT's kind of global allocation, spending the bytes where the whitened spectrum's discarded energy is
-smallest, every output weighted alike (the knapsack without the loss sensitivity); ``compot-knapsack``: the
-same solver with the default's loss-weighted allocation and groups; ``default``: knapsack + fast solver +
-shared-input groups; ``sequential``: the default, block by block with compressed propagation."""
+smallest, every output weighted alike (the knapsack without the loss sensitivity); ``fast``: the default
+with the fast solver (closed-form refits) instead of Procrustes; ``default``: ``DictionaryConfig()``
+(Procrustes + loss-weighted knapsack + shared-input groups); ``sequential``: the default, block by block
+with compressed propagation."""
 
 TABLE_CALIBRATIONS = ("stdlib", "wikitext2-valid")
 
@@ -334,14 +333,14 @@ def table_config(row: str, ratio: float, args: argparse.Namespace):
     if row == "svd-llm":
         return LowRankConfig(compression_ratio=ratio, **shrinkage)
     per_layer = dict(allocation="uniform", grouping=None)
-    default = dict(solver="fast", allocation="knapsack", grouping="inputs")
+    procrustes = dict(solver="procrustes", iterations=args.procrustes_iterations)
     fields = {
         "paper": dict(solver="ksvd", iterations=args.paper_iterations, atoms_per_step=1, init="svd", **per_layer),
-        "compot": dict(solver="procrustes", iterations=args.procrustes_iterations, **per_layer),
-        "compot-spectral": dict(default, solver="procrustes", iterations=args.procrustes_iterations),
-        "compot-knapsack": dict(default, solver="procrustes", iterations=args.procrustes_iterations),
-        "default": default,
-        "sequential": default,
+        "compot": dict(procrustes, **per_layer),
+        "compot-spectral": procrustes,
+        "fast": dict(solver="fast"),
+        "default": {},
+        "sequential": {},
     }[row]
     return DictionaryConfig(compression_ratio=ratio, **fields, **shrinkage)
 
