@@ -52,7 +52,7 @@ def test_every_option_has_a_help_line_and_shows_its_default():
                 continue
             assert action.help, f"{name} {action.dest} has no help line"
     text = _subparsers(parser)["compress"].format_help()
-    assert "(default: fast)" in text and "toward their diagonal (default: 0.3)" in " ".join(text.split())
+    assert "(default: procrustes)" in text and "toward their diagonal (default: 0.3)" in " ".join(text.split())
 
 
 def test_sensitivity_pass_shows_progress(capsys):

@@ -89,7 +89,7 @@ def test_info_reads_a_save_pretrained_folder(tiny_llama, tmp_path, capsys):
     assert "int8 parts: dictionary in 2 weights, values in 6 weights" in out
     for line in (
         "method cospadi",
-        "solver: fast",
+        "solver: procrustes",
         "allocation: knapsack",
         "grouping: inputs",
         "gram_shrinkage: 0.3",
