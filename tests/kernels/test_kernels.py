@@ -10,8 +10,6 @@ GPU tests skip without CUDA; ``scripts/gpu_check.sh`` runs them with the kernel 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from typing import Optional
 
 import pytest
@@ -19,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from triton_interpreter import run_interpreted
 
 from spadi_ao.format import pack_codes, unpack_codes
 from spadi_ao.kernels import cpu, native, reference_dictionary_linear, select_kernel
@@ -252,25 +251,7 @@ def test_triton_interpreter():
     """Runs the ``*_interpreted`` tests below in a child process with ``TRITON_INTERPRET=1``."""
     if INTERPRET:
         pytest.skip("this is the interpreted run already")
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-o",
-        "addopts=",
-        "--noconftest",
-        "-p",
-        "no:cacheprovider",
-        __file__,
-        "-k",
-        "interpreted",
-    ]
-    result = subprocess.run(
-        command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "1 passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+    run_interpreted(__file__)
 
 
 @pytest.mark.skipif(

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import gc
 import os
-import subprocess
-import sys
 from typing import Callable
 
 import pytest
@@ -23,6 +21,7 @@ from test_kernels import args, assert_close, dense_output, magnitude, make_layer
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+from triton_interpreter import run_interpreted
 
 from spadi_ao import DictionaryConfig, DictionaryTensor, compression_stats, sparsify_dictionary_
 from spadi_ao.format import unpack_codes, unpack_mask
@@ -244,20 +243,4 @@ def test_triton_prefill():
     kernels rebuild each tile of the codes in registers and keep nothing between calls)."""
     if INTERPRET or not HAS_TRITON:
         pytest.skip("this is the interpreted run already" if INTERPRET else "triton is not installed")
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-o",
-        "addopts=",
-        "-p",
-        "no:cacheprovider",
-        __file__,
-        "-k",
-        "interpreted",
-    ]
-    result = subprocess.run(
-        command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-4000:] + result.stderr[-4000:]
+    run_interpreted(__file__)
