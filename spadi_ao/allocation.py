@@ -5,8 +5,8 @@ its honest stored bytes and an error. Picking one candidate per unit so that the
 and the total bytes stay within the budget is a multiple-choice knapsack, solved exactly by dynamic
 programming over bytes (:func:`solve_knapsack`).
 
-The error of a candidate is the one-shot CoSpaDi solution's, read off a single SVD of the whitened
-weight for every candidate at once (:func:`threshold_errors`): the leading ``k`` singular vectors are
+The error of a candidate is the one-shot CoSpaDi solution's, read off one spectral decomposition of the
+whitened weight for every candidate at once (:func:`threshold_errors`): the leading ``k`` singular vectors are
 the dictionary and each column keeps its ``s`` largest coefficients. It is exactly what the ``ksvd``
 solver with ``iterations=0`` returns and an upper bound for every solver that starts from it. Columns
 are weighted by ``column_weights``: with the loss' mean squared gradient per output
@@ -25,8 +25,10 @@ from torch import nn
 
 from spadi_ao.budget import atom_limit, dictionary_budget, low_rank_budget
 from spadi_ao.configs import CompressionConfig, DictionaryConfig
+from spadi_ao.solvers import BLOCK_ELEMENTS
+from spadi_ao.solvers.ksvd import small_gram
 
-__all__ = ["Candidate", "candidate_sizes", "solve_knapsack", "threshold_errors", "output_sensitivity"]
+__all__ = ["Candidate", "candidate_sizes", "solve_knapsack", "atom_energies", "threshold_errors", "output_sensitivity"]
 
 
 @dataclass(frozen=True)
@@ -110,28 +112,54 @@ def solve_knapsack(
     return chosen[::-1]
 
 
+def atom_energies(whitened: torch.Tensor) -> torch.Tensor:
+    """(m, r) float64: the squared coefficient of each column of ``whitened`` (n x m) on each of its
+    ``r = min(n, m)`` singular directions, strongest direction first.
+
+    From the eigendecomposition of the smaller float64 Gram, like the solvers' SVD start
+    (``leading_left_singular_vectors``), instead of a full SVD: for a wide weight (``n <= m``) the
+    coefficients are ``A^T U``; for a tall one, ``sigma_i v_ji``, so their squares are ``lambda_i v_ji^2``.
+    Each row sums to its column's squared norm: the directions span every column.
+    """
+    n, m = whitened.shape
+    eigenvalues, eigenvectors = torch.linalg.eigh(small_gram(whitened))  # ascending
+    eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0.0), eigenvectors.flip(1)
+    if n > m:
+        return eigenvectors.pow(2) * eigenvalues
+    energies = torch.empty(m, n, dtype=torch.float64, device=whitened.device)
+    step = max(1, BLOCK_ELEMENTS // n)
+    for start in range(0, m, step):
+        chunk = whitened[:, start : start + step].to(torch.float64)
+        torch.mm(chunk.T, eigenvectors, out=energies[start : start + step]).pow_(2)
+    return energies
+
+
 def threshold_errors(
     whitened: torch.Tensor, sizes: Sequence[tuple[int, int]], column_weights: Optional[torch.Tensor] = None
 ) -> list[float]:
     """Weighted squared error of the SVD dictionary + top-``s`` codes of ``whitened`` (n x m) per ``(k, s)``.
 
-    ``column_weights`` (m,) weight each column's squared error (default 1). One SVD serves every size:
-    coefficients ``Sigma V^T`` of the orthonormal atoms, squared, keep their top ``s`` of the first ``k``.
+    ``column_weights`` (m,) weight each column's squared error (default 1). One eigendecomposition serves every
+    size (:func:`atom_energies`), and one sort of each column's energies: a size keeps, in sorted order, the first
+    ``s`` entries that belong to one of the leading ``k`` directions, and its error is the energy left over.
     """
-    _, sigma, vh = torch.linalg.svd(whitened, full_matrices=False)
-    energy = (sigma.unsqueeze(1) * vh).to(torch.float64).pow(2)  # (r, m): energy of each atom in each column
+    energies = atom_energies(whitened)
+    m, r = energies.shape
     weights = (
-        torch.ones(whitened.shape[1], dtype=torch.float64)
+        torch.ones(m, dtype=torch.float64, device=energies.device)
         if column_weights is None
         else column_weights.to(torch.float64)
     )
-    total = float((whitened.to(torch.float64).pow(2).sum(0) * weights).sum())
-    errors = []
-    for k, s in sizes:
-        kept = energy[: min(k, energy.shape[0])]
-        retained = kept.topk(min(s, kept.shape[0]), dim=0).values.sum(0)
-        errors.append(max(total - float((retained * weights).sum()), 0.0))
-    return errors
+    errors = torch.zeros(len(sizes), dtype=torch.float64)
+    step = max(1, BLOCK_ELEMENTS // r)
+    for start in range(0, m, step):
+        values, directions = energies[start : start + step].sort(dim=1, descending=True)
+        chunk_weights = weights[start : start + step]
+        for index, (k, s) in enumerate(sizes):
+            allowed = directions < k
+            kept = allowed & (allowed.cumsum(dim=1) <= s)
+            errors[index] += float(values.masked_fill(kept, 0.0).sum(dim=1) @ chunk_weights)
+    return errors.tolist()
 
 
 def output_sensitivity(

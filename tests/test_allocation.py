@@ -9,7 +9,7 @@ from models import tiny_llama, token_batches
 
 import spadi_ao
 from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
-from spadi_ao.allocation import candidate_sizes, output_sensitivity, solve_knapsack, threshold_errors
+from spadi_ao.allocation import atom_energies, candidate_sizes, output_sensitivity, solve_knapsack, threshold_errors
 from spadi_ao.api import select_linears
 from spadi_ao.calibration import GramCollector, run_calibration
 from spadi_ao.layer import whiten_group
@@ -66,11 +66,12 @@ def test_knapsack_rejects_an_impossible_budget():
         solve_knapsack([[5, 7], [3]], [[1.0, 0.0], [0.0]], budget=7)
 
 
-def test_threshold_errors_equal_the_one_shot_solutions():
+@pytest.mark.parametrize("shape", [(20, 30), (30, 20)], ids=["wide", "tall"])
+def test_threshold_errors_equal_the_one_shot_solutions(shape):
     """Independent reference: K-SVD with 0 iterations (SVD atoms, exact OMP) and SVD-LLM's truncation."""
     generator = torch.Generator().manual_seed(0)
-    signals = torch.randn(20, 30, generator=generator, dtype=torch.float64)
-    weights = torch.rand(30, generator=generator, dtype=torch.float64)
+    signals = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    weights = torch.rand(shape[1], generator=generator, dtype=torch.float64)
     sizes = [(4, 2), (8, 3), (12, 6), (6, 6)]
     errors = threshold_errors(signals, sizes, weights)
     for (k, s), error in zip(sizes, errors):
@@ -79,6 +80,28 @@ def test_threshold_errors_equal_the_one_shot_solutions():
         assert error == pytest.approx(float((residual.pow(2).sum(0) * weights).sum()), rel=1e-9)
     sigma = torch.linalg.svdvals(signals)
     assert threshold_errors(signals, [(5, 5)])[0] == pytest.approx(float(sigma[5:].pow(2).sum()), rel=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(48, 200), (200, 48)], ids=["wide", "tall"])
+def test_atom_energies_match_a_float64_svd(shape):
+    """The Gram route on a float32 weight against float64 SVD coefficients: same energies, every row summing to
+    its column's squared norm, and errors accurate where the float32 SVD's ``total - kept`` cancels."""
+    generator = torch.Generator().manual_seed(1)
+    decay = torch.logspace(0, -3, min(shape))
+    left = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=generator, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=generator, dtype=torch.float64)).Q
+    signals = (left * decay) @ right.T
+    _, sigma, vh = torch.linalg.svd(signals, full_matrices=False)
+    reference = (sigma.unsqueeze(1) * vh).pow(2).T
+    energies = atom_energies(signals.float())
+    assert energies.dtype == torch.float64 and energies.shape == reference.shape
+    torch.testing.assert_close(energies, reference, atol=1e-6 * float(reference.max()), rtol=0)
+    torch.testing.assert_close(energies.sum(1), signals.float().double().pow(2).sum(0), rtol=1e-9, atol=0)
+    # a near-lossless size: the error is 1e-6 of the total energy, far below float32's cancellation
+    k = min(shape) - 2
+    error = threshold_errors(signals.float(), [(k, k), (min(shape) + 5, 4)])
+    assert error[0] == pytest.approx(float(sigma[k:].pow(2).sum()), rel=1e-4)
+    assert error[1] == pytest.approx(float((reference.sum(1) - reference.topk(4, dim=1).values.sum(1)).sum()), rel=1e-6)
 
 
 def test_output_sensitivity_is_the_mean_squared_output_gradient():

@@ -65,7 +65,7 @@ def squared_error(signals: torch.Tensor, dictionary: torch.Tensor, codes: torch.
     return sum(float(torch.linalg.vector_norm(residual)) ** 2 for residual in residuals)
 
 
-def _small_gram(signals: torch.Tensor) -> torch.Tensor:
+def small_gram(signals: torch.Tensor) -> torch.Tensor:
     """The smaller of ``S S^T`` and ``S^T S`` in float64, a chunk of the long side at a time."""
     n, m = signals.shape
     wide = n <= m
@@ -88,7 +88,7 @@ def leading_left_singular_vectors(signals: torch.Tensor, count: int) -> torch.Te
     vectors back, ``u = S v / sigma``.
     """
     n, m = signals.shape
-    eigenvalues, eigenvectors = torch.linalg.eigh(_small_gram(signals))  # ascending
+    eigenvalues, eigenvectors = torch.linalg.eigh(small_gram(signals))  # ascending
     count = min(count, eigenvalues.shape[0])
     eigenvalues, eigenvectors = eigenvalues[-count:].flip(0), eigenvectors[:, -count:].flip(1)
     if n <= m:
