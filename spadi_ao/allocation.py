@@ -26,7 +26,7 @@ from torch import nn
 from spadi_ao.budget import atom_limit, dictionary_budget, low_rank_budget
 from spadi_ao.configs import CompressionConfig, DictionaryConfig
 from spadi_ao.solvers import BLOCK_ELEMENTS
-from spadi_ao.solvers.ksvd import small_gram
+from spadi_ao.solvers.ksvd import gram_spectrum
 
 __all__ = ["Candidate", "candidate_sizes", "solve_knapsack", "atom_energies", "threshold_errors", "output_sensitivity"]
 
@@ -116,16 +116,15 @@ def atom_energies(whitened: torch.Tensor) -> torch.Tensor:
     """(m, r) float64: the squared coefficient of each column of ``whitened`` (n x m) on each of its
     ``r = min(n, m)`` singular directions, strongest direction first.
 
-    From the eigendecomposition of the smaller float64 Gram, like the solvers' SVD start
-    (``leading_left_singular_vectors``), instead of a full SVD: for a wide weight (``n <= m``) the
-    coefficients are ``A^T U``; for a tall one, ``sigma_i v_ji``, so their squares are ``lambda_i v_ji^2``.
-    Each row sums to its column's squared norm: the directions span every column.
+    From the smaller float64 Gram's eigendecomposition (``gram_spectrum``, the solvers' SVD start) rather
+    than a full SVD: for a wide weight (``n <= m``) the coefficients are ``A^T U``; for a tall one,
+    ``sigma_i v_ji``, so their squares are ``lambda_i v_ji^2``. Each row sums to its column's squared norm:
+    the directions span every column.
     """
     n, m = whitened.shape
-    eigenvalues, eigenvectors = torch.linalg.eigh(small_gram(whitened))  # ascending
-    eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0.0), eigenvectors.flip(1)
+    eigenvalues, eigenvectors = gram_spectrum(whitened)
     if n > m:
-        return eigenvectors.pow(2) * eigenvalues
+        return eigenvectors.pow(2) * eigenvalues.clamp_min(0.0)
     energies = torch.empty(m, n, dtype=torch.float64, device=whitened.device)
     step = max(1, BLOCK_ELEMENTS // n)
     for start in range(0, m, step):
@@ -155,9 +154,13 @@ def threshold_errors(
     for start in range(0, m, step):
         values, directions = energies[start : start + step].sort(dim=1, descending=True)
         chunk_weights = weights[start : start + step]
+        positions = torch.arange(r, device=values.device)
         for index, (k, s) in enumerate(sizes):
-            allowed = directions < k
-            kept = allowed & (allowed.cumsum(dim=1) <= s)
+            if k >= r:  # every direction allowed: the first s sorted entries are kept
+                kept = positions < s
+            else:
+                allowed = directions < k
+                kept = allowed & (allowed.cumsum(dim=1) <= s)
             errors[index] += float(values.masked_fill(kept, 0.0).sum(dim=1) @ chunk_weights)
     return errors.tolist()
 

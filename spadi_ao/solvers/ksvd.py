@@ -65,7 +65,7 @@ def squared_error(signals: torch.Tensor, dictionary: torch.Tensor, codes: torch.
     return sum(float(torch.linalg.vector_norm(residual)) ** 2 for residual in residuals)
 
 
-def small_gram(signals: torch.Tensor) -> torch.Tensor:
+def _small_gram(signals: torch.Tensor) -> torch.Tensor:
     """The smaller of ``S S^T`` and ``S^T S`` in float64, a chunk of the long side at a time."""
     n, m = signals.shape
     wide = n <= m
@@ -78,6 +78,13 @@ def small_gram(signals: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+def gram_spectrum(signals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors of the smaller float64 Gram of ``signals`` (n x m): the squared
+    singular values, with the left singular vectors when ``n <= m`` and the right ones otherwise."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(_small_gram(signals))  # ascending
+    return eigenvalues.flip(0), eigenvectors.flip(1)
+
+
 def leading_left_singular_vectors(signals: torch.Tensor, count: int) -> torch.Tensor:
     """Up to ``count`` leading left singular vectors of ``signals`` (n x m), fewer beyond its numerical rank.
 
@@ -88,9 +95,8 @@ def leading_left_singular_vectors(signals: torch.Tensor, count: int) -> torch.Te
     vectors back, ``u = S v / sigma``.
     """
     n, m = signals.shape
-    eigenvalues, eigenvectors = torch.linalg.eigh(small_gram(signals))  # ascending
-    count = min(count, eigenvalues.shape[0])
-    eigenvalues, eigenvectors = eigenvalues[-count:].flip(0), eigenvectors[:, -count:].flip(1)
+    eigenvalues, eigenvectors = gram_spectrum(signals)
+    eigenvalues, eigenvectors = eigenvalues[:count], eigenvectors[:, :count]
     if n <= m:
         return eigenvectors.to(signals.dtype)
     floor = eigenvalues[0].clamp_min(torch.finfo(torch.float64).tiny) * max(n, m) * torch.finfo(signals.dtype).eps ** 2
