@@ -18,17 +18,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from spadi_ao.budget import atom_limit, dictionary_budget, low_rank_budget
 from spadi_ao.configs import CompressionConfig, DictionaryConfig
-from spadi_ao.solvers import BLOCK_ELEMENTS
+from spadi_ao.solvers.codes import column_blocks
 from spadi_ao.solvers.ksvd import gram_spectrum
 
-__all__ = ["Candidate", "candidate_sizes", "solve_knapsack", "atom_energies", "threshold_errors", "output_sensitivity"]
+__all__ = [
+    "Candidate",
+    "candidate_sizes",
+    "solve_knapsack",
+    "atom_energy_blocks",
+    "threshold_errors",
+    "output_sensitivity",
+]
 
 
 @dataclass(frozen=True)
@@ -112,25 +119,23 @@ def solve_knapsack(
     return chosen[::-1]
 
 
-def atom_energies(whitened: torch.Tensor) -> torch.Tensor:
-    """(m, r) float64: the squared coefficient of each column of ``whitened`` (n x m) on each of its
-    ``r = min(n, m)`` singular directions, strongest direction first.
+def atom_energy_blocks(whitened: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Blocks of columns of ``whitened`` (n x m) with their (c, r) float64 energies: the squared coefficient
+    of each column on each of its ``r = min(n, m)`` singular directions, strongest direction first.
 
     From the smaller float64 Gram's eigendecomposition (``gram_spectrum``, the solvers' SVD start) rather
     than a full SVD: for a wide weight (``n <= m``) the coefficients are ``A^T U``; for a tall one,
     ``sigma_i v_ji``, so their squares are ``lambda_i v_ji^2``. Each row sums to its column's squared norm:
-    the directions span every column.
+    the directions span every column. A block at a time, so a wide group (the 1B shape's 2048 x 16384
+    gate/up) never holds all ``m x r`` energies at once.
     """
     n, m = whitened.shape
     eigenvalues, eigenvectors = gram_spectrum(whitened)
-    if n > m:
-        return eigenvectors.pow(2) * eigenvalues.clamp_min(0.0)
-    energies = torch.empty(m, n, dtype=torch.float64, device=whitened.device)
-    step = max(1, BLOCK_ELEMENTS // n)
-    for start in range(0, m, step):
-        chunk = whitened[:, start : start + step].to(torch.float64)
-        torch.mm(chunk.T, eigenvectors, out=energies[start : start + step]).pow_(2)
-    return energies
+    for block in column_blocks(m, min(n, m)):
+        if n > m:
+            yield block, eigenvectors[block].pow(2) * eigenvalues.clamp_min(0.0)
+        else:
+            yield block, torch.mm(whitened[:, block].to(torch.float64).T, eigenvectors).pow_(2)
 
 
 def threshold_errors(
@@ -139,21 +144,20 @@ def threshold_errors(
     """Weighted squared error of the SVD dictionary + top-``s`` codes of ``whitened`` (n x m) per ``(k, s)``.
 
     ``column_weights`` (m,) weight each column's squared error (default 1). One eigendecomposition serves every
-    size (:func:`atom_energies`), and one sort of each column's energies: a size keeps, in sorted order, the first
-    ``s`` entries that belong to one of the leading ``k`` directions, and its error is the energy left over.
+    size (:func:`atom_energy_blocks`), and one sort of each column's energies: a size keeps, in sorted order, the
+    first ``s`` entries that belong to one of the leading ``k`` directions, and its error is the energy left over.
     """
-    energies = atom_energies(whitened)
-    m, r = energies.shape
+    m = whitened.shape[1]
     weights = (
-        torch.ones(m, dtype=torch.float64, device=energies.device)
+        torch.ones(m, dtype=torch.float64, device=whitened.device)
         if column_weights is None
         else column_weights.to(torch.float64)
     )
     errors = torch.zeros(len(sizes), dtype=torch.float64)
-    step = max(1, BLOCK_ELEMENTS // r)
-    for start in range(0, m, step):
-        values, directions = energies[start : start + step].sort(dim=1, descending=True)
-        chunk_weights = weights[start : start + step]
+    for block, energies in atom_energy_blocks(whitened):
+        values, directions = energies.sort(dim=1, descending=True)
+        del energies
+        r = values.shape[1]
         positions = torch.arange(r, device=values.device)
         for index, (k, s) in enumerate(sizes):
             if k >= r:  # every direction allowed: the first s sorted entries are kept
@@ -161,7 +165,7 @@ def threshold_errors(
             else:
                 allowed = directions < k
                 kept = allowed & (allowed.cumsum(dim=1) <= s)
-            errors[index] += float(values.masked_fill(kept, 0.0).sum(dim=1) @ chunk_weights)
+            errors[index] += float(values.masked_fill(kept, 0.0).sum(dim=1) @ weights[block])
     return errors.tolist()
 
 

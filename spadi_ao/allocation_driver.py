@@ -35,7 +35,11 @@ def tabulate_unit(
     sensitivity: dict[str, torch.Tensor],
     overwrite_gram: bool = False,
 ) -> tuple[list[Candidate], list[float]]:
-    """One unit's knapsack menu and the loss-weighted error of each candidate (see ``spadi_ao.allocation``)."""
+    """One unit's knapsack menu and the loss-weighted error of each candidate (see ``spadi_ao.allocation``).
+
+    ``overwrite_gram``: the caller hands its one Gram over; it is factored in place and ``grams`` emptied, so the
+    factor is freed as soon as the weight is whitened.
+    """
     unit_config = config.for_layer(unit[0])
     pinned = "compression_ratio" in config.overrides_for(unit[0])
     ratios = (unit_config.compression_ratio,) if pinned else config.allocation_candidates
@@ -44,7 +48,9 @@ def tabulate_unit(
     )
     if not menu:
         raise ValueError(f"{unit[0]}: no ratio in allocation_candidates leaves k, s >= 1; add smaller candidates")
-    _, whitened, _ = whiten_group(weights, grams, unit_config, shrinkages, overwrite_gram)
+    whitened = whiten_group(weights, grams, unit_config, shrinkages, overwrite_gram)[1]
+    if overwrite_gram:  # handed over: its memory, now the whitening factor (512 MiB at 8192 inputs), goes here
+        grams.clear()
     column_weights = torch.cat([sensitivity[name].to(torch.float64) for name in unit]).to(whitened.device)
     return menu, threshold_errors(whitened, [(c.k, c.s) for c in menu], column_weights)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from spadi_ao.solvers import BLOCK_ELEMENTS
+
 __all__ = ["bitmask_bytes", "check_bitmask", "pack_codes", "unpack_mask", "unpack_codes", "mask_to_indices"]
 
 
@@ -33,26 +35,36 @@ def pack_codes(indices: torch.Tensor, values: torch.Tensor, k: int) -> tuple[tor
     """Pack per-output atom ``indices`` ``(out, s)`` and their ``values`` ``(out, s)``.
 
     Returns ``(values_sorted, bitmask)`` where ``values_sorted`` follows increasing atom index.
-    Indices within a row must be distinct and lie in ``[0, k)``.
+    Indices within a row must be distinct and lie in ``[0, k)``. Rows are packed a block at a time, so the
+    sort's scratch is a block's, not several ``(out, s)`` int64 copies (a wide group's codes are 100s of MiB).
     """
     if indices.shape != values.shape or indices.dim() != 2:
         raise ValueError(f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must be equal 2-D shapes")
     out, s = indices.shape
     if s > k:
         raise ValueError(f"s={s} non-zeros per row cannot exceed k={k} atoms")
+    nbytes = bitmask_bytes(k)
+    sorted_values = torch.empty_like(values)
+    bitmask = torch.empty(out, nbytes, dtype=torch.uint8, device=indices.device)
+    step = max(1, BLOCK_ELEMENTS // max(s, nbytes * 8))
+    for start in range(0, out, step):
+        rows = slice(start, min(start + step, out))
+        sorted_values[rows], bitmask[rows] = _pack_rows(indices[rows], values[rows], k, nbytes)
+    return sorted_values, bitmask
+
+
+def _pack_rows(indices: torch.Tensor, values: torch.Tensor, k: int, nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
     order = indices.argsort(dim=1)
     sorted_idx = indices.gather(1, order).long()
-    sorted_values = values.gather(1, order)
-    if s > 1 and bool((sorted_idx[:, 1:] == sorted_idx[:, :-1]).any()):
+    if indices.shape[1] > 1 and bool((sorted_idx[:, 1:] == sorted_idx[:, :-1]).any()):
         raise ValueError("atom indices within an output row must be distinct")
     if bool((sorted_idx < 0).any()) or bool((sorted_idx >= k).any()):
         raise ValueError(f"atom indices must lie in [0, {k})")
-    nbytes = bitmask_bytes(k)
-    dense = torch.zeros(out, nbytes * 8, dtype=torch.uint8, device=indices.device)
+    rows = indices.shape[0]
+    dense = torch.zeros(rows, nbytes * 8, dtype=torch.uint8, device=indices.device)
     dense.scatter_(1, sorted_idx, 1)
-    weights = _bit_weights(indices.device)
-    bitmask = (dense.view(out, nbytes, 8) * weights).sum(dim=2, dtype=torch.int32).to(torch.uint8)
-    return sorted_values.contiguous(), bitmask.contiguous()
+    bitmask = (dense.view(rows, nbytes, 8) * _bit_weights(indices.device)).sum(dim=2, dtype=torch.int32)
+    return values.gather(1, order), bitmask.to(torch.uint8)
 
 
 def unpack_mask(bitmask: torch.Tensor, k: int) -> torch.Tensor:

@@ -20,8 +20,9 @@ from spadi_ao.format import pack_codes
 from spadi_ao.grouping import average_gram, split_bytes
 from spadi_ao.integrations.torchao import quantize_dictionary
 from spadi_ao.solvers import BLOCK_ELEMENTS
+from spadi_ao.solvers.codes import sparse_squared_error
 from spadi_ao.solvers.fast import fast_dictionary
-from spadi_ao.solvers.ksvd import KSVDResult, ksvd, squared_error
+from spadi_ao.solvers.ksvd import KSVDResult, ksvd
 from spadi_ao.solvers.lowrank import whitened_low_rank
 from spadi_ao.solvers.omp import codes_to_dense
 from spadi_ao.solvers.procrustes import procrustes_dictionary
@@ -120,21 +121,24 @@ def whiten_group(
     whitening = whitening_for(
         average_gram(grams), in_features.pop(), config.damping, shrinkage, weights[0].device, overwrite_gram
     )
-    stacked = weights[0] if len(weights) == 1 else torch.cat(list(weights))
-    return whitening, _whitened_weight(whitening, stacked), shrinkage
+    return whitening, _whitened_weight(whitening, weights), shrinkage
 
 
-def _whitened_weight(whitening: Whitening, weight: torch.Tensor) -> torch.Tensor:
-    """``A = U W^T`` (in x out): one column per output neuron, Frobenius error == output error.
+def _whitened_weight(whitening: Whitening, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``A = U [W_1; W_2; ...]^T`` (in x sum of outs): one column per output neuron, Frobenius error == output
+    error.
 
-    Computed in float64 a block of outputs at a time (32 MiB each), so no full-size float64 copy of a
-    wide weight is made next to the solve-dtype result.
+    Computed in float64 a block of outputs at a time (32 MiB each), each member written into its own columns:
+    neither a full-size float64 copy nor a stacked copy of the members' weights is made next to the result.
     """
-    out_features, in_features = weight.shape
+    in_features = weights[0].shape[1]
     rows = max(1, BLOCK_ELEMENTS // in_features)
-    whitened = torch.empty(in_features, out_features, dtype=SOLVE_DTYPE, device=weight.device)
-    for start in range(0, out_features, rows):
-        whitened[:, start : start + rows] = whitening.apply(weight[start : start + rows].to(torch.float64).T)
+    outs = [weight.shape[0] for weight in weights]
+    whitened = torch.empty(in_features, sum(outs), dtype=SOLVE_DTYPE, device=weights[0].device)
+    for weight, span in zip(weights, _spans(outs)):
+        for start in range(0, weight.shape[0], rows):
+            chunk = weight[start : start + rows].to(torch.float64).T
+            whitened[:, span.start + start : span.start + start + chunk.shape[1]] = whitening.apply(chunk)
     return whitened
 
 
@@ -260,8 +264,7 @@ def _fit_error(
     target: torch.Tensor, dictionary: torch.Tensor, indices: torch.Tensor, coefficients: torch.Tensor
 ) -> float:
     """``||A - D C|| / ||A||`` for codes given as (indices, coefficients)."""
-    codes = codes_to_dense(indices, coefficients, dictionary.shape[1])
-    return squared_error(target, dictionary, codes) ** 0.5 / max(float(target.norm()), 1e-30)
+    return sparse_squared_error(target, dictionary, indices, coefficients) ** 0.5 / max(float(target.norm()), 1e-30)
 
 
 def _member_error(

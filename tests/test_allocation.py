@@ -9,7 +9,13 @@ from models import tiny_llama, token_batches
 
 import spadi_ao
 from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
-from spadi_ao.allocation import atom_energies, candidate_sizes, output_sensitivity, solve_knapsack, threshold_errors
+from spadi_ao.allocation import (
+    atom_energy_blocks,
+    candidate_sizes,
+    output_sensitivity,
+    solve_knapsack,
+    threshold_errors,
+)
 from spadi_ao.api import select_linears
 from spadi_ao.calibration import GramCollector, run_calibration
 from spadi_ao.layer import whiten_group
@@ -82,10 +88,13 @@ def test_threshold_errors_equal_the_one_shot_solutions(shape):
     assert threshold_errors(signals, [(5, 5)])[0] == pytest.approx(float(sigma[5:].pow(2).sum()), rel=1e-9)
 
 
+@pytest.mark.parametrize("block_elements", [1 << 22, 1000], ids=["one-block", "blocks"])
 @pytest.mark.parametrize("shape", [(48, 200), (200, 48)], ids=["wide", "tall"])
-def test_atom_energies_match_a_float64_svd(shape):
+def test_atom_energies_match_a_float64_svd(shape, block_elements, monkeypatch):
     """The Gram route on a float32 weight against float64 SVD coefficients: same energies, every row summing to
-    its column's squared norm, and errors accurate where the float32 SVD's ``total - kept`` cancels."""
+    its column's squared norm, and errors accurate where the float32 SVD's ``total - kept`` cancels; in one
+    block of columns or in many."""
+    monkeypatch.setattr("spadi_ao.solvers.codes.BLOCK_ELEMENTS", block_elements)
     generator = torch.Generator().manual_seed(1)
     decay = torch.logspace(0, -3, min(shape))
     left = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=generator, dtype=torch.float64)).Q
@@ -93,7 +102,10 @@ def test_atom_energies_match_a_float64_svd(shape):
     signals = (left * decay) @ right.T
     _, sigma, vh = torch.linalg.svd(signals, full_matrices=False)
     reference = (sigma.unsqueeze(1) * vh).pow(2).T
-    energies = atom_energies(signals.float())
+    blocks = list(atom_energy_blocks(signals.float()))
+    assert [block.start for block, _ in blocks] == list(range(0, shape[1], blocks[0][0].stop))
+    assert (len(blocks) > 1) == (block_elements == 1000)
+    energies = torch.cat([block_energies for _, block_energies in blocks])
     assert energies.dtype == torch.float64 and energies.shape == reference.shape
     torch.testing.assert_close(energies, reference, atol=1e-6 * float(reference.max()), rtol=0)
     torch.testing.assert_close(energies.sum(1), signals.float().double().pow(2).sum(0), rtol=1e-9, atol=0)

@@ -33,6 +33,20 @@ def test_pack_unpack_roundtrip(out_features, in_features, k, data):
     assert torch.equal(unpack_codes(packed_values, bitmask, k), expected)
 
 
+def test_pack_codes_block_by_block_matches_one_block(monkeypatch):
+    """Rows packed a few at a time give the same bytes; a bad row in a later block is still refused."""
+    generator = torch.Generator().manual_seed(3)
+    indices = torch.stack([torch.randperm(21, generator=generator)[:6] for _ in range(40)])
+    values = torch.randn(40, 6, generator=generator)
+    whole = pack_codes(indices, values, 21)
+    monkeypatch.setattr("spadi_ao.format.BLOCK_ELEMENTS", 50)  # 2 rows a block
+    blocked = pack_codes(indices, values, 21)
+    assert all(torch.equal(a, b) for a, b in zip(whole, blocked))
+    indices[37, 1] = indices[37, 0]
+    with pytest.raises(ValueError, match="distinct"):
+        pack_codes(indices, values, 21)
+
+
 def test_logical_shape_dtype_and_dequantize():
     weight = _random_dictionary_tensor(12, 10, 8, 3)
     assert weight.shape == (12, 10) and weight.dtype == torch.float32

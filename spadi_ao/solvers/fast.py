@@ -16,18 +16,27 @@ from __future__ import annotations
 
 import torch
 
-from spadi_ao.solvers.ksvd import KSVDResult, squared_error, svd_dictionary
+from spadi_ao.solvers.codes import (
+    column_blocks,
+    dense_block,
+    sparse_code_products,
+    sparse_squared_error,
+    threshold_codes,
+)
+from spadi_ao.solvers.ksvd import KSVDResult, svd_dictionary
 
 __all__ = ["fast_dictionary"]
 
 
-def _least_squares_dictionary(signals: torch.Tensor, codes: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+def _least_squares_dictionary(
+    signals: torch.Tensor, indices: torch.Tensor, coefficients: torch.Tensor, current: torch.Tensor
+) -> torch.Tensor:
     """``argmin_D ||A - D C||_F``: ``A C^T (C C^T)^-1``; atoms no column uses keep their current value.
 
     A singular ``C C^T`` (codes of two atoms proportional everywhere) skips the step: the current
     dictionary is kept, which keeps the objective monotone.
     """
-    gram = codes @ codes.T
+    cross, gram = sparse_code_products(signals, indices, coefficients, current.shape[1], signals.dtype, with_gram=True)
     diagonal = torch.diagonal(gram)
     used = diagonal > 0
     ridge = torch.finfo(gram.dtype).eps * diagonal.mean().clamp_min(torch.finfo(gram.dtype).tiny)
@@ -35,20 +44,18 @@ def _least_squares_dictionary(signals: torch.Tensor, codes: torch.Tensor, curren
     factor, info = torch.linalg.cholesky_ex(gram)
     if int(info) != 0:
         return current
-    dictionary = torch.cholesky_solve((signals @ codes.T).T, factor).T
+    dictionary = torch.cholesky_solve(cross.T, factor).T
     return torch.where(used.unsqueeze(0), dictionary, current)
 
 
-def _refit_codes(
-    signals: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor, iterations: int
+def _conjugate_gradients(
+    gram: torch.Tensor, correlations: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor, iterations: int
 ) -> torch.Tensor:
-    """Conjugate gradients on every column's normal equations, restricted to its support, all at once."""
-    gram = dictionary.T @ dictionary
-    residual = mask * (dictionary.T @ signals - gram @ codes)
+    """CG on each column's normal equations ``G c = D^T a`` restricted to its support, columns side by side."""
+    residual = mask * (correlations - gram @ codes)
     direction = residual.clone()
     squared = residual.pow(2).sum(0)
     tiny = torch.finfo(codes.dtype).tiny
-    codes = codes.clone()
     for _ in range(iterations):
         product = mask * (gram @ direction)
         curvature = (direction * product).sum(0)
@@ -64,6 +71,22 @@ def _refit_codes(
     return codes
 
 
+def _refit_codes(
+    signals: torch.Tensor, dictionary: torch.Tensor, indices: torch.Tensor, coefficients: torch.Tensor, iterations: int
+) -> torch.Tensor:
+    """Least-squares coefficients on the fixed supports, warm-started from ``coefficients``; a block of columns
+    at a time, each densified (k x c) only while it is refitted."""
+    k = dictionary.shape[1]
+    gram = dictionary.T @ dictionary
+    refitted = torch.empty_like(coefficients)
+    for block in column_blocks(signals.shape[1], k):
+        codes = dense_block(indices[block], coefficients[block], k, signals.dtype).T
+        mask = dense_block(indices[block], torch.ones_like(coefficients[block]), k, signals.dtype).T
+        codes = _conjugate_gradients(gram, dictionary.T @ signals[:, block], codes, mask, iterations)
+        refitted[block] = codes.T.gather(1, indices[block])
+    return refitted
+
+
 def fast_dictionary(
     signals: torch.Tensor, k: int, s: int, steps: int = 8, cg_iterations: int = 4, seed: int = 42
 ) -> KSVDResult:
@@ -71,16 +94,13 @@ def fast_dictionary(
     if not 1 <= s <= k:
         raise ValueError(f"need 1 <= s <= k, got s={s}, k={k}")
     dictionary = svd_dictionary(signals, k, torch.Generator().manual_seed(seed))
-    correlations = dictionary.T @ signals  # (k, m)
-    indices = correlations.abs().topk(s, dim=0).indices  # (s, m)
-    mask = torch.zeros_like(correlations).scatter_(0, indices, 1.0)
-    codes = correlations * mask
-    objective = [squared_error(signals, dictionary, codes)]
+    indices, coefficients = threshold_codes(dictionary, signals, s)
+    objective = [sparse_squared_error(signals, dictionary, indices, coefficients)]
     for _ in range(steps):
-        dictionary = _least_squares_dictionary(signals, codes, dictionary)
-        codes = _refit_codes(signals, dictionary, codes, mask, cg_iterations)
-        objective.append(squared_error(signals, dictionary, codes))
+        dictionary = _least_squares_dictionary(signals, indices, coefficients, dictionary)
+        coefficients = _refit_codes(signals, dictionary, indices, coefficients, cg_iterations)
+        objective.append(sparse_squared_error(signals, dictionary, indices, coefficients))
     norms = dictionary.norm(dim=0).clamp_min(torch.finfo(signals.dtype).tiny)
-    dictionary, codes = dictionary / norms, codes * norms.unsqueeze(1)
-    indices = indices.T.contiguous()
-    return KSVDResult(dictionary, indices, codes.T.gather(1, indices), objective)
+    for block in column_blocks(signals.shape[1], indices.shape[1]):
+        coefficients[block] *= norms[indices[block]]
+    return KSVDResult(dictionary / norms, indices, coefficients, objective)

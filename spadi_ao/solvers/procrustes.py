@@ -16,24 +16,16 @@ from __future__ import annotations
 
 import torch
 
+from spadi_ao.solvers.codes import sparse_code_products, squared_norm, threshold_codes
 from spadi_ao.solvers.ksvd import KSVDResult, leading_left_singular_vectors
 
-__all__ = ["procrustes_dictionary", "procrustes_update", "threshold_codes"]
-
-
-def threshold_codes(dictionary: torch.Tensor, signals: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best ``s``-sparse codes on orthonormal atoms: ``(indices, coefficients)``, each (m, s), largest first."""
-    correlations = (dictionary.T @ signals).T  # (m, k)
-    indices = correlations.abs().topk(s, dim=1).indices
-    return indices, correlations.gather(1, indices)
+__all__ = ["procrustes_dictionary", "procrustes_update"]
 
 
 def procrustes_update(signals: torch.Tensor, indices: torch.Tensor, coefficients: torch.Tensor, k: int) -> torch.Tensor:
     """``argmin ||A - D C||_F`` over ``D^T D = I``: ``U V^T`` of ``A C^T`` (computed in float64; n x k)."""
-    m = signals.shape[1]
-    codes = torch.zeros(m, k, dtype=torch.float64, device=signals.device)
-    codes.scatter_(1, indices, coefficients.to(torch.float64))  # C^T
-    left, _, right = torch.linalg.svd(signals.to(torch.float64) @ codes, full_matrices=False)
+    cross, _ = sparse_code_products(signals, indices, coefficients, k, torch.float64)
+    left, _, right = torch.linalg.svd(cross, full_matrices=False)
     return (left @ right).to(signals.dtype)
 
 
@@ -63,15 +55,15 @@ def procrustes_dictionary(
         raise ValueError(f"need 1 <= s <= k <= n (orthonormal atoms), got s={s}, k={k}, n={n}")
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
-    total = float(signals.to(torch.float64).pow(2).sum())
+    total = squared_norm(signals)
     dictionary = _orthonormal_start(signals, k, seed)
     indices, coefficients = threshold_codes(dictionary, signals, s)
     # on orthonormal atoms with projection codes, ||A - D C||^2 = ||A||^2 - ||C||^2
-    objective = [total - float(coefficients.to(torch.float64).pow(2).sum())]
+    objective = [total - squared_norm(coefficients)]
     for _ in range(iterations):
         candidate = procrustes_update(signals, indices, coefficients, k)
         new_indices, new_coefficients = threshold_codes(candidate, signals, s)
-        value = total - float(new_coefficients.to(torch.float64).pow(2).sum())
+        value = total - squared_norm(new_coefficients)
         if value > objective[-1]:
             break  # only float rounding can raise it: keep the better pair
         dictionary, indices, coefficients = candidate, new_indices, new_coefficients

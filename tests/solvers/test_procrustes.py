@@ -9,8 +9,9 @@ from models import tiny_llama, token_batches
 import spadi_ao.layer as layer
 from spadi_ao import DictionaryConfig, sparsify_dictionary_
 from spadi_ao.budget import dictionary_budget
+from spadi_ao.solvers.codes import threshold_codes
 from spadi_ao.solvers.omp import codes_to_dense
-from spadi_ao.solvers.procrustes import procrustes_dictionary, procrustes_update, threshold_codes
+from spadi_ao.solvers.procrustes import procrustes_dictionary, procrustes_update
 
 
 def _signals(n: int = 24, m: int = 60, seed: int = 0) -> torch.Tensor:
@@ -124,7 +125,7 @@ def test_layer_result_is_the_dense_reconstruction(shape):
     tensor, report = layer.compress_weight("layer", weight, gram.clone(), config)
     assert report.k <= shape[1] and report.stored_bytes <= 0.9 * report.dense_bytes
     whitening = layer.whitening_for(gram, shape[1], config.damping, 0.0, weight.device)
-    whitened = layer._whitened_weight(whitening, weight)
+    whitened = layer._whitened_weight(whitening, [weight])
     result = procrustes_dictionary(whitened, report.k, report.s, iterations=4, seed=config.seed)
     dense = whitening.apply_inverse(result.dictionary @ codes_to_dense(result.indices, result.coefficients, report.k)).T
     assert torch.allclose(tensor.dequantize().double(), dense, atol=1e-5, rtol=1e-4)
