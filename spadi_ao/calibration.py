@@ -9,7 +9,6 @@ share one Gram, which is both exact and 3x / 2x cheaper.
 from __future__ import annotations
 
 import weakref
-from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -44,7 +43,6 @@ class GramCollector:
         self.exact = exact
         self._mask: Optional[torch.Tensor] = None
         self._grams: dict[str, torch.Tensor] = {}
-        self._parked: dict[str, Path] = {}
         self._tokens: dict[str, int] = {}
         self._moments: dict[str, SequenceMoments] = {}
         self._owner: dict[str, str] = {}
@@ -157,31 +155,12 @@ class GramCollector:
     def owner(self, name: str) -> str:
         return self._owner.get(name, name)
 
-    def park(self, directory: str | Path, keep: str) -> None:
-        """Move every running sum but ``keep``'s into a file in ``directory``; its readers load it back.
-
-        Sequential mode solves a block's widest Linear first, and its Gram (512 MiB at 8192 inputs) and solve
-        scratch are the block's peak: parked, the other Grams are not beside them (96 MiB less at the 1B
-        benchmark shape, 384 MiB at Llama-3-8B's).
-        """
-        kept = self.owner(keep)
-        for owner in [owner for owner in self._grams if owner != kept]:
-            path = Path(directory) / f"gram-{len(self._parked)}-{owner}.pt"
-            torch.save(self._grams.pop(owner), path)
-            self._parked[owner] = path
-
     def _has(self, owner: str) -> bool:
-        return owner in self._grams or owner in self._parked
+        return owner in self._grams
 
     def _sum(self, owner: str, pop: bool = False) -> torch.Tensor:
-        """``owner``'s running sum, from memory or read back from where :meth:`park` put it."""
-        if owner not in self._parked:
-            return self._grams.pop(owner) if pop else self._grams[owner]
-        path = self._parked.pop(owner) if pop else self._parked[owner]
-        total = torch.load(path, weights_only=True)
-        if pop:
-            path.unlink()
-        return total
+        """``owner``'s running sum (handed over and forgotten with ``pop``)."""
+        return self._grams.pop(owner) if pop else self._grams[owner]
 
     def gram(self, name: str) -> Optional[torch.Tensor]:
         """The mean Gram ``X^T X / tokens`` (float64) of ``name``'s input, or None if it never ran."""
@@ -208,9 +187,6 @@ class GramCollector:
         owner = self.owner(name)
         if self._all_released(owner):
             self._grams.pop(owner, None)
-            parked = self._parked.pop(owner, None)
-            if parked is not None:
-                parked.unlink(missing_ok=True)
 
     def _all_released(self, owner: str) -> bool:
         return all(name in self._released for name in self.module_names if self.owner(name) == owner)
@@ -239,7 +215,7 @@ class GramCollector:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes of the Grams held in memory (parked ones excluded)."""
+        """Bytes of the Grams held in memory."""
         return sum(g.numel() * g.element_size() for g in self._grams.values())
 
 

@@ -29,7 +29,6 @@ or disk offload included) is compressed where its hooks run it, through ``spadi_
 from __future__ import annotations
 
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,34 +262,34 @@ class _Blockwise:
         keep_outputs: bool,
         job: Callable[[str, list[str], list[torch.Tensor], GramCollector], Any],
     ) -> tuple[dict[str, Any], Optional[list[tuple[tuple, dict]]]]:
-        """Run the block over ``inputs`` (keeping its outputs when asked) while gathering the Grams of the
-        ``pending`` units, then ``job`` each of this rank's share of them, widest inputs first, with every
-        other Gram parked in a file. Each Gram is freed as soon as its last reader is done."""
+        """Run the block over ``inputs`` (keeping its outputs when asked) while gathering the Grams of this
+        rank's share of the ``pending`` units, then ``job`` each of them. Each Gram is freed as soon as its last
+        reader is done.
+
+        The units with the widest input are gathered and solved in a forward pass of their own, the rest in a
+        second one: the widest Gram (512 MiB at 8192 inputs) and its solve never sit beside the block's other
+        Grams, for the price of one more forward of the block (its outputs are kept from the first)."""
         keep = self.store if keep_outputs else None
-        if not pending:
-            return {}, run_block(block, inputs, compute, keep) if keep is not None else None
-        names = [name for label in pending for name in units[label]]
-        with GramCollector({name: self.targets[name] for name in names}) as collector:
-            next_inputs = run_block(block, inputs, compute, keep)
-        self.gram_bytes = max(self.gram_bytes, collector.memory_bytes)
-        # Widest inputs first: the largest Gram (512 MiB at 8192 inputs) is solved, and freed, before the rest.
-        pending = sorted(pending, key=lambda label: -self.targets[units[label][0]].in_features)
+        width = {label: self.targets[units[label][0]].in_features for label in pending}
+        pending = sorted(pending, key=lambda label: -width[label])
         shapes = [
-            UnitShape(
-                sum(self.targets[name].out_features for name in units[label]), self.targets[units[label][0]].in_features
-            )
-            for label in pending
+            UnitShape(sum(self.targets[name].out_features for name in units[label]), width[label]) for label in pending
         ]
         owners = deal_solves(solve_costs(shapes, self.measured), self.world)
         mine = [label for label, owner in zip(pending, owners) if owner == self.rank]
-        for label in set(pending) - set(mine):
-            for name in units[label]:
-                collector.release(name)
-        done = {}
-        with tempfile.TemporaryDirectory(prefix="spadi-ao-grams-") as parking:
-            if mine:
-                collector.park(parking, keep=units[mine[0]][0])  # the widest solve runs beside no other Gram
-            for label in mine:
+        widest = [label for label in mine if width[label] == width[mine[0]]]
+        passes = [labels for labels in (widest, [label for label in mine if label not in widest]) if labels]
+        if not passes:
+            return {}, run_block(block, inputs, compute, keep) if keep is not None else None
+        done: dict[str, Any] = {}
+        next_inputs = None
+        for index, labels in enumerate(passes):
+            names = [name for label in labels for name in units[label]]
+            with GramCollector({name: self.targets[name] for name in names}) as collector:
+                outputs = run_block(block, inputs, compute, keep if index == 0 else None)
+            next_inputs = outputs if index == 0 else next_inputs
+            self.gram_bytes = max(self.gram_bytes, collector.memory_bytes)
+            for label in labels:
                 weights = [dense_weight(self.targets[name]).to(compute) for name in units[label]]
                 done[label] = job(label, units[label], weights, collector)
         return done, next_inputs

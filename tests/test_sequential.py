@@ -466,25 +466,30 @@ def test_collector_frees_each_gram_once_its_last_reader_is_done():
     assert collector.memory_bytes == 0 and collector.tokens("mlp.down_proj") == 32
 
 
-def test_parked_grams_read_back_identical_and_leave_no_files(tmp_path):
-    """What sequential mode does during a block's widest solve: every other Gram waits in a file."""
-    collector, linears = _first_block_collector(3)
-    expected = {name: collector.gram(name) for name in linears}
-    shrinkages = {name: collector.shrinkage(name) for name in linears}
-    total = collector.memory_bytes
-    collector.park(tmp_path, keep="mlp.down_proj")
-    assert collector.memory_bytes == collector.gram("mlp.down_proj").numel() * 8 < total
-    assert len(list(tmp_path.iterdir())) == 3  # q/k/v share one Gram, gate/up another, o its own
-    assert {name: collector.shrinkage(name) for name in linears} == shrinkages
-    assert torch.equal(collector.take("mlp.down_proj"), expected["mlp.down_proj"])
-    assert torch.equal(collector.gram("self_attn.q_proj"), expected["self_attn.q_proj"])
-    collector.release("self_attn.q_proj")
-    collector.release("self_attn.k_proj")
-    assert torch.equal(collector.take("self_attn.v_proj"), expected["self_attn.v_proj"])
-    collector.release("self_attn.o_proj")
-    assert torch.equal(collector.take("mlp.gate_proj"), expected["mlp.gate_proj"])
-    assert torch.equal(collector.take("mlp.up_proj"), expected["mlp.up_proj"])
-    assert collector.memory_bytes == 0 and not list(tmp_path.iterdir())
+@pytest.mark.parametrize("allocation", ["uniform", "knapsack"])
+def test_widest_gram_is_gathered_and_solved_beside_no_other(allocation, monkeypatch):
+    """Each block runs twice: its down_proj's Gram (the widest) alone, then the others; every Gram is read
+    from a collector holding only its own pass' Grams, and the result is the one-shot transform's."""
+    seen = {}
+    take = GramCollector.take
+
+    def recording_take(self, name):
+        seen.setdefault(name, (sorted(self.module_names), self.memory_bytes))
+        return take(self, name)
+
+    monkeypatch.setattr(GramCollector, "take", recording_take)
+    config = DictionaryConfig(compression_ratio=0.4, allocation=allocation)
+    model = tiny_llama()
+    sparsify_dictionary_(model, config, calibration=token_batches(4, 16), sequential=True, propagate="dense")
+    for index in range(2):
+        down = f"model.layers.{index}.mlp.down_proj"
+        assert seen[down] == ([down], 160 * 160 * 8)  # its Gram only: intermediate 160 inputs, float64
+        for name, (collected, _) in seen.items():
+            if name.startswith(f"model.layers.{index}.") and name != down:
+                assert down not in collected and name in collected
+    reference = tiny_llama()
+    sparsify_dictionary_(reference, config, calibration=token_batches(4, 16))
+    _assert_identical(_compressed_state(reference), _compressed_state(model))
 
 
 @pytest.mark.parametrize("propagate", ["dense", "compressed"])
