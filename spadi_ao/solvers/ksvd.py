@@ -102,7 +102,7 @@ def leading_left_singular_vectors(signals: torch.Tensor, count: int) -> torch.Te
     floor = eigenvalues[0].clamp_min(torch.finfo(torch.float64).tiny) * max(n, m) * torch.finfo(signals.dtype).eps ** 2
     rank = int((eigenvalues > floor).sum())
     left = signals @ eigenvectors[:, :rank].to(signals.dtype)
-    return left / left.norm(dim=0).clamp_min(torch.finfo(signals.dtype).tiny)
+    return left.div_(left.norm(dim=0).clamp_min(torch.finfo(signals.dtype).tiny))
 
 
 def svd_dictionary(signals: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
