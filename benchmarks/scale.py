@@ -540,11 +540,16 @@ def write(results: dict, args: argparse.Namespace) -> None:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for run in results["rss"]["runs"]:
+            first_pass = (  # the uniform setting has none
+                f"{run['first_pass_seconds']:.0f} ({run['sensitivity_seconds']:.0f}) | "
+                f"{run['peak_rss_after_first_pass'] / 2**30:.2f} ({run['peak_rss_after_sensitivity'] / 2**30:.2f})"
+                if run["first_pass_seconds"]
+                else "- | -"
+            )
             lines.append(
                 f"| {run['layers']} | {run['parameters'] / 1e9:.3f}B | {run['weight_bytes'] / 2**30:.2f} | "
                 f"{run['baseline_rss'] / 2**30:.2f} | {run['peak_rss'] / 2**30:.2f} | {run['peak_over_weights']:.2f} "
-                f"| {run['seconds']:.0f} | {run['first_pass_seconds']:.0f} ({run['sensitivity_seconds']:.0f}) | "
-                f"{run['peak_rss_after_first_pass'] / 2**30:.2f} ({run['peak_rss_after_sensitivity'] / 2**30:.2f}) |"
+                f"| {run['seconds']:.0f} | {first_pass} |"
             )
         growth = results["rss"]["growth"]
         if growth:

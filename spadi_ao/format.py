@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from spadi_ao.solvers import BLOCK_ELEMENTS
-
 __all__ = ["bitmask_bytes", "check_bitmask", "pack_codes", "unpack_mask", "unpack_codes", "mask_to_indices"]
+
+BLOCK_ELEMENTS = 1 << 22
+"""Entries of ``(rows, s)`` or ``(rows, k)`` scratch :func:`pack_codes` works on at a time."""
 
 
 def _bit_weights(device: torch.device) -> torch.Tensor:
