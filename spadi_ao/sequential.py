@@ -287,7 +287,8 @@ class _Blockwise:
             names = [name for label in labels for name in units[label]]
             with GramCollector({name: self.targets[name] for name in names}) as collector:
                 outputs = run_block(block, inputs, compute, keep if index == 0 else None)
-            next_inputs = outputs if index == 0 else next_inputs
+            if index == 0:  # the next block's inputs come from the first forward
+                next_inputs = outputs
             self.gram_bytes = max(self.gram_bytes, collector.memory_bytes)
             for label in labels:
                 weights = [dense_weight(self.targets[name]).to(compute) for name in units[label]]

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from spadi_ao.solvers import BLOCK_ELEMENTS
+from spadi_ao.solvers.codes import column_blocks
 from spadi_ao.solvers.omp import batched_omp, codes_to_dense, least_squares_codes
 
 __all__ = [
@@ -59,9 +60,8 @@ def initial_dictionary(signals: torch.Tensor, k: int, generator: torch.Generator
 def squared_error(signals: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor) -> float:
     """``||A - D C||_F^2`` for dense codes ``C`` (k x m), a block of columns at a time (no ``n x m``
     temporary next to the signals)."""
-    step = max(1, BLOCK_ELEMENTS // signals.shape[0])
-    blocks = range(0, signals.shape[1], step)
-    residuals = (torch.addmm(signals[:, i : i + step], dictionary, codes[:, i : i + step], alpha=-1.0) for i in blocks)
+    blocks = column_blocks(signals.shape[1], signals.shape[0])
+    residuals = (torch.addmm(signals[:, block], dictionary, codes[:, block], alpha=-1.0) for block in blocks)
     return sum(float(torch.linalg.vector_norm(residual)) ** 2 for residual in residuals)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from spadi_ao.solvers.codes import dense_block
+
 __all__ = ["batched_omp", "codes_to_dense", "least_squares_codes"]
 
 
@@ -110,8 +112,7 @@ def batched_omp(
 
 def codes_to_dense(indices: torch.Tensor, coefficients: torch.Tensor, k: int) -> torch.Tensor:
     """Dense codes ``C`` (k x m) from per-column indices and coefficients (m x s)."""
-    dense = torch.zeros(indices.shape[0], k, dtype=coefficients.dtype, device=coefficients.device)
-    return dense.scatter_(1, indices, coefficients).T.contiguous()
+    return dense_block(indices, coefficients, k, coefficients.dtype).T.contiguous()
 
 
 def least_squares_codes(
