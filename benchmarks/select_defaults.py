@@ -4,6 +4,7 @@
     python benchmarks/select_defaults.py --sources wikitext2-valid-a
     python benchmarks/select_defaults.py --sources generated stdlib+generated
     python benchmarks/select_defaults.py --solvers --sources stdlib wikitext2-valid-a --shrinkage 0.3
+    python benchmarks/select_defaults.py --weightings --sources stdlib wikitext2-valid-a --shrinkage 0.3
     python benchmarks/select_defaults.py --decide                          # merge the parts, apply the rules
 
 Every candidate runs the recommended settings (``DictionaryConfig(solver="fast", allocation="knapsack",
@@ -27,8 +28,13 @@ Rules (stated before the runs):
 3. Solver (``--solvers``, at the chosen shrinkage, every other setting the default's): the fast solver with
    the default's refits against the COMPOT-style ``solver="procrustes"`` (``--procrustes-iterations``), the
    lowest geometric mean over the same four cells.
+4. Output weighting (``--weightings``, at the chosen shrinkage and solver, every other setting the default's):
+   ``output_weighting="none"`` against ``"loss"`` (each output's error weighted by its loss sensitivity in
+   the solve), the lowest geometric mean over the same four cells. Rules 1-3 solve unweighted, as they were
+   decided before this rule existed, so their parts reproduce.
 
-Parts: benchmarks/results/select_defaults-<source>.json (``--solvers``: select_defaults-solver-<source>.json),
+Parts: benchmarks/results/select_defaults-<source>.json (``--solvers``: select_defaults-solver-<source>.json,
+``--weightings``: select_defaults-weighting-<source>.json),
 saved after every candidate (a re-run resumes); the decision: select_defaults.{json,md}.
 """
 
@@ -55,6 +61,7 @@ SOURCES = ("stdlib", "generated", "stdlib+generated", "wikitext2-valid-a")
 NO_DOWNLOAD = ("stdlib", "generated", "stdlib+generated")
 SHRINKAGE_SOURCES = ("stdlib", "wikitext2-valid-a")
 SOLVERS = ("fast", "procrustes")
+WEIGHTINGS = ("none", "loss")
 VALIDATION = ("wikitext2-valid-b", "stdlib-held-out")
 GENERATED_CACHE = Path.home() / ".cache" / "spadi-ao"
 
@@ -78,6 +85,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sensitivity-samples", type=int, default=8)
     parser.add_argument("--solvers", action="store_true", help="rule 3: compare SOLVERS at --shrinkage (one value)")
     parser.add_argument("--procrustes-iterations", type=int, default=20)
+    parser.add_argument(
+        "--weightings", action="store_true", help="rule 4: compare WEIGHTINGS at --shrinkage with the default solver"
+    )
     parser.add_argument("--decide", action="store_true", help="merge the parts present and apply the rules")
     return parser.parse_args()
 
@@ -107,10 +117,19 @@ def batches_for(source: str, model, tokenizer, args: argparse.Namespace) -> list
     ]
 
 
-def candidate_config(args: argparse.Namespace, shrinkage: str, solver: str = "screening") -> DictionaryConfig:
-    """A candidate: the recommended settings with this shrinkage and solver (``screening``: ``--fast-steps``)."""
+def candidate_config(
+    args: argparse.Namespace, shrinkage: str, solver: str = "screening", weighting: str = "none"
+) -> DictionaryConfig:
+    """A candidate: the recommended settings with this shrinkage, solver (``screening``: ``--fast-steps``) and
+    output weighting."""
     value = shrinkage if shrinkage == "auto" else float(shrinkage)
-    common = dict(compression_ratio=args.ratio, gram_shrinkage=value, allocation="knapsack", grouping="inputs")
+    common = dict(
+        compression_ratio=args.ratio,
+        gram_shrinkage=value,
+        allocation="knapsack",
+        grouping="inputs",
+        output_weighting=weighting,
+    )
     if solver == "procrustes":
         return DictionaryConfig(**common, solver="procrustes", iterations=args.procrustes_iterations)
     if solver == "fast":
@@ -123,15 +142,20 @@ def run_source(
 ) -> None:
     """Every candidate not yet in ``part``; ``save()`` after each, so a run can be resumed.
 
-    Candidates: each ``--shrinkage`` value, or with ``--solvers`` each of SOLVERS at the one ``--shrinkage``.
+    Candidates: each ``--shrinkage`` value, with ``--solvers`` each of SOLVERS at the one ``--shrinkage``, with
+    ``--weightings`` each of WEIGHTINGS with the default solver.
     """
     rows = part.setdefault("rows", [])
     if args.solvers:
         done = {row["solver"] for row in rows}
-        todo = [(args.shrinkage[0], solver) for solver in SOLVERS if solver not in done]
+        todo = [(args.shrinkage[0], solver, "none") for solver in SOLVERS if solver not in done]
+    elif args.weightings:
+        done = {row["output_weighting"] for row in rows}
+        solver = DictionaryConfig().solver
+        todo = [(args.shrinkage[0], solver, weighting) for weighting in WEIGHTINGS if weighting not in done]
     else:
         done = {row["shrinkage"] for row in rows}
-        todo = [(shrinkage, "screening") for shrinkage in args.shrinkage if shrinkage not in done]
+        todo = [(shrinkage, "screening", "none") for shrinkage in args.shrinkage if shrinkage not in done]
     if not todo:
         return
     start = time.perf_counter()
@@ -141,8 +165,8 @@ def run_source(
     with GramCollector(select_linears(model)) as collector:
         run_calibration(model, batches, progress=False)
     part.update(source=source, calibration_seconds=time.perf_counter() - start)
-    for shrinkage, solver in todo:
-        config = candidate_config(args, shrinkage, solver)
+    for shrinkage, solver, weighting in todo:
+        config = candidate_config(args, shrinkage, solver, weighting)
         compressed = fresh_copy(model)
         start = time.perf_counter()
         report = sparsify_dictionary_(
@@ -157,6 +181,7 @@ def run_source(
             {
                 "shrinkage": shrinkage,
                 **({"solver": solver} if args.solvers else {}),
+                **({"output_weighting": weighting} if args.weightings else {}),
                 "compression_ratio": report.compression_ratio,
                 "seconds": seconds,
                 "perplexity": perplexity,
@@ -164,7 +189,7 @@ def run_source(
         )
         save()
         print(
-            f"{source:18s} shrinkage {shrinkage:5s} {solver:10s}: "
+            f"{source:18s} shrinkage {shrinkage:5s} {solver:10s} {weighting:4s}: "
             + ", ".join(f"{k} {v:.2f}" for k, v in perplexity.items())
             + f" ({seconds:.0f}s)",
             flush=True,
@@ -176,28 +201,38 @@ def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def solver_cells(shrinkage: str) -> dict[str, list[float]]:
-    """Rule 3's cells: each solver's perplexities over SHRINKAGE_SOURCES x VALIDATION, where all were measured."""
-    paths = [RESULTS / f"select_defaults-solver-{source}.json" for source in SHRINKAGE_SOURCES]
+COMPARISONS = {"solver": SOLVERS, "output_weighting": WEIGHTINGS}
+"""Rules 3 and 4: the field compared, and its candidates."""
+PART_PREFIX = {"solver": "solver", "output_weighting": "weighting"}
+
+
+def compared_cells(field: str, shrinkage: str) -> dict[str, list[float]]:
+    """A comparison's cells: each candidate's perplexities over SHRINKAGE_SOURCES x VALIDATION, where all were
+    measured."""
+    paths = [RESULTS / f"select_defaults-{PART_PREFIX[field]}-{source}.json" for source in SHRINKAGE_SOURCES]
     if not all(path.is_file() for path in paths):
         return {}
     rows = [
-        {
-            row["solver"]: row["perplexity"]
-            for row in json.loads(path.read_text())["rows"]
-            if row["shrinkage"] == shrinkage
-        }
+        {row[field]: row["perplexity"] for row in json.loads(path.read_text())["rows"] if row["shrinkage"] == shrinkage}
         for path in paths
     ]
     return {
-        solver: [per_source[solver][text] for per_source in rows for text in VALIDATION]
-        for solver in SOLVERS
-        if all(solver in per_source for per_source in rows)
+        candidate: [per_source[candidate][text] for per_source in rows for text in VALIDATION]
+        for candidate in COMPARISONS[field]
+        if all(candidate in per_source for per_source in rows)
     }
 
 
-def solver_means(shrinkage: str) -> dict[str, float]:
-    return {solver: geometric_mean(values) for solver, values in solver_cells(shrinkage).items()}
+def comparison_lines(field: str, shrinkage: str, cells: dict[str, list[float]], chosen: str) -> list[str]:
+    header = " | ".join(f"PPL {t}, {s}" for s in SHRINKAGE_SOURCES for t in VALIDATION)
+    lines = ["", f"| {field}, gram_shrinkage {shrinkage} | {header} | geometric mean |"]
+    lines.append("|---|" + "---|" * (len(SHRINKAGE_SOURCES) * len(VALIDATION) + 1))
+    for candidate, values in cells.items():
+        mark = " (chosen)" if candidate == chosen else ""
+        lines.append(
+            f"| {candidate} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {geometric_mean(values):.2f}{mark} |"
+        )
+    return lines
 
 
 def decide(args: argparse.Namespace) -> None:
@@ -250,10 +285,12 @@ def decide(args: argparse.Namespace) -> None:
         "calibration_seconds": {s: part["calibration_seconds"] for s, part in parts.items()},
         "cells": [{"source": s, "shrinkage": g, "text": t, "ppl": v} for (s, g, t), v in cells.items()],
     }
-    by_solver = solver_means(chosen)
-    if by_solver:
-        payload["geometric_mean_by_solver"] = by_solver
-        payload["chosen_solver"] = min(by_solver, key=by_solver.get)
+    comparisons = {field: compared_cells(field, chosen) for field in COMPARISONS}
+    for field, cells in comparisons.items():
+        if cells:
+            means = {candidate: geometric_mean(values) for candidate, values in cells.items()}
+            payload[f"geometric_mean_by_{field}"] = means
+            payload[f"chosen_{field}"] = min(means, key=means.get)
     write_json(RESULTS / "select_defaults.json", payload)
     settings = payload["settings"]
     lines = [
@@ -277,14 +314,9 @@ def decide(args: argparse.Namespace) -> None:
     lines += [f"| {s} | {v:.2f}{' (chosen)' if s == chosen else ''} |" for s, v in by_shrinkage.items()]
     lines += ["", f"| calibration source (no download), gram_shrinkage {chosen} | geometric mean |", "|---|---|"]
     lines += [f"| {s} | {v:.2f}{' (chosen)' if s == source else ''} |" for s, v in by_source.items()]
-    if by_solver:
-        lines += ["", f"| solver, gram_shrinkage {chosen} | " + " | ".join(
-            f"PPL {t}, {s}" for s in SHRINKAGE_SOURCES for t in VALIDATION) + " | geometric mean |",
-            "|---|" + "---|" * (len(SHRINKAGE_SOURCES) * len(VALIDATION) + 1)]  # fmt: skip
-        for solver, mean in by_solver.items():
-            values = solver_cells(chosen)[solver]
-            lines.append(f"| {solver} | " + " | ".join(f"{v:.2f}" for v in values)
-                         + f" | {mean:.2f}{' (chosen)' if solver == payload['chosen_solver'] else ''} |")  # fmt: skip
+    for field, cells in comparisons.items():
+        if cells:
+            lines += comparison_lines(field, chosen, cells, payload[f"chosen_{field}"])
     (RESULTS / "select_defaults.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -305,12 +337,13 @@ def main() -> None:
         k: getattr(args, k)
         for k in ("ratio", "n_samples", "seq_len", "eval_windows", "fast_steps", "sensitivity_samples")
     }
-    if args.solvers:
+    if args.solvers or args.weightings:
         if len(args.shrinkage) != 1:
-            raise SystemExit("--solvers compares solvers at one --shrinkage value (rule 1's choice)")
+            raise SystemExit("--solvers and --weightings compare at one --shrinkage value (rule 1's choice)")
         settings.update(fast_steps=DictionaryConfig().fast_steps, procrustes_iterations=args.procrustes_iterations)
+    prefix = "solver-" if args.solvers else "weighting-" if args.weightings else ""
     for source in args.sources:
-        path = RESULTS / f"select_defaults-{'solver-' if args.solvers else ''}{source}.json"
+        path = RESULTS / f"select_defaults-{prefix}{source}.json"
         part = json.loads(path.read_text()) if path.is_file() else {}
         part.update(command=" ".join(["python", *sys.argv]), settings=settings, dense=dense, environment=environment())
         run_source(source, model, tokenizer, texts, args, part, lambda: write_json(path, part))

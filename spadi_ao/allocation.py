@@ -12,6 +12,7 @@ solver with ``iterations=0`` returns and an upper bound for every solver that st
 are weighted by ``column_weights``: with the loss' mean squared gradient per output
 (:func:`output_sensitivity`), ``sum_j f_j ||U (w_j - w^_j)||^2`` is the second-order (Fisher) estimate
 of the loss increase the layer's error causes, which puts every layer on the same scale, the loss.
+The same sensitivities weigh the solve itself (:func:`output_weights`, ``DictionaryConfig.output_weighting``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ __all__ = [
     "atom_energy_blocks",
     "threshold_errors",
     "output_sensitivity",
+    "output_weights",
+    "WEIGHT_FLOOR",
 ]
+
+WEIGHT_FLOOR = 1e-3
+"""The least weight an output gets in the solve, relative to its unit's mean: an output the calibration loss
+never moved still counts a little, so its fit does not collapse on inputs the calibration did not cover."""
 
 
 @dataclass(frozen=True)
@@ -227,3 +234,19 @@ def output_sensitivity(
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(requires[name])
     return {name: totals[name] / counts[name] for name in totals}
+
+
+def output_weights(sensitivities: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One unit's per-output weights in the loss-weighted solve, its members' outputs in order: each output's
+    loss sensitivity over the unit's mean, floored at :data:`WEIGHT_FLOOR`.
+
+    Only the weights' ratios within the unit change its solution, so the mean sets the floor's scale and
+    nothing else; the knapsack compares units on the raw sensitivities (:func:`threshold_errors`).
+    """
+    values = torch.cat([value.to(torch.float64).flatten() for value in sensitivities])
+    if values.numel() == 0 or not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+        raise ValueError("output sensitivities must be finite and >= 0")
+    mean = values.mean()
+    if mean <= 0:  # the loss moved no output: all weigh alike
+        return torch.ones_like(values)
+    return (values / mean).clamp_min(WEIGHT_FLOOR)

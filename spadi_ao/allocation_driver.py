@@ -16,12 +16,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from spadi_ao.allocation import Candidate, candidate_sizes, output_sensitivity, solve_knapsack, threshold_errors
+from spadi_ao.allocation import (
+    Candidate,
+    candidate_sizes,
+    output_sensitivity,
+    output_weights,
+    solve_knapsack,
+    threshold_errors,
+)
 from spadi_ao.calibration import GramCollector
 from spadi_ao.configs import DictionaryConfig, LowRankConfig
 from spadi_ao.layer import resolve_shrinkage, whiten_group
 
-__all__ = ["tabulate_unit", "byte_budget", "allocate_ratios", "resolve_sensitivity"]
+__all__ = ["tabulate_unit", "byte_budget", "allocate_ratios", "resolve_sensitivity", "solve_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +60,17 @@ def tabulate_unit(
         grams.clear()
     column_weights = torch.cat([sensitivity[name].to(torch.float64) for name in unit]).to(whitened.device)
     return menu, threshold_errors(whitened, [(c.k, c.s) for c in menu], column_weights)
+
+
+def solve_weights(
+    config: DictionaryConfig | LowRankConfig, unit: list[str], sensitivity: Optional[dict[str, torch.Tensor]]
+) -> Optional[torch.Tensor]:
+    """The unit's per-output weights for the loss-weighted solve, or None where it solves unweighted: no
+    sensitivity, ``output_weighting="none"`` or the low-rank baseline."""
+    unit_config = config.for_layer(unit[0])
+    if sensitivity is None or not isinstance(unit_config, DictionaryConfig) or unit_config.output_weighting != "loss":
+        return None
+    return output_weights([sensitivity[name] for name in unit])
 
 
 def byte_budget(targets: dict[str, nn.Linear], config: DictionaryConfig | LowRankConfig) -> int:

@@ -18,7 +18,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from spadi_ao.allocation import solve_knapsack
-from spadi_ao.allocation_driver import allocate_ratios, byte_budget, resolve_sensitivity, tabulate_unit
+from spadi_ao.allocation_driver import (
+    allocate_ratios,
+    byte_budget,
+    resolve_sensitivity,
+    solve_weights,
+    tabulate_unit,
+)
 from spadi_ao.calibration import CALIBRATION_ATTR, GramCollector, attach_collector, run_calibration
 from spadi_ao.configs import DictionaryConfig, LowRankConfig
 from spadi_ao.grouping import group_layers, relink_shared
@@ -207,27 +213,33 @@ def sparsify_dictionary_(
     try:
         with torch.no_grad():
             ratios = None
+            if config.allocation == "knapsack" or sensitivity is not None:
+                sensitivity = resolve_sensitivity(model, targets, calibration, sensitivity, progress)
             if config.allocation == "knapsack":
-                ratios = allocate_ratios(
-                    units,
-                    targets,
-                    config,
-                    collector,
-                    resolve_sensitivity(model, targets, calibration, sensitivity, progress),
-                    progress,
-                )
+                ratios = allocate_ratios(units, targets, config, collector, sensitivity, progress)
             for label, unit in tqdm(units.items(), desc=f"compressing ({method})", disable=not progress):
                 unit_config = config.for_layer(unit[0])
                 if ratios is not None:
                     unit_config = dataclasses.replace(unit_config, compression_ratio=ratios[label])
+                output_weights = solve_weights(config, unit, sensitivity)
                 if len(unit) == 1:
-                    results = [compress_linear(unit[0], targets[unit[0]].weight.detach(), unit_config, collector)]
+                    weight = targets[unit[0]].weight.detach()
+                    results = [compress_linear(unit[0], weight, unit_config, collector, output_weights=output_weights)]
                 else:
                     grams = [collector.gram(name) if collector is not None else None for name in unit]
                     tokens = max(collector.tokens(name) for name in unit) if collector is not None else 0
                     shrinkages = [resolve_shrinkage(unit_config.gram_shrinkage, collector, name) for name in unit]
                     weights = [targets[name].weight.detach() for name in unit]
-                    results = compress_group(unit, weights, grams, unit_config, tokens, shrinkages, group=label)
+                    results = compress_group(
+                        unit,
+                        weights,
+                        grams,
+                        unit_config,
+                        tokens,
+                        shrinkages,
+                        group=label,
+                        output_weights=output_weights,
+                    )
                 for name, (tensor, layer_report) in zip(unit, results):
                     new_weights[name] = tensor
                     report.layers.append(layer_report)
@@ -289,19 +301,34 @@ def _sparsify_sequential(
         return grams, shrinkages, tokens
 
     def solve(
-        label: str, members: list[str], weights: list[torch.Tensor], collector: GramCollector, ratio: Optional[float]
+        label: str,
+        members: list[str],
+        weights: list[torch.Tensor],
+        collector: GramCollector,
+        ratio: Optional[float],
+        run_sensitivity: Optional[dict[str, torch.Tensor]],
     ) -> list[tuple[torch.Tensor, LayerReport]]:
         unit_config = config.for_layer(members[0])
         if ratio is not None:
             unit_config = dataclasses.replace(unit_config, compression_ratio=ratio)
+        output_weights = solve_weights(config, members, sensitivity if run_sensitivity is None else run_sensitivity)
         grams, shrinkages, tokens = unit_grams(members, collector)
         if len(members) == 1:
             return [
-                compress_weight(
-                    members[0], weights[0], grams[0], unit_config, tokens, shrinkages[0], overwrite_gram=True
+                compress_weight(  # pop: the Gram is handed over, no reference may outlive its whitening
+                    members[0],
+                    weights[0],
+                    grams.pop(),
+                    unit_config,
+                    tokens,
+                    shrinkages[0],
+                    overwrite_gram=True,
+                    output_weights=output_weights,
                 )
             ]
-        return compress_group(members, weights, grams, unit_config, tokens, shrinkages, group=label)
+        return compress_group(
+            members, weights, grams, unit_config, tokens, shrinkages, group=label, output_weights=output_weights
+        )
 
     def survey(
         label: str, members: list[str], weights: list[torch.Tensor], collector: GramCollector, sensitivity: dict

@@ -95,6 +95,7 @@ _CONFIG_DEFAULTS = {
     "init": "svd",
     "allocation": "knapsack",
     "grouping": "inputs",
+    "output_weighting": "loss",
     "damping": 0.01,
 }
 
@@ -211,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "cospadi: layers sharing one dictionary: 'inputs' (q/k/v and gate/up of a block), 'paper' (not with "
             f"--sequential), 'none' (default: {d['grouping']})"
+        ),
+    )
+    compress.add_argument(
+        "--output-weighting",
+        choices=["loss", "none"],
+        **field,
+        help=(
+            "cospadi: weigh each output's error in the solve by its loss sensitivity (with the knapsack's "
+            f"sensitivity) or every output alike (default: {d['output_weighting']})"
         ),
     )
     compress.add_argument(
@@ -357,6 +367,7 @@ _COSPADI_FIELDS = (
     "atoms_per_step",
     "init",
     "grouping",
+    "output_weighting",
 )
 
 

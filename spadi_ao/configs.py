@@ -191,6 +191,13 @@ class DictionaryConfig(_BaseConfig):
     a few per cent worse); or ``"ksvd"`` (the paper's: ``iterations`` of K-SVD with OMP)."""
     fast_steps: int = 8
     """Dictionary / code refits of the fast solver; 0 is the one-shot SVD solution."""
+    output_weighting: str = "loss"
+    """``"loss"``: the solve weighs each output's whitened error by its loss sensitivity (the diagonal output
+    Fisher the knapsack already weighs errors with; ``spadi_ao.allocation.output_weights``), so the outputs the
+    loss depends on are fitted first; chosen on validation text (``docs/results.md``). It needs a sensitivity:
+    knapsack runs compute one, a uniform run uses ``sparsify_dictionary_``'s ``sensitivity`` when given;
+    otherwise, and in torchao's per-layer ``quantize_``, every output weighs alike. ``"none"``: every output
+    weighs alike (the paper's objective)."""
     grouping: Grouping = "inputs"
     """Layers sharing one dictionary (``spadi_ao.grouping``): None (per layer), ``"paper"`` (blocks 2i, 2i+1
     share q/k/v/up/gate), ``"inputs"`` (a block's q/k/v and its gate/up) or a callable fqn -> key (None: alone).
@@ -217,6 +224,7 @@ class DictionaryConfig(_BaseConfig):
             iterations=60,
             atoms_per_step=1,
             power_iterations=8,
+            output_weighting="none",
             seed=42,
         )
         return cls(**(fields | overrides))
@@ -233,6 +241,8 @@ class DictionaryConfig(_BaseConfig):
         if self.solver not in ("ksvd", "fast", "procrustes"):
             raise ValueError(f"solver must be 'ksvd', 'fast' or 'procrustes', got {self.solver!r}")
         _check_positive_int("fast_steps", self.fast_steps, minimum=0)
+        if self.output_weighting not in ("loss", "none"):
+            raise ValueError(f"output_weighting must be 'loss' or 'none', got {self.output_weighting!r}")
         if not (self.grouping is None or self.grouping in GROUPINGS or callable(self.grouping)):
             raise ValueError(
                 f"grouping must be None, one of {sorted(GROUPINGS)} or a callable fqn -> group key, got "

@@ -41,9 +41,16 @@ __all__ = [
     "whiten_group",
     "solve_dictionary",
     "whitening_for",
+    "span_coordinates",
+    "atoms_in_input_space",
 ]
 
 SOLVE_DTYPE = torch.float32
+
+SPAN_RCOND = 1e-5
+"""Relative singular value below which a direction of the (float32) whitened weight counts as rounding, not span,
+when atoms are mapped back: it carries under 1e-10 of the weight's energy, and the cut bounds how far the
+float32 rounding of ``A`` can move an atom (about 1e-7 / SPAN_RCOND of its norm)."""
 
 
 @dataclass
@@ -144,9 +151,29 @@ def _whitened_weight(whitening: Whitening, weights: Sequence[torch.Tensor]) -> t
     return whitened
 
 
-def solve_dictionary(whitened: torch.Tensor, k: int, s: int, config: DictionaryConfig) -> KSVDResult:
+def solve_dictionary(
+    whitened: torch.Tensor, k: int, s: int, config: DictionaryConfig, output_weights: Optional[torch.Tensor] = None
+) -> KSVDResult:
     """The configured solver on the whitened weight: K-SVD (the paper's), the few-step fast solver or
-    orthonormal atoms by alternating Procrustes (COMPOT-style)."""
+    orthonormal atoms by alternating Procrustes (COMPOT-style).
+
+    ``output_weights`` (one per column): minimise ``sum_j w_j ||a_j - D c_j||^2`` instead, by solving for the
+    columns scaled by ``sqrt(w_j)`` and unscaling the codes. ``whitened`` is scaled in place and restored (to
+    rounding), so the weighting costs no copy of it.
+    """
+    if output_weights is None:
+        return _solve(whitened, k, s, config)
+    root = output_weights.sqrt().to(device=whitened.device, dtype=whitened.dtype)
+    whitened.mul_(root)
+    try:
+        result = _solve(whitened, k, s, config)
+    finally:
+        whitened.div_(root)
+    result.coefficients.div_(root.unsqueeze(1).to(result.coefficients.dtype))
+    return result
+
+
+def _solve(whitened: torch.Tensor, k: int, s: int, config: DictionaryConfig) -> KSVDResult:
     if config.solver == "fast":
         return fast_dictionary(whitened, k, s, steps=config.fast_steps, seed=config.seed)
     if config.solver == "procrustes":
@@ -176,6 +203,7 @@ def compress_group(
     shrinkages: Optional[Sequence[Optional[float]]] = None,
     group: Optional[str] = None,
     overwrite_gram: bool = False,
+    output_weights: Optional[torch.Tensor] = None,
 ) -> list[tuple[DictionaryTensor, LayerReport]]:
     """Compress layers that share one dictionary; each keeps its own codes (see ``spadi_ao.grouping``).
 
@@ -183,13 +211,21 @@ def compress_group(
     ``(1 - compression_ratio)`` of the members' dense bytes. Every returned tensor references the same
     ``dictionary`` object. A member's report counts its codes and its share of the dictionary (in
     proportion to its outputs), so the shares add up to the group's bytes exactly.
+
+    ``output_weights`` (the members' outputs in order; ``spadi_ao.allocation.output_weights``) weigh each
+    output's error in the solve; the reports still give the plain output error.
     """
     start = time.perf_counter()
-    whitening, whitened, shrinkage = whiten_group(
-        weights, grams, config, shrinkages, overwrite_gram and len(weights) == 1
-    )
+    handed_over = overwrite_gram and len(weights) == 1
+    whitening, whitened, shrinkage = whiten_group(weights, grams, config, shrinkages, handed_over)
+    method = whitening.method
     outs = [weight.shape[0] for weight in weights]
     in_features, dtype = weights[0].shape[1], weights[0].dtype
+    if in_features > sum(outs):  # the factor outweighs the whitened weight: freed, atoms map back through W
+        whitening = None
+        if handed_over:  # the caller's Gram, now the factor (512 MiB at 8192 inputs), goes before the solve
+            grams.clear()
+            grams = [None]  # one member: its error is the whitened fit's
     budget = dictionary_budget(
         sum(outs),
         in_features,
@@ -198,14 +234,16 @@ def compress_group(
         weights[0].element_size(),
         atom_limit(config.solver, in_features),
     )
-    result = solve_dictionary(whitened, budget.k, budget.s, config)
+    result = solve_dictionary(whitened, budget.k, budget.s, config, output_weights)
+    atoms, dictionary = _back_map(whitening, whitened, weights, result.dictionary)
+    del whitening
     spans = _spans(outs)
     errors = [
-        _member_error(weight, gram, grams, whitening, whitened[:, span], result, span, config, shrinkage)
+        _member_error(weight, gram, grams, atoms, whitened[:, span], dictionary, result, span, config, shrinkage)
         for weight, gram, span in zip(weights, grams, spans)
     ]
-    del whitened
-    atoms = _atoms_in_input_space(whitening, result.dictionary, dtype)
+    del whitened, dictionary
+    atoms = atoms.to(dtype)
     tensors = []
     for span in spans:
         values, bitmask = pack_codes(result.indices[span], result.coefficients[span], budget.k)
@@ -236,7 +274,7 @@ def compress_group(
             k=budget.k,
             s=budget.s,
             paper_ratio=budget.paper_ratio,
-            whitening=whitening.method,
+            whitening=method,
             gram_shrinkage=shrinkage,
             calibration_tokens=calibration_tokens,
             group=group,
@@ -251,14 +289,51 @@ def _spans(outs: Sequence[int]) -> list[slice]:
     return [slice(end - out, end) for out, end in zip(outs, ends)]
 
 
-def _atoms_in_input_space(whitening: Whitening, dictionary: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``D~ = U^-1 D`` as ``(k, in)`` rows in ``dtype``, a block of atoms at a time, so the float64 scratch
-    is one block's (32 MiB), not a float64 copy of the whole dictionary and its solution."""
-    in_features, count = dictionary.shape
-    atoms = torch.empty(count, in_features, dtype=dtype, device=dictionary.device)
-    step = max(1, BLOCK_ELEMENTS // in_features)
-    for start in range(0, count, step):
-        atoms[start : start + step] = whitening.apply_inverse(dictionary[:, start : start + step]).T
+def _back_map(
+    whitening: Optional[Whitening], whitened: torch.Tensor, weights: Sequence[torch.Tensor], dictionary: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The atoms in input space, ``(k, in)`` float64 rows, and whitened as they are stored (``in x k``).
+
+    With the factor, ``D~ = U^-1 D`` by a triangular solve. Without it (a tall whitened weight, whose factor was
+    freed before the solve), through the weight: ``U^-1 P D = W^T X`` with ``A X = P D`` (:func:`span_coordinates`).
+    """
+    if whitening is not None:
+        in_features, count = dictionary.shape
+        atoms = torch.empty(count, in_features, dtype=torch.float64, device=dictionary.device)
+        step = max(1, BLOCK_ELEMENTS // in_features)
+        for start in range(0, count, step):
+            atoms[start : start + step] = whitening.apply_inverse(dictionary[:, start : start + step]).T
+        return atoms, dictionary
+    coordinates = span_coordinates(whitened, dictionary)
+    return atoms_in_input_space(weights, coordinates), whitened @ coordinates.to(whitened.dtype)
+
+
+def span_coordinates(whitened: torch.Tensor, dictionary: torch.Tensor) -> torch.Tensor:
+    """``X`` (outs x k) with ``A X`` the projection of the whitened atoms ``D`` onto ``A``'s column space.
+
+    With ``A = U W^T``, ``U^-1 A X = W^T X``: atoms map back to input space through the weight, without the
+    whitening factor. Every solver builds its atoms in that span while ``k`` is within ``A``'s rank (SVD start,
+    Procrustes update, least-squares dictionary, singular vectors); a component outside it is dropped, which
+    cannot raise the fit error: ``A - P D C = P (A - D C)``. Directions below ``SPAN_RCOND`` of ``A``'s largest
+    are float32 rounding of the solve's ``A``, not span. The least-squares solve costs a QR of ``A``: cheap next
+    to the factor's memory for a tall ``A`` (in > outs), where it is used, far more than a triangular solve for
+    a wide one.
+    """
+    return torch.linalg.lstsq(
+        whitened.to(torch.float64), dictionary.to(torch.float64), rcond=SPAN_RCOND, driver="gelsy"
+    ).solution
+
+
+def atoms_in_input_space(weights: Sequence[torch.Tensor], coordinates: torch.Tensor) -> torch.Tensor:
+    """``D~^T = [W_1; W_2; ...]^T X`` as ``(k, in)`` float64 rows, a block of each member's outputs at a time, so
+    the scratch is one block's float64 copy, not the members' weights."""
+    in_features = weights[0].shape[1]
+    atoms = torch.zeros(coordinates.shape[1], in_features, dtype=torch.float64, device=coordinates.device)
+    rows = max(1, BLOCK_ELEMENTS // in_features)
+    for weight, span in zip(weights, _spans([weight.shape[0] for weight in weights])):
+        for start in range(0, weight.shape[0], rows):
+            block = weight[start : start + rows].to(torch.float64)
+            atoms.addmm_(coordinates[span.start + start : span.start + start + block.shape[0]].T, block)
     return atoms
 
 
@@ -273,20 +348,23 @@ def _member_error(
     weight: torch.Tensor,
     gram: Optional[torch.Tensor],
     grams: Sequence[Optional[torch.Tensor]],
-    whitening: Whitening,
+    atoms: torch.Tensor,
     target: torch.Tensor,
+    dictionary: torch.Tensor,
     result: KSVDResult,
     span: slice,
     config: DictionaryConfig,
     shrinkage: float,
 ) -> float:
-    """The member's relative output error under its *own* Gram (the group's whitening only averages it)."""
+    """The member's relative output error under its *own* Gram (the group's whitening only averages it).
+
+    ``atoms``: the float64 input-space atoms; ``dictionary``: the same atoms whitened, ``target`` the member's
+    whitened weight."""
     indices, coefficients = result.indices[span], result.coefficients[span]
     if gram is None or all(other is not None and (other is gram or torch.equal(other, gram)) for other in grams):
-        return _fit_error(target, result.dictionary, indices, coefficients)
+        return _fit_error(target, dictionary, indices, coefficients)
     own = whitening_for(gram, weight.shape[1], config.damping, shrinkage, weight.device)
-    approximation = result.dictionary @ codes_to_dense(indices, coefficients, result.dictionary.shape[1])
-    reconstructed = whitening.apply_inverse(approximation)  # W_hat^T in input space
+    reconstructed = atoms.T @ codes_to_dense(indices, coefficients, atoms.shape[0]).to(torch.float64)  # W_hat^T
     return _relative_error(own.apply(weight.to(torch.float64).T), own.apply(reconstructed))
 
 
@@ -298,15 +376,28 @@ def compress_weight(
     calibration_tokens: int = 0,
     shrinkage: Optional[float] = None,
     overwrite_gram: bool = False,
+    output_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, LayerReport]:
     """Compress one dense ``weight`` (out x in) into a Dictionary/LowRank tensor and its report.
 
-    ``overwrite_gram=True``: the caller is done with ``gram`` (e.g. ``GramCollector.take``), which is then
-    factored in place: one in x in float64 matrix less at the peak (512 MiB for an 8192-wide input).
+    ``overwrite_gram=True``: the caller is done with ``gram`` (e.g. ``GramCollector.take``) and keeps no
+    reference to it: it is factored in place, and for a dictionary of a weight with more inputs than outputs
+    (a ``down_proj``) freed before the solve, so no in x in float64 matrix (512 MiB for an 8192-wide input)
+    sits beside the solver. ``output_weights``: as in :func:`compress_group`
+    (dictionary configs; the low-rank baseline weighs every output alike).
     """
     if isinstance(config, DictionaryConfig):
+        grams = [gram]
+        del gram  # handed over with ``overwrite_gram``: ``compress_group`` clears ``grams``, its last reference
         return compress_group(
-            [name], [weight], [gram], config, calibration_tokens, [shrinkage], overwrite_gram=overwrite_gram
+            [name],
+            [weight],
+            grams,
+            config,
+            calibration_tokens,
+            [shrinkage],
+            overwrite_gram=overwrite_gram,
+            output_weights=output_weights,
         )[0]
     if not isinstance(config, LowRankConfig):
         raise TypeError(f"config must be a DictionaryConfig or LowRankConfig, got {type(config).__name__}")
@@ -316,7 +407,7 @@ def compress_weight(
     whitening, whitened, shrinkage = whiten_group([weight], [gram], config, [shrinkage], overwrite_gram)
     budget = low_rank_budget(out_features, in_features, config.compression_ratio, element_size)
     left, right = whitened_low_rank(whitened, budget.rank)
-    down = _atoms_in_input_space(whitening, left, weight.dtype)  # (rank, in)
+    down = _back_map(whitening, whitened, [weight], left)[0].to(weight.dtype)  # (rank, in)
     tensor = LowRankTensor(down, right.T.to(weight.dtype).contiguous(), weight.dtype)
     dense = out_features * in_features * element_size
     report = LayerReport(
@@ -350,15 +441,26 @@ def compress_linear(
     config: DictionaryConfig | LowRankConfig,
     collector: Optional["GramCollector"] = None,
     take: bool = False,
+    output_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, LayerReport]:
     """One Linear on its own, with its Gram from ``collector`` (None: weight space), at ``config`` as given
     (the caller resolves ``layer_overrides`` and allocation): the step ``sparsify_dictionary_``, its
     block-by-block driver and torchao's ``quantize_`` handlers share.
 
     ``take=True``: the caller needs ``name``'s Gram no more (``GramCollector.take``); it is factored in place.
+    ``output_weights``: see :func:`compress_group`.
     """
     shrinkage = resolve_shrinkage(config.gram_shrinkage, collector, name)  # before take() may free the sum
     if collector is None:
-        return compress_weight(name, weight, None, config, 0, shrinkage)
-    gram = collector.take(name) if take else collector.gram(name)
-    return compress_weight(name, weight, gram, config, collector.tokens(name), shrinkage, overwrite_gram=take)
+        return compress_weight(name, weight, None, config, 0, shrinkage, output_weights=output_weights)
+    tokens = collector.tokens(name)
+    return compress_weight(
+        name,
+        weight,
+        collector.take(name) if take else collector.gram(name),
+        config,
+        tokens,
+        shrinkage,
+        overwrite_gram=take,
+        output_weights=output_weights,
+    )

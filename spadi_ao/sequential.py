@@ -51,11 +51,13 @@ from spadi_ao.offload import WeightSwap, dense_weight, execution_device, install
 __all__ = ["run_sequential", "decoder_blocks", "blockwise_sensitivity", "GlobalAllocation"]
 
 SolveFn = Callable[
-    [str, list[str], list[torch.Tensor], GramCollector, Optional[float]], list[tuple[torch.Tensor, LayerReport]]
+    [str, list[str], list[torch.Tensor], GramCollector, Optional[float], Optional[dict[str, torch.Tensor]]],
+    list[tuple[torch.Tensor, LayerReport]],
 ]
-"""``solve(unit, members, their dense weights on the compute device, collector, ratio)``: one ``(weight, report)``
-per member. A unit is one Linear or a group sharing a dictionary; ``ratio`` is the one the global allocation
-chose (None: the config's). It reads the Grams from ``collector`` (``take`` / ``gram``, then ``release``)."""
+"""``solve(unit, members, their dense weights on the compute device, collector, ratio, sensitivity)``: one
+``(weight, report)`` per member. A unit is one Linear or a group sharing a dictionary; ``ratio`` is the one the
+global allocation chose (None: the config's), ``sensitivity`` the loss sensitivities it used (None without
+one). It reads the Grams from ``collector`` (``take`` / ``gram``, then ``release``)."""
 SurveyFn = Callable[[str, list[str], list[torch.Tensor], GramCollector, dict[str, torch.Tensor]], dict]
 """``survey(unit, members, dense weights, collector, sensitivity)``: the unit's allocation table, small and
 JSON-able (e.g. each candidate's ratio, stored bytes and error)."""
@@ -159,6 +161,8 @@ class _Blockwise:
     """Solve seconds per unit shape ``(outputs, in)``, from the exchanged reports: the same on every rank."""
     gram_bytes: int = 0
     """The most bytes of Grams held at once (one block's)."""
+    sensitivity: Optional[dict[str, torch.Tensor]] = None
+    """The global allocation's loss sensitivities, handed to every solve."""
 
     def survey(
         self,
@@ -173,8 +177,9 @@ class _Blockwise:
         """The first pass: every unit's table, in unit order (dense propagation; nothing is compressed)."""
         tables = dict(self.checkpoint.tables) if self.checkpoint is not None else {}
         todo = [index for index, block_units in enumerate(units) if set(block_units) - set(tables)]
+        # before the tables: a resumed run whose tables are all saved still weighs its solves with it
+        self.sensitivity = sensitivity = allocation.sensitivity or self._sensitivity(model, blocks, batches)
         if todo:
-            sensitivity = allocation.sensitivity or self._sensitivity(model, blocks, batches)
             for index in tqdm(range(todo[-1] + 1), desc="allocation survey", disable=not progress):
                 pending = [label for label in units[index] if label not in tables]
 
@@ -320,7 +325,7 @@ class _Blockwise:
         keep = self.propagate == "dense" and keep_outputs
 
         def job(label, members, weights, collector):
-            return self.solve(label, members, weights, collector, ratios.get(label))
+            return self.solve(label, members, weights, collector, ratios.get(label), self.sensitivity)
 
         mine, next_inputs = self._run_units(block, units, pending, inputs, compute, keep, job)
         solved = {

@@ -10,9 +10,11 @@ from models import tiny_llama, token_batches
 import spadi_ao
 from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
 from spadi_ao.allocation import (
+    WEIGHT_FLOOR,
     atom_energy_blocks,
     candidate_sizes,
     output_sensitivity,
+    output_weights,
     solve_knapsack,
     threshold_errors,
 )
@@ -260,8 +262,18 @@ def test_knapsack_without_batches_weighs_every_output_alike(caplog):
         ({"allocation_candidates": ()}, "allocation_candidates"),
         ({"allocation_candidates": (0.3, 1.2)}, "allocation_candidates"),
         ({"allocation_candidates": [0.3]}, "allocation_candidates"),
+        ({"output_weighting": "fisher"}, "output_weighting"),
     ],
 )
 def test_config_rejects_bad_allocation_fields(kwargs, field):
     with pytest.raises(ValueError, match=field):
         DictionaryConfig(**kwargs)
+
+
+def test_output_weights_are_sensitivities_over_the_units_mean_with_a_floor():
+    first, second = torch.tensor([4.0, 0.0, 2.0]), torch.tensor([6.0])
+    weights = output_weights([first, second])
+    assert torch.allclose(weights, torch.tensor([4 / 3, WEIGHT_FLOOR, 2 / 3, 2.0], dtype=torch.float64))
+    assert torch.equal(output_weights([torch.zeros(3)]), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="sensitivities"):
+        output_weights([torch.tensor([1.0, -1.0])])

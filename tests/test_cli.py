@@ -223,11 +223,12 @@ def test_cli_defaults_are_the_measured_best_for_cospadi_and_the_plain_baseline_o
 
     best = config()
     assert best == DictionaryConfig()  # the CLI takes the config's defaults as they are
-    assert (best.allocation, best.solver, best.grouping, best.gram_shrinkage) == (
+    assert (best.allocation, best.solver, best.grouping, best.gram_shrinkage, best.output_weighting) == (
         "knapsack",
         "procrustes",
         "inputs",
         0.3,
+        "loss",
     )
     assert config("--sequential") == DictionaryConfig()  # the same knapsack and groups, block by block
     baseline = config("--method", "svd-llm")
@@ -245,6 +246,8 @@ def test_cli_defaults_are_the_measured_best_for_cospadi_and_the_plain_baseline_o
         "60",
         "--gram-shrinkage",
         "0",
+        "--output-weighting",
+        "none",
     )
     assert paper == DictionaryConfig.paper()
     plain = config("--allocation", "uniform", "--grouping", "none", "--solver", "ksvd")

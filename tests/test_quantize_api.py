@@ -71,13 +71,14 @@ def _prepared(model: nn.Module, batches) -> nn.Module:
 
 def test_default_is_the_measured_best_and_the_preset_is_the_paper():
     default = DictionaryConfig()
-    assert (default.solver, default.iterations, default.allocation, default.grouping, default.gram_shrinkage) == (
-        "procrustes",
-        20,
-        "knapsack",
-        "inputs",
-        0.3,
-    )
+    assert (
+        default.solver,
+        default.iterations,
+        default.allocation,
+        default.grouping,
+        default.gram_shrinkage,
+        default.output_weighting,
+    ) == ("procrustes", 20, "knapsack", "inputs", 0.3, "loss")
     assert LowRankConfig().allocation == "uniform"
     paper = DictionaryConfig(
         allocation="uniform",
@@ -88,6 +89,7 @@ def test_default_is_the_measured_best_and_the_preset_is_the_paper():
         iterations=60,
         atoms_per_step=1,
         power_iterations=8,
+        output_weighting="none",
         seed=42,
     )
     assert DictionaryConfig.paper() == paper

@@ -20,6 +20,7 @@ import spadi_ao.distributed
 import spadi_ao.report
 import spadi_ao.sequential
 from spadi_ao import DictionaryConfig, LowRankConfig, sparsify_dictionary_
+from spadi_ao.api import select_linears
 from spadi_ao.calibration import GramCollector
 from spadi_ao.checkpoint import CheckpointMismatchError
 
@@ -57,6 +58,30 @@ def test_sequential_with_dense_propagation_equals_one_shot(config):
     for name in a:
         for inner in a[name]:
             assert torch.allclose(a[name][inner].float(), b[name][inner].float(), atol=1e-5), (name, inner)
+
+
+def test_a_given_sensitivity_weighs_the_uniform_solves_alike_in_both_modes():
+    batches = token_batches(3, 16)
+    targets = select_linears(tiny_llama())
+    generator = torch.Generator().manual_seed(0)
+    sensitivity = {name: torch.rand(module.out_features, generator=generator) for name, module in targets.items()}
+    states = []
+    for sequential in (False, True):
+        model = tiny_llama()
+        sparsify_dictionary_(
+            model, CONFIG, calibration=batches, sequential=sequential, propagate="dense", sensitivity=sensitivity,
+            progress=False,
+        )  # fmt: skip
+        states.append(_compressed_state(model))
+    unweighted = tiny_llama()
+    sparsify_dictionary_(unweighted, CONFIG, calibration=batches, progress=False)
+    for name in states[0]:
+        for inner in states[0][name]:
+            assert torch.allclose(states[0][name][inner].float(), states[1][name][inner].float(), atol=1e-5)
+    assert any(
+        not torch.allclose(states[0][name]["values"].float(), state["values"].float(), atol=1e-3)
+        for name, state in _compressed_state(unweighted).items()
+    )
 
 
 @pytest.mark.parametrize("grouping", [None, "inputs"])

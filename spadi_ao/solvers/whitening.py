@@ -9,7 +9,8 @@ so fitting ``A = U W^T`` in plain Frobenius norm minimises the layer's output er
 Memory: a wide layer's Gram is large (8192 inputs: 512 MiB in float64), so whitening holds one working
 copy of it and nothing else of that size: shrinkage, symmetrisation and damping happen in place on that
 copy, Cholesky factors it in place, and atoms are mapped back by a triangular solve instead of an
-explicit inverse.
+explicit inverse (or, where the factor outweighs the whitened weight, through the weight itself, so the
+factor can go before the solve: ``spadi_ao.layer``).
 """
 
 from __future__ import annotations
