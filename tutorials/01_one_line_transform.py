@@ -33,9 +33,10 @@ def main() -> None:
         ).ppl
 
     before = ppl()
-    # The defaults are the measured best: orthonormal (Procrustes) dictionaries, per-layer ratios from a
-    # loss-weighted knapsack over the whole-model budget, and one dictionary for the Linears that read the
-    # same input (DictionaryConfig.paper() is the paper's setting). torchao users get the per-layer part
+    # The defaults are the measured best: orthonormal (Procrustes) dictionaries fitted with each output's
+    # error weighted by its loss sensitivity, per-layer ratios from a loss-weighted knapsack over the
+    # whole-model budget, and one dictionary for the Linears that read the same input
+    # (DictionaryConfig.paper() is the paper's setting). torchao users get the per-layer part
     # with quantize_(model, DictionaryConfig()).
     config = DictionaryConfig(compression_ratio=0.3)
     start = time.perf_counter()
