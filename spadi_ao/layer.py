@@ -48,9 +48,9 @@ __all__ = [
 SOLVE_DTYPE = torch.float32
 
 SPAN_RCOND = 1e-5
-"""Relative singular value below which a direction of the (float32) whitened weight counts as rounding, not span,
-when atoms are mapped back: it carries under 1e-10 of the weight's energy, and the cut bounds how far the
-float32 rounding of ``A`` can move an atom (about 1e-7 / SPAN_RCOND of its norm)."""
+"""Relative singular value below which a direction of the (float32) whitened weight is damped as rounding, not
+span, when atoms map back through the weight: it carries under 1e-10 of the weight's energy, and the damping
+bounds how far the float32 rounding of ``A`` can move an atom (about 1e-7 / SPAN_RCOND of its norm)."""
 
 
 @dataclass
@@ -235,15 +235,14 @@ def compress_group(
         atom_limit(config.solver, in_features),
     )
     result = solve_dictionary(whitened, budget.k, budget.s, config, output_weights)
-    atoms, dictionary = _back_map(whitening, whitened, weights, result.dictionary)
+    atoms = _back_map(whitening, whitened, weights, result.dictionary, dtype)
     del whitening
     spans = _spans(outs)
     errors = [
-        _member_error(weight, gram, grams, atoms, whitened[:, span], dictionary, result, span, config, shrinkage)
+        _member_error(weight, gram, grams, atoms, whitened[:, span], result, span, config, shrinkage)
         for weight, gram, span in zip(weights, grams, spans)
     ]
-    del whitened, dictionary
-    atoms = atoms.to(dtype)
+    del whitened
     tensors = []
     for span in spans:
         values, bitmask = pack_codes(result.indices[span], result.coefficients[span], budget.k)
@@ -290,50 +289,73 @@ def _spans(outs: Sequence[int]) -> list[slice]:
 
 
 def _back_map(
-    whitening: Optional[Whitening], whitened: torch.Tensor, weights: Sequence[torch.Tensor], dictionary: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The atoms in input space, ``(k, in)`` float64 rows, and whitened as they are stored (``in x k``).
+    whitening: Optional[Whitening],
+    whitened: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    dictionary: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The atoms in input space as ``(k, in)`` rows in ``dtype``, a block at a time.
 
-    With the factor, ``D~ = U^-1 D`` by a triangular solve. Without it (a tall whitened weight, whose factor was
-    freed before the solve), through the weight: ``U^-1 P D = W^T X`` with ``A X = P D`` (:func:`span_coordinates`).
+    With the factor, ``D~ = U^-1 D`` by a triangular solve. Without it (a tall whitened weight, whose factor
+    was freed before the solve), through the weight: ``U^-1 P D = W^T X`` with ``A X = P D``
+    (:func:`span_coordinates`); ``dictionary`` then becomes ``P D`` in place, the atoms as stored.
     """
-    if whitening is not None:
-        in_features, count = dictionary.shape
-        atoms = torch.empty(count, in_features, dtype=torch.float64, device=dictionary.device)
+    in_features, count = dictionary.shape
+    if whitening is None:
+        coordinates = span_coordinates(whitened, dictionary)
         step = max(1, BLOCK_ELEMENTS // in_features)
         for start in range(0, count, step):
-            atoms[start : start + step] = whitening.apply_inverse(dictionary[:, start : start + step]).T
-        return atoms, dictionary
-    coordinates = span_coordinates(whitened, dictionary)
-    return atoms_in_input_space(weights, coordinates), whitened @ coordinates.to(whitened.dtype)
+            dictionary[:, start : start + step] = whitened @ coordinates[:, start : start + step].to(whitened.dtype)
+        return atoms_in_input_space(weights, coordinates, dtype)
+    atoms = torch.empty(count, in_features, dtype=dtype, device=dictionary.device)
+    step = max(1, BLOCK_ELEMENTS // in_features)
+    for start in range(0, count, step):
+        atoms[start : start + step] = whitening.apply_inverse(dictionary[:, start : start + step]).T
+    return atoms
 
 
 def span_coordinates(whitened: torch.Tensor, dictionary: torch.Tensor) -> torch.Tensor:
-    """``X`` (outs x k) with ``A X`` the projection of the whitened atoms ``D`` onto ``A``'s column space.
+    """``X`` (outs x k, float64) with ``A X`` the projection of the whitened atoms ``D`` on ``A``'s column span.
 
     With ``A = U W^T``, ``U^-1 A X = W^T X``: atoms map back to input space through the weight, without the
     whitening factor. Every solver builds its atoms in that span while ``k`` is within ``A``'s rank (SVD start,
-    Procrustes update, least-squares dictionary, singular vectors); a component outside it is dropped, which
-    cannot raise the fit error: ``A - P D C = P (A - D C)``. Directions below ``SPAN_RCOND`` of ``A``'s largest
-    are float32 rounding of the solve's ``A``, not span. The least-squares solve costs a QR of ``A``: cheap next
-    to the factor's memory for a tall ``A`` (in > outs), where it is used, far more than a triangular solve for
-    a wide one.
+    Procrustes update, least-squares dictionary); a component outside it is dropped, which cannot raise the fit
+    error: ``A - P D C = P (A - D C)``. ``X`` solves the normal equations ``(A^T A + r I) X = A^T D`` in
+    float64, both sides gathered a block of ``A``'s rows at a time, so the scratch is ``outs x (outs + k)``: the
+    small side of a tall ``A``, where this is used. The ridge ``r`` (``SPAN_RCOND^2 ||A^T A||``) leaves out the
+    directions that are float32 rounding of ``A``, not span.
     """
-    return torch.linalg.lstsq(
-        whitened.to(torch.float64), dictionary.to(torch.float64), rcond=SPAN_RCOND, driver="gelsy"
-    ).solution
+    in_features, outs = whitened.shape
+    gram = torch.zeros(outs, outs, dtype=torch.float64, device=whitened.device)
+    products = torch.zeros(outs, dictionary.shape[1], dtype=torch.float64, device=whitened.device)
+    rows = max(1, BLOCK_ELEMENTS // max(outs, dictionary.shape[1]))
+    for start in range(0, in_features, rows):
+        block = whitened[start : start + rows].to(torch.float64)
+        gram.addmm_(block.T, block)
+        products.addmm_(block.T, dictionary[start : start + rows].to(torch.float64))
+    ridge = (SPAN_RCOND**2 * gram.norm()).clamp_min(torch.finfo(torch.float64).tiny)
+    gram.diagonal().add_(ridge)
+    factor = torch.linalg.cholesky(gram)
+    del gram
+    return torch.cholesky_solve(products, factor)
 
 
-def atoms_in_input_space(weights: Sequence[torch.Tensor], coordinates: torch.Tensor) -> torch.Tensor:
-    """``D~^T = [W_1; W_2; ...]^T X`` as ``(k, in)`` float64 rows, a block of each member's outputs at a time, so
-    the scratch is one block's float64 copy, not the members' weights."""
+def atoms_in_input_space(
+    weights: Sequence[torch.Tensor], coordinates: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """``D~^T = [W_1; W_2; ...]^T X`` as ``(k, in)`` rows in ``dtype``, a block of input columns at a time in
+    float64, so the scratch is one block's, not a float64 copy of the atoms or of the members' weights."""
     in_features = weights[0].shape[1]
-    atoms = torch.zeros(coordinates.shape[1], in_features, dtype=torch.float64, device=coordinates.device)
-    rows = max(1, BLOCK_ELEMENTS // in_features)
-    for weight, span in zip(weights, _spans([weight.shape[0] for weight in weights])):
-        for start in range(0, weight.shape[0], rows):
-            block = weight[start : start + rows].to(torch.float64)
-            atoms.addmm_(coordinates[span.start + start : span.start + start + block.shape[0]].T, block)
+    outs, count = coordinates.shape
+    atoms = torch.empty(count, in_features, dtype=dtype, device=coordinates.device)
+    columns = max(1, BLOCK_ELEMENTS // max(outs, count))
+    spans = _spans([weight.shape[0] for weight in weights])
+    for start in range(0, in_features, columns):
+        block = torch.zeros(count, min(columns, in_features - start), dtype=torch.float64, device=atoms.device)
+        for weight, span in zip(weights, spans):
+            block.addmm_(coordinates[span].T, weight[:, start : start + columns].to(torch.float64))
+        atoms[:, start : start + columns] = block
     return atoms
 
 
@@ -350,7 +372,6 @@ def _member_error(
     grams: Sequence[Optional[torch.Tensor]],
     atoms: torch.Tensor,
     target: torch.Tensor,
-    dictionary: torch.Tensor,
     result: KSVDResult,
     span: slice,
     config: DictionaryConfig,
@@ -358,13 +379,13 @@ def _member_error(
 ) -> float:
     """The member's relative output error under its *own* Gram (the group's whitening only averages it).
 
-    ``atoms``: the float64 input-space atoms; ``dictionary``: the same atoms whitened, ``target`` the member's
-    whitened weight."""
+    ``atoms``: the input-space atoms, ``target`` the member's whitened weight."""
     indices, coefficients = result.indices[span], result.coefficients[span]
     if gram is None or all(other is not None and (other is gram or torch.equal(other, gram)) for other in grams):
-        return _fit_error(target, dictionary, indices, coefficients)
+        return _fit_error(target, result.dictionary, indices, coefficients)
     own = whitening_for(gram, weight.shape[1], config.damping, shrinkage, weight.device)
-    reconstructed = atoms.T @ codes_to_dense(indices, coefficients, atoms.shape[0]).to(torch.float64)  # W_hat^T
+    dense_codes = codes_to_dense(indices, coefficients, atoms.shape[0]).to(torch.float64)
+    reconstructed = atoms.to(torch.float64).T @ dense_codes  # W_hat^T
     return _relative_error(own.apply(weight.to(torch.float64).T), own.apply(reconstructed))
 
 
@@ -407,7 +428,7 @@ def compress_weight(
     whitening, whitened, shrinkage = whiten_group([weight], [gram], config, [shrinkage], overwrite_gram)
     budget = low_rank_budget(out_features, in_features, config.compression_ratio, element_size)
     left, right = whitened_low_rank(whitened, budget.rank)
-    down = _back_map(whitening, whitened, [weight], left)[0].to(weight.dtype)  # (rank, in)
+    down = _back_map(whitening, whitened, [weight], left, weight.dtype)  # (rank, in)
     tensor = LowRankTensor(down, right.T.to(weight.dtype).contiguous(), weight.dtype)
     dense = out_features * in_features * element_size
     report = LayerReport(

@@ -72,6 +72,8 @@ def test_atoms_mapped_through_the_weight_equal_the_inverse_factor_on_the_span(sh
     assert torch.allclose(atoms.T, reference, rtol=1e-4, atol=1e-5 * reference.abs().max())
     if shape[0] < shape[1]:  # a tall A: its span is not everything, so something was dropped
         assert (dictionary - projected).norm() > 0.1 * dictionary.norm()
+    zero = layer.span_coordinates(torch.zeros(8, 4), torch.randn(8, 2, generator=generator))
+    assert torch.equal(zero, torch.zeros(4, 2, dtype=torch.float64))  # no span: every atom dropped, no failure
 
 
 def test_grouped_atoms_sum_each_members_weight():
