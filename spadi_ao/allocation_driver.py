@@ -92,7 +92,7 @@ def allocate_ratios(
     for unit in tqdm(units.values(), desc="allocating", disable=not progress):
         unit_config = config.for_layer(unit[0])
         weights = [targets[name].weight.detach() for name in unit]
-        grams = [collector.gram(name) if collector is not None else None for name in unit]
+        grams = collector.grams(unit) if collector is not None else [None] * len(unit)
         shrinkages = [resolve_shrinkage(unit_config.gram_shrinkage, collector, name) for name in unit]
         menu, unit_errors = tabulate_unit(config, unit, weights, grams, shrinkages, sensitivity)
         errors.append(unit_errors)

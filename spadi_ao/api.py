@@ -226,7 +226,7 @@ def sparsify_dictionary_(
                     weight = targets[unit[0]].weight.detach()
                     results = [compress_linear(unit[0], weight, unit_config, collector, output_weights=output_weights)]
                 else:
-                    grams = [collector.gram(name) if collector is not None else None for name in unit]
+                    grams = collector.grams(unit) if collector is not None else [None] * len(unit)
                     tokens = max(collector.tokens(name) for name in unit) if collector is not None else 0
                     shrinkages = [resolve_shrinkage(unit_config.gram_shrinkage, collector, name) for name in unit]
                     weights = [targets[name].weight.detach() for name in unit]
@@ -293,12 +293,7 @@ def _sparsify_sequential(
         """The members' Grams as the one-shot transform reads them, then released from the collector."""
         shrinkages = [resolve_shrinkage(config.for_layer(name).gram_shrinkage, collector, name) for name in members]
         tokens = max(collector.tokens(name) for name in members)
-        if len(members) == 1:
-            return [collector.take(members[0])], shrinkages, tokens
-        grams = [collector.gram(name) for name in members]
-        for name in members:
-            collector.release(name)
-        return grams, shrinkages, tokens
+        return collector.grams(members, take=True), shrinkages, tokens
 
     def solve(
         label: str,

@@ -9,7 +9,7 @@ share one Gram, which is both exact and 3x / 2x cheaper.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -175,11 +175,24 @@ class GramCollector:
         The last reader of a Gram gets the running sum itself, turned into the mean in place: no copy of
         a matrix that is 512 MiB for one 8192-wide input.
         """
-        owner = self.owner(name)
-        self._released.add(name)
-        if not self._has(owner) or not self._all_released(owner):
-            return self.gram(name)
-        return self._sum(owner, pop=True).div_(self._tokens[owner])
+        return self.grams([name], take=True)[0]
+
+    def grams(self, names: Sequence[str], take: bool = False) -> list[Optional[torch.Tensor]]:
+        """The mean Grams of ``names``, one tensor per input they read: Linears reading the same input (q/k/v)
+        get the same object, not a copy each. ``take``: as :meth:`take`, for all of ``names`` at once, so a
+        group holding every reader of an input is handed its running sum itself."""
+        if take:
+            self._released.update(names)
+        means: dict[str, Optional[torch.Tensor]] = {}
+        for name in names:
+            owner = self.owner(name)
+            if owner in means:
+                continue
+            if take and self._has(owner) and self._all_released(owner):
+                means[owner] = self._sum(owner, pop=True).div_(self._tokens[owner])
+            else:
+                means[owner] = self.gram(name)
+        return [means[self.owner(name)] for name in names]
 
     def release(self, name: str) -> None:
         """``name`` needs its Gram no more: it is freed once every Linear sharing it is released."""

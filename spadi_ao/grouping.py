@@ -91,15 +91,23 @@ def group_layers(names: Sequence[str], grouping: Grouping) -> dict[str, list[str
 
 
 def average_gram(grams: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
-    """The mean of the members' (mean) Grams; None when no member saw calibration data."""
+    """The mean of the members' (mean) Grams, each member counted once; None when no member saw calibration data.
+
+    Members reading one input hold the same Gram object (``GramCollector.grams``): that Gram is the mean
+    itself, returned without a copy. Otherwise the sum is built in one new float64 matrix, never a stack of
+    copies beside Grams that can be 512 MiB each.
+    """
     present = [gram for gram in grams if gram is not None]
     if not present:
         return None
     if len(present) != len(grams):
         raise ValueError("some layers of a group saw calibration data and some did not; they cannot share a whitening")
-    if len(present) == 1:  # a layer of its own: no stacked copy of a Gram that can be 512 MiB
+    if all(gram is present[0] for gram in present):
         return present[0].to(torch.float64)
-    return torch.stack([gram.to(torch.float64) for gram in present]).mean(0)
+    total = present[0].to(torch.float64, copy=True)
+    for gram in present[1:]:
+        total.add_(gram)
+    return total.div_(len(present))
 
 
 def split_bytes(total: int, weights: Sequence[int]) -> list[int]:

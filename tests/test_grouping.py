@@ -9,7 +9,7 @@ from spadi_ao import DictionaryConfig, DictionaryTensor, sparsify_dictionary_
 from spadi_ao.api import select_linears
 from spadi_ao.budget import dictionary_budget
 from spadi_ao.calibration import GramCollector, run_calibration
-from spadi_ao.grouping import group_layers, inputs_group_key, paper_group_key, split_bytes
+from spadi_ao.grouping import average_gram, group_layers, inputs_group_key, paper_group_key, split_bytes
 from spadi_ao.layer import compress_group
 from spadi_ao.serialization import flatten_state_dict, load_compressed, save_compressed, unflatten_state_dict
 from spadi_ao.solvers.ksvd import ksvd
@@ -188,6 +188,18 @@ def test_saved_groups_store_the_dictionary_once_and_reload_shared(tmp_path):
     ids = token_batches(1, 12)[0]
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_average_gram_counts_each_member_once_and_returns_a_shared_gram_itself():
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(50, 6, generator=generator, dtype=torch.float64) for _ in range(2))
+    shared, other = a.T @ a, b.T @ b
+    assert average_gram([shared, shared, shared]) is shared
+    assert torch.allclose(average_gram([shared, other, other]), (shared + 2 * other) / 3, rtol=1e-13, atol=0)
+    assert torch.equal(shared, a.T @ a)  # the inputs are left as they were
+    assert average_gram([None, None]) is None
+    with pytest.raises(ValueError, match="some layers of a group saw calibration data"):
+        average_gram([shared, None])
 
 
 def test_group_members_must_agree():

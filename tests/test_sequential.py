@@ -491,18 +491,35 @@ def test_collector_frees_each_gram_once_its_last_reader_is_done():
     assert collector.memory_bytes == 0 and collector.tokens("mlp.down_proj") == 32
 
 
+def test_readers_of_one_input_share_one_gram_object_and_a_whole_group_takes_the_sum_itself():
+    collector, linears = _first_block_collector(2)
+    expected = collector.gram("self_attn.q_proj")
+    qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    total = collector.memory_bytes
+    read = collector.grams(qkv)
+    assert read[0] is read[1] is read[2] and torch.equal(read[0], expected)
+    partial = collector.grams(qkv[:2], take=True)  # v still reads it: a copy, the sum stays
+    assert partial[0] is partial[1] and torch.equal(partial[0], expected) and collector.memory_bytes == total
+    taken = collector.grams(qkv, take=True)
+    assert taken[0] is taken[1] is taken[2] and torch.equal(taken[0], expected)
+    assert collector.memory_bytes == total - 64 * 64 * 8  # handed over, not copied
+    mlp = collector.grams(["mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"])
+    assert mlp[0] is mlp[2] and mlp[1] is not mlp[0] and mlp[1].shape == (160, 160)
+
+
 @pytest.mark.parametrize("allocation", ["uniform", "knapsack"])
 def test_widest_gram_is_gathered_and_solved_beside_no_other(allocation, monkeypatch):
     """Each block runs twice: its down_proj's Gram (the widest) alone, then the others; every Gram is read
     from a collector holding only its own pass' Grams, and the result is the one-shot transform's."""
     seen = {}
-    take = GramCollector.take
+    grams = GramCollector.grams
 
-    def recording_take(self, name):
-        seen.setdefault(name, (sorted(self.module_names), self.memory_bytes))
-        return take(self, name)
+    def recording_grams(self, names, take=False):
+        for name in names:
+            seen.setdefault(name, (sorted(self.module_names), self.memory_bytes))
+        return grams(self, names, take)
 
-    monkeypatch.setattr(GramCollector, "take", recording_take)
+    monkeypatch.setattr(GramCollector, "grams", recording_grams)
     config = DictionaryConfig(compression_ratio=0.4, allocation=allocation)
     model = tiny_llama()
     sparsify_dictionary_(model, config, calibration=token_batches(4, 16), sequential=True, propagate="dense")
