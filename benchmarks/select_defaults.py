@@ -5,6 +5,7 @@
     python benchmarks/select_defaults.py --sources generated stdlib+generated
     python benchmarks/select_defaults.py --solvers --sources stdlib wikitext2-valid-a --shrinkage 0.3
     python benchmarks/select_defaults.py --weightings --sources stdlib wikitext2-valid-a --shrinkage 0.3
+    python benchmarks/select_defaults.py --rhos --sources stdlib wikitext2-valid-a --shrinkage 0.3
     python benchmarks/select_defaults.py --decide                          # merge the parts, apply the rules
 
 Every candidate runs the recommended settings (``DictionaryConfig(solver="fast", allocation="knapsack",
@@ -32,9 +33,11 @@ Rules (stated before the runs):
    ``output_weighting="none"`` against ``"loss"`` (each output's error weighted by its loss sensitivity in
    the solve), the lowest geometric mean over the same four cells. Rules 1-3 solve unweighted, as they were
    decided before this rule existed, so their parts reproduce.
+5. Atoms per non-zero (``--rhos``, at the chosen shrinkage, solver and weighting): ``rho`` in RHOS, the lowest
+   geometric mean over the same four cells. At equal bytes a larger ``rho`` buys atoms with non-zeros.
 
 Parts: benchmarks/results/select_defaults-<source>.json (``--solvers``: select_defaults-solver-<source>.json,
-``--weightings``: select_defaults-weighting-<source>.json),
+``--weightings``: select_defaults-weighting-<source>.json, ``--rhos``: select_defaults-rho-<source>.json),
 saved after every candidate (a re-run resumes); the decision: select_defaults.{json,md}.
 """
 
@@ -62,6 +65,7 @@ NO_DOWNLOAD = ("stdlib", "generated", "stdlib+generated")
 SHRINKAGE_SOURCES = ("stdlib", "wikitext2-valid-a")
 SOLVERS = ("fast", "procrustes")
 WEIGHTINGS = ("none", "loss")
+RHOS = ("1.5", "2", "3", "4")
 VALIDATION = ("wikitext2-valid-b", "stdlib-held-out")
 GENERATED_CACHE = Path.home() / ".cache" / "spadi-ao"
 
@@ -88,6 +92,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--weightings", action="store_true", help="rule 4: compare WEIGHTINGS at --shrinkage with the default solver"
     )
+    parser.add_argument(
+        "--rhos", action="store_true", help="rule 5: compare RHOS at --shrinkage with the default solver and weighting"
+    )
+    parser.add_argument("--rho-values", nargs="+", default=list(RHOS), choices=RHOS, help="rule 5's candidates to run")
     parser.add_argument("--decide", action="store_true", help="merge the parts present and apply the rules")
     return parser.parse_args()
 
@@ -118,10 +126,10 @@ def batches_for(source: str, model, tokenizer, args: argparse.Namespace) -> list
 
 
 def candidate_config(
-    args: argparse.Namespace, shrinkage: str, solver: str = "screening", weighting: str = "none"
+    args: argparse.Namespace, shrinkage: str, solver: str = "screening", weighting: str = "none", rho: str = "2"
 ) -> DictionaryConfig:
-    """A candidate: the recommended settings with this shrinkage, solver (``screening``: ``--fast-steps``) and
-    output weighting."""
+    """A candidate: the recommended settings with this shrinkage, solver (``screening``: ``--fast-steps``),
+    output weighting and atoms per non-zero."""
     value = shrinkage if shrinkage == "auto" else float(shrinkage)
     common = dict(
         compression_ratio=args.ratio,
@@ -129,6 +137,7 @@ def candidate_config(
         allocation="knapsack",
         grouping="inputs",
         output_weighting=weighting,
+        rho=float(rho),
     )
     if solver == "procrustes":
         return DictionaryConfig(**common, solver="procrustes", iterations=args.procrustes_iterations)
@@ -143,19 +152,24 @@ def run_source(
     """Every candidate not yet in ``part``; ``save()`` after each, so a run can be resumed.
 
     Candidates: each ``--shrinkage`` value, with ``--solvers`` each of SOLVERS at the one ``--shrinkage``, with
-    ``--weightings`` each of WEIGHTINGS with the default solver.
+    ``--weightings`` each of WEIGHTINGS with the default solver, with ``--rhos`` each of RHOS with the default
+    solver and weighting.
     """
     rows = part.setdefault("rows", [])
+    default = DictionaryConfig()
     if args.solvers:
         done = {row["solver"] for row in rows}
-        todo = [(args.shrinkage[0], solver, "none") for solver in SOLVERS if solver not in done]
+        todo = [(args.shrinkage[0], solver, "none", "2") for solver in SOLVERS if solver not in done]
     elif args.weightings:
         done = {row["output_weighting"] for row in rows}
-        solver = DictionaryConfig().solver
-        todo = [(args.shrinkage[0], solver, weighting) for weighting in WEIGHTINGS if weighting not in done]
+        todo = [(args.shrinkage[0], default.solver, w, "2") for w in WEIGHTINGS if w not in done]
+    elif args.rhos:
+        done = {row["rho"] for row in rows}
+        weighting = default.output_weighting
+        todo = [(args.shrinkage[0], default.solver, weighting, r) for r in args.rho_values if r not in done]
     else:
         done = {row["shrinkage"] for row in rows}
-        todo = [(shrinkage, "screening", "none") for shrinkage in args.shrinkage if shrinkage not in done]
+        todo = [(shrinkage, "screening", "none", "2") for shrinkage in args.shrinkage if shrinkage not in done]
     if not todo:
         return
     start = time.perf_counter()
@@ -165,8 +179,8 @@ def run_source(
     with GramCollector(select_linears(model)) as collector:
         run_calibration(model, batches, progress=False)
     part.update(source=source, calibration_seconds=time.perf_counter() - start)
-    for shrinkage, solver, weighting in todo:
-        config = candidate_config(args, shrinkage, solver, weighting)
+    for shrinkage, solver, weighting, rho in todo:
+        config = candidate_config(args, shrinkage, solver, weighting, rho)
         compressed = fresh_copy(model)
         start = time.perf_counter()
         report = sparsify_dictionary_(
@@ -182,6 +196,7 @@ def run_source(
                 "shrinkage": shrinkage,
                 **({"solver": solver} if args.solvers else {}),
                 **({"output_weighting": weighting} if args.weightings else {}),
+                **({"rho": rho} if args.rhos else {}),
                 "compression_ratio": report.compression_ratio,
                 "seconds": seconds,
                 "perplexity": perplexity,
@@ -189,7 +204,7 @@ def run_source(
         )
         save()
         print(
-            f"{source:18s} shrinkage {shrinkage:5s} {solver:10s} {weighting:4s}: "
+            f"{source:18s} shrinkage {shrinkage:5s} {solver:10s} {weighting:4s} rho {rho:3s}: "
             + ", ".join(f"{k} {v:.2f}" for k, v in perplexity.items())
             + f" ({seconds:.0f}s)",
             flush=True,
@@ -201,9 +216,9 @@ def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-COMPARISONS = {"solver": SOLVERS, "output_weighting": WEIGHTINGS}
-"""Rules 3 and 4: the field compared, and its candidates."""
-PART_PREFIX = {"solver": "solver", "output_weighting": "weighting"}
+COMPARISONS = {"solver": SOLVERS, "output_weighting": WEIGHTINGS, "rho": RHOS}
+"""Rules 3 to 5: the field compared, and its candidates."""
+PART_PREFIX = {"solver": "solver", "output_weighting": "weighting", "rho": "rho"}
 
 
 def compared_cells(field: str, shrinkage: str) -> dict[str, list[float]]:
@@ -337,11 +352,11 @@ def main() -> None:
         k: getattr(args, k)
         for k in ("ratio", "n_samples", "seq_len", "eval_windows", "fast_steps", "sensitivity_samples")
     }
-    if args.solvers or args.weightings:
+    if args.solvers or args.weightings or args.rhos:
         if len(args.shrinkage) != 1:
-            raise SystemExit("--solvers and --weightings compare at one --shrinkage value (rule 1's choice)")
+            raise SystemExit("--solvers, --weightings and --rhos compare at one --shrinkage value (rule 1's choice)")
         settings.update(fast_steps=DictionaryConfig().fast_steps, procrustes_iterations=args.procrustes_iterations)
-    prefix = "solver-" if args.solvers else "weighting-" if args.weightings else ""
+    prefix = "solver-" if args.solvers else "weighting-" if args.weightings else "rho-" if args.rhos else ""
     for source in args.sources:
         path = RESULTS / f"select_defaults-{prefix}{source}.json"
         part = json.loads(path.read_text()) if path.is_file() else {}
