@@ -492,7 +492,7 @@ def test_collector_frees_each_gram_once_its_last_reader_is_done():
 
 
 def test_readers_of_one_input_share_one_gram_object_and_a_whole_group_takes_the_sum_itself():
-    collector, linears = _first_block_collector(2)
+    collector, _ = _first_block_collector(2)
     expected = collector.gram("self_attn.q_proj")
     qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
     total = collector.memory_bytes
