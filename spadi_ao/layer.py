@@ -235,14 +235,22 @@ def compress_group(
         atom_limit(config.solver, in_features),
     )
     result = solve_dictionary(whitened, budget.k, budget.s, config, output_weights)
-    atoms = _back_map(whitening, whitened, weights, result.dictionary, dtype)
-    del whitening
     spans = _spans(outs)
+    if whitening is not None:
+        # The factor alone maps the atoms back: the members are scored first and the whitened weight (128 MiB
+        # for the 1B shape's gate/up) is gone before the back-map's scratch exists.
+        errors = _whitened_fit_errors(whitened, grams, spans, result)
+        del whitened
+        atoms = _back_map(whitening, None, weights, result.dictionary, dtype)
+        del whitening
+    else:  # through the weight, which projects the dictionary on A's span: scored as stored
+        atoms = _back_map(None, whitened, weights, result.dictionary, dtype)
+        errors = _whitened_fit_errors(whitened, grams, spans, result)
+        del whitened
     errors = [
-        _member_error(weight, gram, grams, atoms, whitened[:, span], result, span, config, shrinkage)
-        for weight, gram, span in zip(weights, grams, spans)
+        _own_gram_error(weight, gram, atoms, result, span, config, shrinkage) if error is None else error
+        for weight, gram, span, error in zip(weights, grams, spans, errors)
     ]
-    del whitened
     tensors = []
     for span in spans:
         values, bitmask = pack_codes(result.indices[span], result.coefficients[span], budget.k)
@@ -290,16 +298,17 @@ def _spans(outs: Sequence[int]) -> list[slice]:
 
 def _back_map(
     whitening: Optional[Whitening],
-    whitened: torch.Tensor,
+    whitened: Optional[torch.Tensor],
     weights: Sequence[torch.Tensor],
     dictionary: torch.Tensor,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """The atoms in input space as ``(k, in)`` rows in ``dtype``, a block at a time.
 
-    With the factor, ``D~ = U^-1 D`` by a triangular solve. Without it (a tall whitened weight, whose factor
-    was freed before the solve), through the weight: ``U^-1 P D = W^T X`` with ``A X = P D``
-    (:func:`span_coordinates`); ``dictionary`` then becomes ``P D`` in place, the atoms as stored.
+    With the factor, ``D~ = U^-1 D`` by a triangular solve (``whitened`` is not read and may be None). Without
+    it (a tall whitened weight, whose factor was freed before the solve), through the weight:
+    ``U^-1 P D = W^T X`` with ``A X = P D`` (:func:`span_coordinates`); ``dictionary`` then becomes ``P D`` in
+    place, the atoms as stored.
     """
     in_features, count = dictionary.shape
     if whitening is None:
@@ -366,25 +375,32 @@ def _fit_error(
     return sparse_squared_error(target, dictionary, indices, coefficients) ** 0.5 / max(float(target.norm()), 1e-30)
 
 
-def _member_error(
+def _whitened_fit_errors(
+    whitened: torch.Tensor, grams: Sequence[Optional[torch.Tensor]], spans: Sequence[slice], result: KSVDResult
+) -> list[Optional[float]]:
+    """Each member's relative output error where the group's whitening is its own (one Gram, or members reading
+    the same input): the whitened fit's. None for a member with a Gram of its own (:func:`_own_gram_error`)."""
+    return [
+        _fit_error(whitened[:, span], result.dictionary, result.indices[span], result.coefficients[span])
+        if gram is None or all(other is not None and (other is gram or torch.equal(other, gram)) for other in grams)
+        else None
+        for gram, span in zip(grams, spans)
+    ]
+
+
+def _own_gram_error(
     weight: torch.Tensor,
-    gram: Optional[torch.Tensor],
-    grams: Sequence[Optional[torch.Tensor]],
+    gram: torch.Tensor,
     atoms: torch.Tensor,
-    target: torch.Tensor,
     result: KSVDResult,
     span: slice,
     config: DictionaryConfig,
     shrinkage: float,
 ) -> float:
-    """The member's relative output error under its *own* Gram (the group's whitening only averages it).
-
-    ``atoms``: the input-space atoms, ``target`` the member's whitened weight."""
-    indices, coefficients = result.indices[span], result.coefficients[span]
-    if gram is None or all(other is not None and (other is gram or torch.equal(other, gram)) for other in grams):
-        return _fit_error(target, result.dictionary, indices, coefficients)
+    """A member's relative output error under its *own* Gram (the group's whitening only averages it), from the
+    input-space ``atoms``."""
     own = whitening_for(gram, weight.shape[1], config.damping, shrinkage, weight.device)
-    dense_codes = codes_to_dense(indices, coefficients, atoms.shape[0]).to(torch.float64)
+    dense_codes = codes_to_dense(result.indices[span], result.coefficients[span], atoms.shape[0]).to(torch.float64)
     reconstructed = atoms.to(torch.float64).T @ dense_codes  # W_hat^T
     return _relative_error(own.apply(weight.to(torch.float64).T), own.apply(reconstructed))
 

@@ -111,6 +111,34 @@ def test_a_tall_weights_handed_over_gram_is_freed_before_the_solve(monkeypatch, 
     )
 
 
+@pytest.mark.parametrize("shape, freed", [((48, 16), True), ((16, 48), False)])
+def test_the_whitened_weight_is_freed_before_a_back_map_through_the_factor(monkeypatch, shape, freed):
+    """Where the factor maps the atoms back (a wide group, as gate/up) the members are scored first and the
+    whitened weight is gone before the back-map; a tall one maps back through it. Both report the output error
+    of what they store, under each member's Gram."""
+    weights = [_layer(*shape, seed=seed)[0] for seed in (3, 4)]
+    gram = _layer(*shape, seed=3)[1]
+    whitened_refs, alive_at_back_map = [], []
+    solve, back_map = layer.solve_dictionary, layer._back_map
+
+    def recording_solve(whitened, *args, **kwargs):
+        whitened_refs.append(weakref.ref(whitened))
+        return solve(whitened, *args, **kwargs)
+
+    def recording_back_map(*args, **kwargs):
+        alive_at_back_map.append(whitened_refs[-1]() is not None)
+        return back_map(*args, **kwargs)
+
+    monkeypatch.setattr(layer, "solve_dictionary", recording_solve)
+    monkeypatch.setattr(layer, "_back_map", recording_back_map)
+    config = DictionaryConfig(compression_ratio=0.3, gram_shrinkage=0.0)
+    results = layer.compress_group(["a", "b"], weights, [gram, gram], config)
+    assert alive_at_back_map == [not freed]
+    for weight, (tensor, report) in zip(weights, results):
+        expected = _output_error(weight, tensor.dequantize(), gram, config.damping)
+        assert report.whitened_error == pytest.approx(expected, rel=1e-4)
+
+
 @pytest.mark.parametrize("solver", ["procrustes", "fast"])
 def test_weighted_solve_fits_the_heavy_outputs_and_restores_the_weight(solver):
     """The weighted solve is the plain solve of the columns scaled by sqrt(w), with the codes unscaled; an
