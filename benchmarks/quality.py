@@ -132,7 +132,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--ksvd-iterations", type=int, default=3, help="iterations of the 'ksvd' variant")
     parser.add_argument(
-        "--sensitivity-samples", type=int, default=8, help="calibration sequences for the knapsack's loss sensitivity"
+        "--sensitivity-samples",
+        type=int,
+        default=None,
+        help="calibration sequences for the knapsack's loss sensitivity (default: all, as the library does)",
     )
     parser.add_argument(
         "--table", action="store_true", help="the quality table (TABLE_ROWS x --ratios x --calibrations)"
@@ -281,7 +284,7 @@ def run_variants(
             del compressed
     payload = {
         **protocol(args, calibration_seconds, dense["n_tokens"]),
-        "sensitivity": {"samples": args.sensitivity_samples, "seconds": sensitivity_seconds},
+        "sensitivity": {"samples": args.sensitivity_samples or args.n_samples, "seconds": sensitivity_seconds},
         "cospadi": {
             "iterations": args.iterations,
             "atoms_per_step": args.atoms_per_step,
@@ -310,9 +313,9 @@ def run_variants(
         f"Dense PPL {dense['ppl']:.2f}; WikiText-2 test, first {args.eval_windows} x {args.seq_len} "
         f"({dense['n_tokens']} predicted tokens); calibration {args.n_samples} x {args.seq_len} of {args.calibration} "
         f"(Grams once, {calibration_seconds:.0f}s); knapsack loss sensitivity from the first "
-        f"{args.sensitivity_samples} calibration sequences ({sensitivity_seconds:.0f}s, once, not in the seconds "
-        f"column). One-shot settings: iterations={args.iterations}, atoms_per_step={args.atoms_per_step}; 'ksvd' runs "
-        f"{args.ksvd_iterations} K-SVD iterations."
+        f"{payload['sensitivity']['samples']} calibration sequences ({sensitivity_seconds:.0f}s, once, not in the "
+        f"seconds column). One-shot settings: iterations={args.iterations}, atoms_per_step={args.atoms_per_step}; "
+        f"'ksvd' runs {args.ksvd_iterations} K-SVD iterations."
     )
     (RESULTS / f"{args.name}.md").write_text(header + "\n\n" + "\n".join(table) + "\n")
     print(header)
@@ -387,9 +390,11 @@ def run_table(args: argparse.Namespace, model, tokenizer) -> None:
                     and sensitivity is None
                 ):
                     start = time.perf_counter()  # one pass over the sequences the knapsack rows share
-                    sample = batches[:: max(1, len(batches) // args.sensitivity_samples)][: args.sensitivity_samples]
+                    count = args.sensitivity_samples or len(batches)
+                    sample = batches[:: max(1, len(batches) // count)][:count]
                     sensitivity = output_sensitivity(model, select_linears(model), sample)
                     part["sensitivity_seconds"] = time.perf_counter() - start
+                    part["sensitivity_samples"] = len(sample)
                 compressed = fresh_copy(model)
                 start = time.perf_counter()
                 try:
@@ -542,7 +547,7 @@ def main() -> None:
             for field in dataclasses.fields(DictionaryConfig)
             if field.name not in ("compression_ratio", "layer_overrides", "dictionary_quantization")
         },
-        "sensitivity": {"samples": args.sensitivity_samples, "seconds": sensitivity_seconds},
+        "sensitivity": {"samples": args.sensitivity_samples or args.n_samples, "seconds": sensitivity_seconds},
         "gram_shrinkage": args.gram_shrinkage,
         "damping": 0.01,
         "dense": dense,
