@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import time
 
 import torch
@@ -47,6 +48,7 @@ from spadi_ao.allocation import output_sensitivity
 from spadi_ao.api import select_linears
 from spadi_ao.calibration import GramCollector, run_calibration
 from spadi_ao.pipeline.data import calibration_batches, load_text
+from spadi_ao.sequential import PROPAGATIONS
 
 TABLE_ROWS = ("dense", "svd-llm", "paper", "compot", "compot-spectral", "fast", "default", "sequential")
 """The quality table's rows. ``paper``: uniform K-SVD per layer, exact OMP (``--paper-iterations``
@@ -147,6 +149,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--procrustes-iterations", type=int, default=20, help="Procrustes iterations of the COMPOT-style rows"
+    )
+    parser.add_argument(
+        "--propagate",
+        choices=PROPAGATIONS,
+        default=inspect.signature(sparsify_dictionary_).parameters["propagate"].default,
+        help="the sequential row's propagation (default: the library's)",
     )
     parser.add_argument("--merge", action="store_true", help="with --table: write <name>.{json,md} from the parts")
     parser.add_argument(
@@ -404,7 +412,7 @@ def run_table(args: argparse.Namespace, model, tokenizer) -> None:
                             config,
                             calibration=batches,
                             sequential=True,
-                            propagate="compressed",
+                            propagate=args.propagate,
                             progress=False,
                         )
                     else:
@@ -428,6 +436,7 @@ def run_table(args: argparse.Namespace, model, tokenizer) -> None:
                     "config": {k: (v if isinstance(v, (int, float, str, type(None), tuple)) else repr(v))
                                for k, v in vars(config).items()
                                if k not in ("layer_overrides", "allocation_candidates")},
+                    **({"propagate": args.propagate} if row == "sequential" else {}),
                     "compression_ratio": report.compression_ratio,
                     "stored_bytes": report.stored_bytes,
                     "dense_bytes": report.dense_bytes,

@@ -27,10 +27,12 @@ from spadi_ao.allocation_driver import (
 )
 from spadi_ao.calibration import CALIBRATION_ATTR, GramCollector, attach_collector, run_calibration
 from spadi_ao.configs import DictionaryConfig, LowRankConfig
+from spadi_ao.correction import corrected_weight
 from spadi_ao.grouping import group_layers, relink_shared
 from spadi_ao.inputs import calibration_batches, eval_mode
 from spadi_ao.layer import LayerReport, compress_group, compress_linear, compress_weight, resolve_shrinkage
 from spadi_ao.report import CompressionReport
+from spadi_ao.sequential import PROPAGATIONS, GlobalAllocation, run_sequential
 from spadi_ao.validation import check_overrides, check_targets, nothing_selected_message, refuse_blockwise_only
 
 __all__ = ["sparsify_dictionary_", "prepare_calibration", "select_linears"]
@@ -147,8 +149,10 @@ def sparsify_dictionary_(
     block's Grams exist at once, each block's dense weights are released as it finishes (a failure
     leaves finished blocks compressed and restores the block in flight), ``propagate`` chooses
     whether later blocks see dense or compressed activations (``"compressed"``, the default: later blocks are
-    calibrated on what they will really see; ``docs/results.md`` measures both), and ``checkpoint_dir`` makes
-    the run resumable. Called inside an initialised
+    calibrated on what they will really see; ``"corrected"``: and each Linear is fitted to the dense model's
+    outputs instead of its own dense weight, from a second stream of dense block inputs, see
+    ``spadi_ao.correction``; ``docs/results.md`` measures them), and ``checkpoint_dir`` makes the run
+    resumable. Called inside an initialised
     ``torch.distributed`` process group, the per-layer solves are split across ranks. ``device`` (e.g.
     ``"cuda"``) is where each block is moved to be calibrated and solved, one at a time, while the model
     stays where it is. Models dispatched by accelerate (``device_map``, ``cpu_offload``, ``disk_offload``)
@@ -173,8 +177,8 @@ def sparsify_dictionary_(
 
     if not isinstance(config, (DictionaryConfig, LowRankConfig)):
         raise TypeError(f"config must be a DictionaryConfig or LowRankConfig, got {type(config).__name__}")
-    if propagate not in ("dense", "compressed"):
-        raise ValueError(f"propagate must be 'dense' or 'compressed', got {propagate!r}")
+    if propagate not in PROPAGATIONS:
+        raise ValueError(f"propagate must be 'dense', 'compressed' or 'corrected', got {propagate!r}")
     start = time.perf_counter()
     targets = select_linears(model, filter_fn)
     if not targets:
@@ -270,8 +274,6 @@ def _sparsify_sequential(
 ) -> CompressionReport:
     import time
 
-    from spadi_ao.sequential import GlobalAllocation, run_sequential
-
     if calibration is None or isinstance(calibration, GramCollector):
         raise ValueError(
             "sequential / distributed / checkpointed compression needs calibration batches, not a prepared collector"
@@ -302,12 +304,19 @@ def _sparsify_sequential(
         collector: GramCollector,
         ratio: Optional[float],
         run_sensitivity: Optional[dict[str, torch.Tensor]],
+        crosses: Optional[list[torch.Tensor]],
     ) -> list[tuple[torch.Tensor, LayerReport]]:
         unit_config = config.for_layer(members[0])
         if ratio is not None:
             unit_config = dataclasses.replace(unit_config, compression_ratio=ratio)
         output_weights = solve_weights(config, members, sensitivity if run_sensitivity is None else run_sensitivity)
         grams, shrinkages, tokens = unit_grams(members, collector)
+        if crosses is not None:  # fitted to the dense model's outputs: the same solve on the corrected weights
+            damping = unit_config.damping
+            weights = [
+                weight if gram is None or cross is None else corrected_weight(weight, gram, cross, shrinkage, damping)
+                for weight, gram, cross, shrinkage in zip(weights, grams, crosses, shrinkages)
+            ]
         if len(members) == 1:
             return [
                 compress_weight(  # pop: the Gram is handed over, no reference may outlive its whitening

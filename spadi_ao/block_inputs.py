@@ -15,7 +15,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-__all__ = ["InputStore", "available_memory_bytes", "capture_block_inputs", "input_device", "run_block"]
+__all__ = ["InputStore", "available_memory_bytes", "capture_block_inputs", "input_device", "run_block", "to_device"]
 
 
 class _StopForward(Exception):
@@ -90,7 +90,7 @@ def capture_block_inputs(
     captured: list[tuple[tuple, dict]] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict):
-        captured.append(((store.keep(args[0]),) + _to(args[1:], "cpu"), _to(kwargs, "cpu")))
+        captured.append(((store.keep(args[0]),) + to_device(args[1:], "cpu"), to_device(kwargs, "cpu")))
         raise _StopForward
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -100,7 +100,7 @@ def capture_block_inputs(
             for batch in batches:
                 try:
                     if isinstance(batch, dict):
-                        model(**_to(batch, device), use_cache=False)
+                        model(**to_device(batch, device), use_cache=False)
                     else:
                         batch = batch if batch.dim() == 2 else batch.unsqueeze(0)
                         model(batch.to(device), use_cache=False)
@@ -113,30 +113,39 @@ def capture_block_inputs(
     return captured
 
 
-def _to(value: Any, device: Any) -> Any:
+def to_device(value: Any, device: Any) -> Any:
+    """``value``'s tensors (in tuples, lists and dicts too) on ``device``; everything else as it is."""
     if torch.is_tensor(value):
         return value.to(device)
     if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
+        return tuple(to_device(v, device) for v in value)
     if isinstance(value, list):
-        return [_to(v, device) for v in value]
+        return [to_device(v, device) for v in value]
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     return value
 
 
 def run_block(
-    block: nn.Module, inputs: list[tuple[tuple, dict]], device: torch.device, store: Optional[InputStore]
+    block: nn.Module,
+    inputs: list[tuple[tuple, dict]],
+    device: torch.device,
+    store: Optional[InputStore],
+    new_block: bool = True,
 ) -> Optional[list[tuple[tuple, dict]]]:
     """The block's outputs for every sample, kept by ``store`` as the next block's inputs; with no store the
-    block runs for its hooks only (the Gram pass of compressed propagation) and nothing is kept."""
+    block runs for its hooks only (the Gram pass of compressed propagation) and nothing is kept.
+
+    ``new_block=False``: the store already holds outputs of this block (the dense stream's, in a corrected run),
+    and these count beside them."""
     outputs: Optional[list[tuple[tuple, dict]]] = None
     if store is not None:
-        store.next_block()
+        if new_block:
+            store.next_block()
         outputs = []
     with torch.no_grad():
         for args, kwargs in inputs:
-            result = block(*_to(args, device), **_to(kwargs, device))
+            result = block(*to_device(args, device), **to_device(kwargs, device))
             if outputs is not None:
                 hidden = result[0] if isinstance(result, tuple) else result
                 outputs.append(((store.keep(hidden),) + tuple(args[1:]), kwargs))

@@ -9,7 +9,8 @@ share one Gram, which is both exact and 3x / 2x cheaper.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Iterable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -42,6 +43,7 @@ class GramCollector:
     def __init__(self, modules: dict[str, nn.Linear], exact: bool = False, model: Optional[nn.Module] = None) -> None:
         self.exact = exact
         self._mask: Optional[torch.Tensor] = None
+        self._paused = False
         self._grams: dict[str, torch.Tensor] = {}
         self._tokens: dict[str, int] = {}
         self._moments: dict[str, SequenceMoments] = {}
@@ -86,8 +88,17 @@ class GramCollector:
             self._owner[name] = owner
         return owner
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forward passes inside add nothing (a corrected sequential run's dense-stream pass)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     def _observe(self, name: str, x: torch.Tensor) -> None:
-        if self._owner_of(name, x) != name:
+        if self._paused or self._owner_of(name, x) != name:
             return
         dtype = torch.float64 if self.exact else torch.float32
         sequences = self._sequences(name, x.detach())

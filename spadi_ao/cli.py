@@ -232,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument(
         "--propagate",
-        choices=["dense", "compressed"],
+        choices=["dense", "compressed", "corrected"],
         default="compressed",
-        help="activations later blocks calibrate on (sequential; compressed measured better)",
+        help="sequential: activations later blocks calibrate on; corrected also fits each Linear to the dense "
+        "model's outputs",
     )
     compress.add_argument(
         "--device",

@@ -4,7 +4,10 @@ GPTQ's sequential loop, on the same per-layer engine (``layer.compress_weight``)
 block's inputs for every calibration sample, then for each block gather its Linears' Grams from those
 inputs, compress them, and run the block to produce the next block's inputs, either with the dense
 weights (``propagate="dense"``: every Gram equals the one-shot transform's) or with the compressed ones
-(``propagate="compressed"``: later layers see and correct the error of earlier ones).
+(``propagate="compressed"``: later layers are whitened with the inputs they will see, but each is still
+fitted to its own dense weight; ``propagate="corrected"``: the same inputs, and each Linear fitted to the
+dense model's outputs, which a second stream of dense block inputs supplies, so the error of the earlier
+blocks is undone rather than inherited, ``spadi_ao.correction``).
 
 Each finished layer can be checkpointed (``spadi_ao.checkpoint``); a run restarted with the same arguments
 loads finished layers instead of solving them and ends bit-identical. Inside an initialised
@@ -43,21 +46,35 @@ from spadi_ao.allocation import output_sensitivity
 from spadi_ao.block_inputs import InputStore, capture_block_inputs, input_device, run_block
 from spadi_ao.calibration import GramCollector
 from spadi_ao.checkpoint import Checkpoint, run_fingerprint
+from spadi_ao.correction import ReferenceOutputs, run_paired
 from spadi_ao.distributed import UnitShape, deal_solves, exchange_layers, exchange_tables, rank_and_world, solve_costs
 from spadi_ao.grouping import share_dictionary
 from spadi_ao.layer import LayerReport
 from spadi_ao.offload import WeightSwap, dense_weight, execution_device, install_weight, is_dispatched
 
-__all__ = ["run_sequential", "decoder_blocks", "blockwise_sensitivity", "GlobalAllocation"]
+__all__ = ["run_sequential", "decoder_blocks", "blockwise_sensitivity", "GlobalAllocation", "PROPAGATIONS"]
+
+PROPAGATIONS = ("dense", "compressed", "corrected")
+"""What the blocks after a compressed one see and fit (see the module docstring)."""
 
 SolveFn = Callable[
-    [str, list[str], list[torch.Tensor], GramCollector, Optional[float], Optional[dict[str, torch.Tensor]]],
+    [
+        str,
+        list[str],
+        list[torch.Tensor],
+        GramCollector,
+        Optional[float],
+        Optional[dict[str, torch.Tensor]],
+        Optional[list[torch.Tensor]],
+    ],
     list[tuple[torch.Tensor, LayerReport]],
 ]
-"""``solve(unit, members, their dense weights on the compute device, collector, ratio, sensitivity)``: one
-``(weight, report)`` per member. A unit is one Linear or a group sharing a dictionary; ``ratio`` is the one the
-global allocation chose (None: the config's), ``sensitivity`` the loss sensitivities it used (None without
-one). It reads the Grams from ``collector`` (``take`` / ``gram``, then ``release``)."""
+"""``solve(unit, members, their dense weights on the compute device, collector, ratio, sensitivity, crosses)``:
+one ``(weight, report)`` per member. A unit is one Linear or a group sharing a dictionary; ``ratio`` is the one
+the global allocation chose (None: the config's), ``sensitivity`` the loss sensitivities it used (None without
+one). It reads the Grams from ``collector`` (``take`` / ``gram``, then ``release``). ``crosses``: with
+``propagate="corrected"``, each member's dense outputs against its inputs, ``Y^T X_c / n`` (see
+``spadi_ao.correction.corrected_weight``); None otherwise."""
 SurveyFn = Callable[[str, list[str], list[torch.Tensor], GramCollector, dict[str, torch.Tensor]], dict]
 """``survey(unit, members, dense weights, collector, sensitivity)``: the unit's allocation table, small and
 JSON-able (e.g. each candidate's ratio, stored bytes and error)."""
@@ -163,6 +180,8 @@ class _Blockwise:
     """The most bytes of Grams held at once (one block's)."""
     sensitivity: Optional[dict[str, torch.Tensor]] = None
     """The global allocation's loss sensitivities, handed to every solve."""
+    reference: Optional[list[tuple[tuple, dict]]] = None
+    """``propagate="corrected"``: the dense model's inputs to the next block to compress (the dense stream)."""
 
     def survey(
         self,
@@ -183,7 +202,7 @@ class _Blockwise:
             for index in tqdm(range(todo[-1] + 1), desc="allocation survey", disable=not progress):
                 pending = [label for label in units[index] if label not in tables]
 
-                def job(label, members, weights, collector):
+                def job(label, members, weights, collector, crosses):
                     return allocation.survey(label, members, weights, collector, sensitivity)
 
                 with self._on_compute(blocks[index]) as compute:
@@ -225,19 +244,23 @@ class _Blockwise:
         """
         names = [name for members in units.values() for name in members]
         swaps: list[WeightSwap] = []
+        corrected = self.propagate == "corrected"
         with self._on_compute(block) as compute:
             try:
-                results, next_inputs = self._solve_block(block, units, inputs, compute, ratios, keep_outputs=not last)
+                results, kept = self._solve_block(block, units, inputs, compute, ratios, keep_outputs=not last)
                 for name in names:
                     swaps.append(install_weight(self.targets[name], results[name][0], name))
-                if self.propagate == "compressed" and not last:
-                    next_inputs = run_block(block, inputs, compute, self.store)
+                next_inputs = kept
+                if self.propagate != "dense" and not last:  # the dense stream's outputs, if kept, count beside
+                    next_inputs = run_block(block, inputs, compute, self.store, new_block=not corrected)
             except BaseException:
                 for swap in reversed(swaps):
                     swap.undo()
                 raise
         for swap in swaps:
             swap.release()
+        if corrected:
+            self.reference = kept
         return [results[name][1] for name in names], next_inputs
 
     @contextmanager
@@ -265,11 +288,16 @@ class _Blockwise:
         inputs: list[tuple[tuple, dict]],
         compute: torch.device,
         keep_outputs: bool,
-        job: Callable[[str, list[str], list[torch.Tensor], GramCollector], Any],
+        job: Callable[[str, list[str], list[torch.Tensor], GramCollector, Optional[list[torch.Tensor]]], Any],
+        reference: Optional[list[tuple[tuple, dict]]] = None,
     ) -> tuple[dict[str, Any], Optional[list[tuple[tuple, dict]]]]:
         """Run the block over ``inputs`` (keeping its outputs when asked) while gathering the Grams of this
         rank's share of the ``pending`` units, then ``job`` each of them. Each Gram is freed as soon as its last
         reader is done.
+
+        ``reference`` (the dense stream's inputs, ``propagate="corrected"``): each batch runs on it first, the
+        members' dense outputs are paired with their inputs into ``job``'s crosses, and the outputs kept are
+        the dense stream's.
 
         The units with the widest input are gathered and solved in a forward pass of their own, the rest in a
         second one: the widest Gram (512 MiB at 8192 inputs) and its solve never sit beside the block's other
@@ -284,20 +312,29 @@ class _Blockwise:
         mine = [label for label, owner in zip(pending, owners) if owner == self.rank]
         widest = [label for label in mine if width[label] == width[mine[0]]]
         passes = [labels for labels in (widest, [label for label in mine if label not in widest]) if labels]
+        kept_stream = inputs if reference is None else reference
         if not passes:
-            return {}, run_block(block, inputs, compute, keep) if keep is not None else None
+            return {}, run_block(block, kept_stream, compute, keep) if keep is not None else None
         done: dict[str, Any] = {}
         next_inputs = None
         for index, labels in enumerate(passes):
             names = [name for label in labels for name in units[label]]
-            with GramCollector({name: self.targets[name] for name in names}) as collector:
-                outputs = run_block(block, inputs, compute, keep if index == 0 else None)
+            modules = {name: self.targets[name] for name in names}
+            cross = ReferenceOutputs(modules) if reference is not None else None
+            with GramCollector(modules) as collector:
+                store = keep if index == 0 else None
+                if cross is None:
+                    outputs = run_block(block, inputs, compute, store)
+                else:
+                    outputs = run_paired(block, inputs, reference, compute, store, collector, cross)
             if index == 0:  # the next block's inputs come from the first forward
                 next_inputs = outputs
-            self.gram_bytes = max(self.gram_bytes, collector.memory_bytes)
+            cross_bytes = cross.memory_bytes if cross is not None else 0
+            self.gram_bytes = max(self.gram_bytes, collector.memory_bytes + cross_bytes)
             for label in labels:
                 weights = [dense_weight(self.targets[name]).to(compute) for name in units[label]]
-                done[label] = job(label, units[label], weights, collector)
+                crosses = [cross.take(name) for name in units[label]] if cross is not None else None
+                done[label] = job(label, units[label], weights, collector, crosses)
         return done, next_inputs
 
     def _solve_block(
@@ -310,7 +347,8 @@ class _Blockwise:
         keep_outputs: bool,
     ) -> tuple[dict[str, tuple[torch.Tensor, LayerReport]], Optional[list[tuple[tuple, dict]]]]:
         """Each Linear's compressed weight (from the checkpoint, or solved on this rank or another) and, with
-        dense propagation and ``keep_outputs``, the next block's inputs."""
+        ``keep_outputs``, the dense block's outputs: the next block's inputs with dense propagation, the next
+        dense-stream inputs with corrected propagation."""
         results: dict[str, tuple[torch.Tensor, LayerReport]] = {}
         pending = []
         for label, members in units.items():
@@ -322,12 +360,12 @@ class _Blockwise:
                 pending.append(label)
         # Compressed propagation runs the compressed block after the solves instead: the dense outputs
         # (N x hidden floats, 256 MiB at 8B and 32 x 512 tokens) are not kept through them.
-        keep = self.propagate == "dense" and keep_outputs
+        keep = self.propagate in ("dense", "corrected") and keep_outputs
 
-        def job(label, members, weights, collector):
-            return self.solve(label, members, weights, collector, ratios.get(label), self.sensitivity)
+        def job(label, members, weights, collector, crosses):
+            return self.solve(label, members, weights, collector, ratios.get(label), self.sensitivity, crosses)
 
-        mine, next_inputs = self._run_units(block, units, pending, inputs, compute, keep, job)
+        mine, next_inputs = self._run_units(block, units, pending, inputs, compute, keep, job, self.reference)
         solved = {
             name: result for label, unit_results in mine.items() for name, result in zip(units[label], unit_results)
         }
@@ -376,8 +414,8 @@ def run_sequential(
     compressed weights, the error says how many, and rerunning with ``checkpoint_dir`` on a freshly
     loaded model resumes instead of redoing them (and the first pass).
     """
-    if propagate not in ("dense", "compressed"):
-        raise ValueError(f"propagate must be 'dense' or 'compressed', got {propagate!r}")
+    if propagate not in PROPAGATIONS:
+        raise ValueError(f"propagate must be 'dense', 'compressed' or 'corrected', got {propagate!r}")
     dispatched = is_dispatched(model)
     if dispatched and device is not None:
         raise ValueError(
@@ -397,6 +435,8 @@ def run_sequential(
     rank, world = rank_and_world()
     compute = torch.device(device) if device is not None else None
     run = _Blockwise(targets, solve, propagate, checkpoint, compute, dispatched, rank, world, store)
+    if propagate == "corrected":
+        run.reference = inputs  # before the first block both streams are the captured inputs
     ratios: dict[str, float] = {}
     if allocation is not None:
         ratios = allocation.choose(run.survey(model, blocks, block_units, inputs, batches, allocation, progress))

@@ -205,12 +205,28 @@ def test_compressed_propagation_changes_later_blocks_only():
     assert any(not torch.equal(a[n]["values"], b[n]["values"]) for n in later)
 
 
-def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
+def test_corrected_propagation_fits_the_first_block_as_compressed_does_and_corrects_later_ones():
+    """Before the first block both streams are the same inputs, so its corrected weights are its dense ones (to
+    rounding) and its solves match; the later block's targets differ."""
+    config = LowRankConfig(compression_ratio=0.3)  # a deterministic solve: rounding cannot flip a support
+    batches = token_batches(3, 16)
+    compressed, corrected = tiny_llama(), tiny_llama()
+    for model, propagate in ((compressed, "compressed"), (corrected, "corrected")):
+        sparsify_dictionary_(model, config, calibration=batches, sequential=True, propagate=propagate, progress=False)
+    for name, module in compressed.named_modules():
+        if isinstance(module, nn.Linear) and ".layers." in name:
+            a, b = module.weight.dequantize(), corrected.get_submodule(name).weight.dequantize()
+            if ".layers.0." in name:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            else:
+                assert (a - b).norm() > 1e-3 * a.norm(), name
+
+
+@pytest.mark.parametrize("propagate", ["compressed", "corrected"])
+def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, propagate):
     batches = token_batches(3, 16)
     reference = tiny_llama()
-    sparsify_dictionary_(
-        reference, CONFIG, calibration=batches, sequential=True, propagate="compressed", progress=False
-    )
+    sparsify_dictionary_(reference, CONFIG, calibration=batches, sequential=True, propagate=propagate, progress=False)
 
     crashed = tiny_llama()
     original_save = spadi_ao.checkpoint.Checkpoint.save
@@ -230,7 +246,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
             CONFIG,
             calibration=batches,
             sequential=True,
-            propagate="compressed",
+            propagate=propagate,
             checkpoint_dir=tmp_path,
             progress=False,
         )
@@ -256,7 +272,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
         CONFIG,
         calibration=batches,
         sequential=True,
-        propagate="compressed",
+        propagate=propagate,
         checkpoint_dir=tmp_path,
         progress=False,
     )
@@ -290,7 +306,9 @@ def test_mismatched_or_corrupted_checkpoint_is_refused_and_touches_nothing(tmp_p
     assert not _compressed_state(model)
 
 
-@pytest.mark.parametrize("variant", ["float", "torchao-int8-dictionary", "knapsack-inputs-groups"])
+@pytest.mark.parametrize(
+    "variant", ["float", "torchao-int8-dictionary", "knapsack-inputs-groups", "knapsack-inputs-groups-corrected"]
+)
 def test_two_gloo_processes_equal_one(tmp_path, variant):
     """The exchange carries every inner tensor, torchao's nested Int8Tensor and int8 values included; with the
     knapsack the ranks share the first pass's tables, and groups keep one dictionary."""
@@ -301,7 +319,9 @@ def test_two_gloo_processes_equal_one(tmp_path, variant):
             "dictionary_quantization=Int8DynamicActivationInt8WeightConfig(), values_dtype='int8'"
         ),
         "knapsack-inputs-groups": "allocation='knapsack', grouping='inputs'",
+        "knapsack-inputs-groups-corrected": "allocation='knapsack', grouping='inputs'",
     }[variant]
+    propagate = "corrected" if variant.endswith("-corrected") else "compressed"
     script = tmp_path / "worker.py"
     script.write_text(
         textwrap.dedent(f"""
@@ -315,7 +335,8 @@ def test_two_gloo_processes_equal_one(tmp_path, variant):
             dist.init_process_group("gloo")
         model = tiny_llama()
         sparsify_dictionary_(model, DictionaryConfig(compression_ratio=0.3, iterations=1, atoms_per_step=4, {extra}),
-                             calibration=token_batches(3, 16), sequential=True, progress=False)
+                             calibration=token_batches(3, 16), sequential=True, propagate={propagate!r},
+                             progress=False)
         rank = dist.get_rank() if dist.is_initialized() else "single"
         state = {{n: m.weight.dequantize() for n, m in model.named_modules()
                   if type(getattr(m, "weight", None)).__name__ == "DictionaryTensor"}}
@@ -339,7 +360,7 @@ def test_two_gloo_processes_equal_one(tmp_path, variant):
         distributed = torch.load(tmp_path / f"state_{rank}.pt")
         assert single.keys() == distributed.keys() and len(single) == 15
         assert all(torch.equal(single[name], distributed[name]) for name in single)
-        assert bool(distributed["shared"]) == (variant == "knapsack-inputs-groups")
+        assert bool(distributed["shared"]) == variant.startswith("knapsack-inputs-groups")
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -534,7 +555,7 @@ def test_widest_gram_is_gathered_and_solved_beside_no_other(allocation, monkeypa
     _assert_identical(_compressed_state(reference), _compressed_state(model))
 
 
-@pytest.mark.parametrize("propagate", ["dense", "compressed"])
+@pytest.mark.parametrize("propagate", ["dense", "compressed", "corrected"])
 def test_block_inputs_that_do_not_fit_are_spilled_and_change_nothing(propagate, tmp_path, monkeypatch):
     """With (as if) no memory to spare every block input goes to a memory-mapped file: same bytes, no files left."""
     batches = token_batches(3, 16)
@@ -560,7 +581,7 @@ def test_block_inputs_that_do_not_fit_are_spilled_and_change_nothing(propagate, 
         progress=False,
     )
     _assert_identical(_compressed_state(in_memory), _compressed_state(spilled))
-    assert (
-        stores[0].spilled == 3 * 2
-    )  # the two blocks' inputs, three samples each (the last block's outputs are not kept)
+    # the two blocks' inputs, three samples each (the last block's outputs are not kept), and with correction the
+    # second block's dense-stream inputs
+    assert stores[0].spilled == 3 * (3 if propagate == "corrected" else 2)
     assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("spadi-ao-inputs-")] == []

@@ -1,0 +1,168 @@
+"""Error correction for block-by-block compression: each Linear fitted to the dense model's outputs.
+
+With compressed propagation a Linear sees ``X_c``, the inputs the compressed blocks before it produce, and
+is fitted to its own dense weight on them, ``||X_c (W_hat - W)^T||``: the error of the earlier blocks is
+inherited, not undone. The dense model's outputs for the same tokens, ``Y = X_d W^T`` (``X_d``: the inputs
+the dense model gives the Linear), are the target that undoes it, and the usual whitened solve minimises
+it when run on a corrected weight instead of ``W``::
+
+    (1 - a) ||X_c W_hat^T - Y||^2 / n + ||(W_hat - W) diag(r)^(1/2)||^2 = ||U (W_hat - W_c)^T||^2 + const
+    W_c = ((1 - a) P + W diag(r)) G_r^-1,   P = Y^T X_c / n,   G_r = U^T U = (1 - a) G + diag(r)
+
+``G = X_c^T X_c / n`` is the Gram the solve whitens with, shrunk by ``a`` toward its diagonal and damped
+by ``d`` times its mean diagonal, so ``r = a diag(G) + d mean(diag(G))``: the regularisation the whitening
+already applies pulls the corrected weight toward the dense one, and ``W_c = W`` when ``X_c = X_d``.
+
+A sequential run keeps two streams of block inputs (``spadi_ao.sequential``): the compressed model's, on
+which the Grams are gathered, and the dense model's, which only the dense block sees. Each calibration
+batch runs through the still-dense block twice, first on its dense-stream input (every target Linear's
+output recorded), then on its compressed-stream input (each Linear's ``P`` accumulated against the
+recording), one batch at a time, so only one batch's outputs are held.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from spadi_ao.block_inputs import InputStore, to_device
+from spadi_ao.calibration import GramCollector
+from spadi_ao.solvers.whitening import BLOCK_ROWS
+
+__all__ = ["ReferenceOutputs", "corrected_weight", "run_paired"]
+
+
+class ReferenceOutputs:
+    """Per Linear, the running ``Y^T X_c`` (float64, out x in) of the dense stream's outputs against the
+    compressed stream's inputs of the same tokens, built one batch at a time (:meth:`recording`, then
+    :meth:`pairing`)."""
+
+    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+        self._modules = modules
+        self._recorded: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, torch.Tensor] = {}
+        self._tokens: dict[str, int] = {}
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """While inside, each Linear's output is kept (the dense stream's forward of one batch)."""
+        self._recorded.clear()
+
+        def record(name: str):
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                self._recorded[name] = output.detach()
+
+            return hook
+
+        handles = [module.register_forward_hook(record(name)) for name, module in self._modules.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def pairing(self) -> Iterator[None]:
+        """While inside, each Linear's input is multiplied into its sum against the recorded output (the
+        compressed stream's forward of the same batch); the recording is dropped at the end."""
+
+        def pair(name: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                self._add(name, self._recorded.pop(name), args[0].detach())
+
+            return hook
+
+        handles = [module.register_forward_pre_hook(pair(name)) for name, module in self._modules.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._recorded.clear()
+
+    def _add(self, name: str, outputs: torch.Tensor, inputs: torch.Tensor) -> None:
+        if outputs.shape[:-1] != inputs.shape[:-1]:
+            raise ValueError(
+                f"{name}: the dense stream's output {tuple(outputs.shape)} and the compressed stream's input "
+                f"{tuple(inputs.shape)} do not cover the same tokens"
+            )
+        outputs = outputs.reshape(-1, outputs.shape[-1]).to(torch.float32)
+        inputs = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
+        width = outputs.shape[1]
+        if name not in self._sums:
+            self._sums[name] = torch.zeros(width, inputs.shape[1], dtype=torch.float64, device=inputs.device)
+        # float32 products into a float64 sum, a block of rows at a time: the Gram's own recipe and accuracy
+        for start in range(0, width, BLOCK_ROWS):
+            stop = min(start + BLOCK_ROWS, width)
+            self._sums[name][start:stop].add_((outputs[:, start:stop].T @ inputs).to(torch.float64))
+        self._tokens[name] = self._tokens.get(name, 0) + inputs.shape[0]
+
+    def take(self, name: str) -> Optional[torch.Tensor]:
+        """``P = Y^T X_c / tokens`` of ``name`` (None if it never ran), handed over and forgotten."""
+        total = self._sums.pop(name, None)
+        return None if total is None else total.div_(self._tokens.pop(name))
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(total.numel() * total.element_size() for total in self._sums.values())
+
+
+def run_paired(
+    block: nn.Module,
+    inputs: list[tuple[tuple, dict]],
+    reference_inputs: list[tuple[tuple, dict]],
+    device: torch.device,
+    store: Optional[InputStore],
+    collector: GramCollector,
+    reference: ReferenceOutputs,
+) -> Optional[list[tuple[tuple, dict]]]:
+    """Each batch through the (dense) block on its dense-stream input, then on its compressed-stream input:
+    the Grams gather the compressed stream only, ``reference`` pairs the two. Returns the dense stream's
+    outputs, kept by ``store`` as the next block's dense-stream inputs (None without a store)."""
+    if len(inputs) != len(reference_inputs):
+        raise ValueError(f"{len(inputs)} compressed-stream batches against {len(reference_inputs)} dense-stream ones")
+    outputs: Optional[list[tuple[tuple, dict]]] = None
+    if store is not None:
+        store.next_block()
+        outputs = []
+    with torch.no_grad():
+        for (args, kwargs), (dense_args, dense_kwargs) in zip(inputs, reference_inputs):
+            with collector.paused(), reference.recording():
+                result = block(*to_device(dense_args, device), **to_device(dense_kwargs, device))
+            if outputs is not None:
+                hidden = result[0] if isinstance(result, tuple) else result
+                outputs.append(((store.keep(hidden),) + tuple(dense_args[1:]), dense_kwargs))
+            with reference.pairing():
+                block(*to_device(args, device), **to_device(kwargs, device))
+    return outputs
+
+
+def corrected_weight(
+    weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, shrinkage: float, damping: float
+) -> torch.Tensor:
+    """``W_c`` (see the module docstring), in ``weight``'s dtype: the weight whose whitened fit with ``gram``
+    (the mean Gram of the compressed stream, shrunk by ``shrinkage`` and damped by ``damping`` as the solve's
+    whitening does) is the fit to the dense outputs ``cross = Y^T X_c / n``.
+
+    Holds one in x in float64 copy of ``gram`` while it runs; ``gram`` itself is left as it was."""
+    diagonal = gram.diagonal().to(torch.float64)
+    ridge = shrinkage * diagonal + damping * diagonal.mean().clamp_min(torch.finfo(torch.float64).tiny)
+    regularised = gram.to(torch.float64, copy=True).mul_(1.0 - shrinkage)
+    regularised.diagonal().add_(ridge)
+    target = cross.to(torch.float64).mul(1.0 - shrinkage).add_(weight.to(torch.float64) * ridge)
+    # LAPACK factors the column-major view in place (as the whitening does): U with U^T U = G_r, no second copy
+    info = torch.empty((), dtype=torch.int32, device=gram.device)
+    torch.linalg.cholesky_ex(regularised.mT, out=(regularised.mT, info))
+    if int(info) == 0:
+        corrected = torch.cholesky_solve(target.T, regularised, upper=True).T
+    else:  # damping=0 with dead inputs: the solution on the data's span, tiny eigenvalues floored as whitening does
+        regularised = gram.to(torch.float64).mul(1.0 - shrinkage)
+        regularised.diagonal().add_(ridge)
+        eigenvalues, eigenvectors = torch.linalg.eigh(regularised)
+        floor = eigenvalues.max().clamp_min(torch.finfo(torch.float64).tiny) * 1e-10
+        inverse = eigenvalues.clamp_min(floor).reciprocal().where(eigenvalues > floor, 0.0)
+        corrected = ((target @ eigenvectors) * inverse) @ eigenvectors.T
+    return corrected.to(weight.dtype)

@@ -1,0 +1,147 @@
+"""Error correction: the corrected weight against dense least squares, and the paired streams against hooks."""
+
+import pytest
+import torch
+from models import tiny_llama, token_batches
+
+from spadi_ao import LowRankConfig
+from spadi_ao.block_inputs import InputStore, capture_block_inputs, run_block
+from spadi_ao.calibration import GramCollector
+from spadi_ao.correction import ReferenceOutputs, corrected_weight, run_paired
+from spadi_ao.layer import compress_weight
+
+
+def _streams(tokens=400, width=24, outs=10, seed=0):
+    """Dense-stream inputs, compressed-stream inputs near them (with correlated inputs, as activations have),
+    and a weight."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(width, width, generator=generator, dtype=torch.float64)
+    dense = torch.randn(tokens, width, generator=generator, dtype=torch.float64) @ mixing
+    compressed = dense + 0.3 * torch.randn(tokens, width, generator=generator, dtype=torch.float64) @ mixing
+    weight = torch.randn(outs, width, generator=generator, dtype=torch.float64)
+    return dense, compressed, weight
+
+
+def _statistics(dense, compressed, weight):
+    tokens = compressed.shape[0]
+    return compressed.T @ compressed / tokens, (dense @ weight.T).T @ compressed / tokens
+
+
+def _objective(candidate, dense, compressed, weight, shrinkage, damping):
+    """The regularised output error the solve minimises: (1 - a) ||X_c A^T - Y||^2 / n + ||(A - W) diag(r)^1/2||^2."""
+    gram = compressed.T @ compressed / compressed.shape[0]
+    ridge = shrinkage * gram.diagonal() + damping * gram.diagonal().mean()
+    fit = (compressed @ candidate.T - dense @ weight.T).pow(2).sum() / compressed.shape[0]
+    return (1 - shrinkage) * fit + ((candidate - weight).pow(2) * ridge).sum()
+
+
+@pytest.mark.parametrize("shrinkage, damping", [(0.0, 1e-6), (0.3, 1e-2), (1.0, 0.0)])
+def test_corrected_weight_is_the_least_squares_fit_to_the_dense_outputs(shrinkage, damping):
+    dense, compressed, weight = _streams()
+    gram, cross = _statistics(dense, compressed, weight)
+    corrected = corrected_weight(weight, gram, cross, shrinkage, damping)
+    # the same minimiser from the stacked least-squares system, solved directly
+    tokens = compressed.shape[0]
+    ridge = (shrinkage * gram.diagonal() + damping * gram.diagonal().mean()).sqrt()
+    system = torch.cat([((1 - shrinkage) / tokens) ** 0.5 * compressed, torch.diag(ridge)])
+    rhs = torch.cat([((1 - shrinkage) / tokens) ** 0.5 * dense @ weight.T, ridge.unsqueeze(1) * weight.T])
+    expected = torch.linalg.lstsq(system, rhs).solution.T
+    torch.testing.assert_close(corrected, expected, rtol=1e-8, atol=1e-8)
+
+
+def test_the_whitened_error_of_the_corrected_weight_is_the_output_error_up_to_a_constant():
+    """What lets the unchanged whitened solve fit the dense outputs: for any candidate, the regularised error to
+    the dense outputs exceeds its minimum by exactly ||U (A - W_c)^T||^2, U^T U the Gram the whitening factors."""
+    shrinkage, damping = 0.3, 1e-2
+    dense, compressed, weight = _streams()
+    gram, cross = _statistics(dense, compressed, weight)
+    corrected = corrected_weight(weight, gram, cross, shrinkage, damping)
+    regularised = (1 - shrinkage) * gram + torch.diag(shrinkage * gram.diagonal() + damping * gram.diagonal().mean())
+    minimum = _objective(corrected, dense, compressed, weight, shrinkage, damping)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        candidate = corrected + torch.randn(corrected.shape, generator=generator, dtype=torch.float64)
+        difference = candidate - corrected
+        whitened = torch.einsum("oi,ij,oj->", difference, regularised, difference)
+        excess = _objective(candidate, dense, compressed, weight, shrinkage, damping) - minimum
+        torch.testing.assert_close(excess, whitened, rtol=1e-9, atol=1e-9)
+
+
+def test_corrected_weight_is_the_weight_when_the_streams_agree():
+    dense, _, weight = _streams()
+    gram, cross = _statistics(dense, dense, weight)
+    torch.testing.assert_close(corrected_weight(weight, gram, cross, 0.3, 1e-2), weight, rtol=1e-9, atol=1e-9)
+    assert corrected_weight(weight.float(), gram, cross, 0.3, 1e-2).dtype == torch.float32
+
+
+def test_dead_inputs_without_damping_get_the_fit_on_the_datas_span():
+    dense, compressed, weight = _streams()
+    compressed[:, 3] = 0.0  # an input the compressed stream never drives: its Gram is singular
+    gram, cross = _statistics(dense, compressed, weight)
+    corrected = corrected_weight(weight, gram, cross, 0.0, 0.0)
+    assert torch.isfinite(corrected).all()
+    assert corrected[:, 3].abs().max() < 1e-8  # nothing to fit there: left at zero, not blown up
+    best = torch.linalg.lstsq(compressed, dense @ weight.T, driver="gelsd").solution.T
+    fit = (compressed @ corrected.T - dense @ weight.T).norm()
+    torch.testing.assert_close(fit, (compressed @ best.T - dense @ weight.T).norm(), rtol=1e-8, atol=1e-8)
+
+
+def test_a_corrected_low_rank_solve_is_the_best_rank_r_fit_to_the_dense_outputs():
+    """SVD-LLM's truncation is the optimal rank-r fit of what it is given: given the corrected weight it reaches
+    the reduced-rank regression optimum of the dense outputs (computed independently, by QR and SVD); given
+    the weight itself it does not."""
+    dense, compressed, weight = _streams(outs=24)
+    gram, cross = _statistics(dense, compressed, weight)
+    config = LowRankConfig(compression_ratio=0.5, gram_shrinkage=0.0, damping=1e-9)
+    target = dense @ weight.T
+
+    def output_error(fitted):
+        tensor, report = compress_weight("layer", fitted.float(), gram.clone(), config, compressed.shape[0], 0.0)
+        return float((compressed @ tensor.dequantize().double().T - target).norm()), report.rank
+
+    plain, rank = output_error(weight)
+    corrected, _ = output_error(corrected_weight(weight, gram, cross, 0.0, 1e-9))
+    q, _ = torch.linalg.qr(compressed)
+    projected = q.T @ target
+    tail = torch.linalg.svdvals(projected)[rank:]
+    optimum = float((tail.pow(2).sum() + (target - q @ projected).pow(2).sum()).sqrt())
+    assert corrected == pytest.approx(optimum, rel=1e-4)
+    assert plain > 1.01 * optimum
+
+
+def test_paired_run_gathers_the_compressed_stream_and_pairs_it_with_the_dense_outputs():
+    model = tiny_llama()
+    block = model.model.layers[0]
+    batches = token_batches(2, 8)
+    store = InputStore()
+    dense_inputs = capture_block_inputs(model, block, batches, store)
+    compressed_inputs = [
+        ((args[0] + 0.1 * torch.randn_like(args[0]),) + args[1:], kwargs) for args, kwargs in dense_inputs
+    ]
+    targets = {"q": block.self_attn.q_proj, "down": block.mlp.down_proj}
+
+    def captured(inputs, hook_kind):
+        seen = {name: [] for name in targets}
+        handles = [
+            module.register_forward_hook(lambda m, a, out, name=name: seen[name].append((a[0], out)))
+            for name, module in targets.items()
+        ]
+        run_block(block, inputs, torch.device("cpu"), None)
+        for handle in handles:
+            handle.remove()
+        return {name: [pair[hook_kind] for pair in pairs] for name, pairs in seen.items()}
+
+    dense_outputs = captured(dense_inputs, 1)
+    compressed_in = captured(compressed_inputs, 0)
+    with GramCollector(targets) as collector:
+        reference = ReferenceOutputs(targets)
+        kept = run_paired(block, compressed_inputs, dense_inputs, torch.device("cpu"), store, collector, reference)
+    expected_next = run_block(block, dense_inputs, torch.device("cpu"), InputStore())
+    for (args, _), (expected, _) in zip(kept, expected_next):
+        assert torch.equal(args[0], expected[0])  # the dense stream's outputs go on
+    for name in targets:
+        x = torch.cat([x.reshape(-1, x.shape[-1]) for x in compressed_in[name]]).double()
+        y = torch.cat([y.reshape(-1, y.shape[-1]) for y in dense_outputs[name]]).double()
+        torch.testing.assert_close(collector.gram(name), x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(reference.take(name), y.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+    assert reference.memory_bytes == 0
