@@ -14,16 +14,21 @@ by ``d`` times its mean diagonal, so ``r = a diag(G) + d mean(diag(G))``: the re
 already applies pulls the corrected weight toward the dense one, and ``W_c = W`` when ``X_c = X_d``.
 
 A sequential run keeps two streams of block inputs (``spadi_ao.sequential``): the compressed model's, on
-which the Grams are gathered, and the dense model's, which only the dense block sees. Each calibration
-batch runs through the still-dense block twice, first on its dense-stream input (every target Linear's
-output recorded), then on its compressed-stream input (each Linear's ``P`` accumulated against the
-recording), one batch at a time, so only one batch's outputs are held.
+which the Grams are gathered, and the dense model's, which only a dense copy of the block sees. Each
+calibration batch runs through the dense copy on its dense-stream input (the target Linears' outputs
+recorded), then through the block on its compressed-stream input (each Linear's ``P`` accumulated against
+the recording), one batch at a time, so only one batch's outputs are held.
+
+Inside a block the Linears are solved in stages, in the order the block reads their inputs (q/k/v, then
+o, then gate/up, then down in a Llama block; :func:`input_stages`), each stage's compressed weights in
+place before the next stage's statistics are gathered. A Linear's ``X_c`` is then what it will really read,
+and its correction does not undo again what the stages before it already corrected.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -32,16 +37,17 @@ from spadi_ao.block_inputs import InputStore, to_device
 from spadi_ao.calibration import GramCollector
 from spadi_ao.solvers.whitening import BLOCK_ROWS
 
-__all__ = ["ReferenceOutputs", "corrected_weight", "run_paired"]
+__all__ = ["ReferenceOutputs", "corrected_weight", "input_stages", "run_paired"]
 
 
 class ReferenceOutputs:
     """Per Linear, the running ``Y^T X_c`` (float64, out x in) of the dense stream's outputs against the
-    compressed stream's inputs of the same tokens, built one batch at a time (:meth:`recording`, then
-    :meth:`pairing`)."""
+    compressed stream's inputs of the same tokens, built one batch at a time (:meth:`recording` on
+    ``dense_modules``, the Linears of the dense copy, then :meth:`pairing` on ``modules``)."""
 
-    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+    def __init__(self, modules: dict[str, nn.Linear], dense_modules: dict[str, nn.Linear]) -> None:
         self._modules = modules
+        self._dense_modules = dense_modules
         self._recorded: dict[str, torch.Tensor] = {}
         self._sums: dict[str, torch.Tensor] = {}
         self._tokens: dict[str, int] = {}
@@ -57,7 +63,7 @@ class ReferenceOutputs:
 
             return hook
 
-        handles = [module.register_forward_hook(record(name)) for name, module in self._modules.items()]
+        handles = [module.register_forward_hook(record(name)) for name, module in self._dense_modules.items()]
         try:
             yield
         finally:
@@ -112,6 +118,7 @@ class ReferenceOutputs:
 
 def run_paired(
     block: nn.Module,
+    dense_block: nn.Module,
     inputs: list[tuple[tuple, dict]],
     reference_inputs: list[tuple[tuple, dict]],
     device: torch.device,
@@ -119,9 +126,10 @@ def run_paired(
     collector: GramCollector,
     reference: ReferenceOutputs,
 ) -> Optional[list[tuple[tuple, dict]]]:
-    """Each batch through the (dense) block on its dense-stream input, then on its compressed-stream input:
-    the Grams gather the compressed stream only, ``reference`` pairs the two. Returns the dense stream's
-    outputs, kept by ``store`` as the next block's dense-stream inputs (None without a store)."""
+    """Each batch through ``dense_block`` on its dense-stream input, then through ``block`` on its
+    compressed-stream input: the Grams gather the compressed stream only, ``reference`` pairs the two.
+    Returns the dense stream's outputs, kept by ``store`` as the next block's dense-stream inputs (None
+    without a store)."""
     if len(inputs) != len(reference_inputs):
         raise ValueError(f"{len(inputs)} compressed-stream batches against {len(reference_inputs)} dense-stream ones")
     outputs: Optional[list[tuple[tuple, dict]]] = None
@@ -131,13 +139,49 @@ def run_paired(
     with torch.no_grad():
         for (args, kwargs), (dense_args, dense_kwargs) in zip(inputs, reference_inputs):
             with collector.paused(), reference.recording():
-                result = block(*to_device(dense_args, device), **to_device(dense_kwargs, device))
+                result = dense_block(*to_device(dense_args, device), **to_device(dense_kwargs, device))
             if outputs is not None:
                 hidden = result[0] if isinstance(result, tuple) else result
                 outputs.append(((store.keep(hidden),) + tuple(dense_args[1:]), dense_kwargs))
             with reference.pairing():
                 block(*to_device(args, device), **to_device(kwargs, device))
     return outputs
+
+
+def input_stages(
+    block: nn.Module,
+    units: dict[str, list[str]],
+    modules: dict[str, nn.Linear],
+    sample: tuple[tuple, dict],
+    device: Any,
+) -> list[dict[str, list[str]]]:
+    """``units`` in stages, in the order ``block`` reads their inputs on ``sample`` (one calibration batch):
+    Linears reading the same tensor share a stage, and a unit sits in its latest member's stage, so every
+    Linear whose output can reach a unit's input is solved in an earlier stage."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        module.register_forward_pre_hook(lambda module, args, name=name: calls.append((name, args[0])))
+        for name, module in modules.items()
+    ]
+    try:
+        with torch.no_grad():
+            block(*to_device(sample[0], device), **to_device(sample[1], device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    stage_of: dict[str, int] = {}
+    stage, previous = -1, None
+    for name, tensor in calls:
+        if tensor is not previous:
+            stage, previous = stage + 1, tensor
+        stage_of.setdefault(name, stage)
+    missing = sorted(name for members in units.values() for name in members if name not in stage_of)
+    if missing:
+        raise ValueError(f"propagate='corrected': the block never called {missing[:3]} on a calibration batch")
+    stages: list[dict[str, list[str]]] = [{} for _ in range(stage + 1)]
+    for label, members in units.items():
+        stages[max(stage_of[name] for name in members)][label] = members
+    return [units_of_stage for units_of_stage in stages if units_of_stage]
 
 
 def corrected_weight(

@@ -31,6 +31,7 @@ or disk offload included) is compressed where its hooks run it, through ``spadi_
 
 from __future__ import annotations
 
+import copy
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from spadi_ao.allocation import output_sensitivity
 from spadi_ao.block_inputs import InputStore, capture_block_inputs, input_device, run_block
 from spadi_ao.calibration import GramCollector
 from spadi_ao.checkpoint import Checkpoint, run_fingerprint
-from spadi_ao.correction import ReferenceOutputs, run_paired
+from spadi_ao.correction import ReferenceOutputs, input_stages, run_paired
 from spadi_ao.distributed import UnitShape, deal_solves, exchange_layers, exchange_tables, rank_and_world, solve_costs
 from spadi_ao.grouping import share_dictionary
 from spadi_ao.layer import LayerReport
@@ -247,9 +248,12 @@ class _Blockwise:
         corrected = self.propagate == "corrected"
         with self._on_compute(block) as compute:
             try:
-                results, kept = self._solve_block(block, units, inputs, compute, ratios, keep_outputs=not last)
-                for name in names:
-                    swaps.append(install_weight(self.targets[name], results[name][0], name))
+                if corrected:
+                    results, kept = self._solve_in_stages(block, units, inputs, compute, ratios, not last, swaps)
+                else:
+                    results, kept = self._solve_block(block, units, inputs, compute, ratios, keep_outputs=not last)
+                    for name in names:
+                        swaps.append(install_weight(self.targets[name], results[name][0], name))
                 next_inputs = kept
                 if self.propagate != "dense" and not last:  # the dense stream's outputs, if kept, count beside
                     next_inputs = run_block(block, inputs, compute, self.store, new_block=not corrected)
@@ -262,6 +266,35 @@ class _Blockwise:
         if corrected:
             self.reference = kept
         return [results[name][1] for name in names], next_inputs
+
+    def _solve_in_stages(
+        self,
+        block: nn.Module,
+        units: dict[str, list[str]],
+        inputs: list[tuple[tuple, dict]],
+        compute: torch.device,
+        ratios: dict[str, float],
+        keep_outputs: bool,
+        swaps: list[WeightSwap],
+    ) -> tuple[dict[str, tuple[torch.Tensor, LayerReport]], Optional[list[tuple[tuple, dict]]]]:
+        """``propagate="corrected"``: the block's units stage by stage (``spadi_ao.correction.input_stages``),
+        each stage's weights installed (into ``swaps``) before the next is gathered; the dense stream runs
+        through a dense copy of the block, whose outputs, kept from the first stage, are returned."""
+        dense_block = copy.deepcopy(block)
+        modules = {name: self.targets[name] for members in units.values() for name in members}
+        results: dict[str, tuple[torch.Tensor, LayerReport]] = {}
+        kept = None
+        for index, stage in enumerate(input_stages(block, units, modules, inputs[0], compute)):
+            solved, outputs = self._solve_block(
+                block, stage, inputs, compute, ratios, keep_outputs and index == 0, dense_block
+            )
+            for members in stage.values():
+                for name in members:
+                    swaps.append(install_weight(self.targets[name], solved[name][0], name))
+            results.update(solved)
+            if index == 0:
+                kept = outputs
+        return results, kept
 
     @contextmanager
     def _on_compute(self, block: nn.Module) -> Iterator[torch.device]:
@@ -289,15 +322,15 @@ class _Blockwise:
         compute: torch.device,
         keep_outputs: bool,
         job: Callable[[str, list[str], list[torch.Tensor], GramCollector, Optional[list[torch.Tensor]]], Any],
-        reference: Optional[list[tuple[tuple, dict]]] = None,
+        dense_block: Optional[nn.Module] = None,
     ) -> tuple[dict[str, Any], Optional[list[tuple[tuple, dict]]]]:
         """Run the block over ``inputs`` (keeping its outputs when asked) while gathering the Grams of this
         rank's share of the ``pending`` units, then ``job`` each of them. Each Gram is freed as soon as its last
         reader is done.
 
-        ``reference`` (the dense stream's inputs, ``propagate="corrected"``): each batch runs on it first, the
-        members' dense outputs are paired with their inputs into ``job``'s crosses, and the outputs kept are
-        the dense stream's.
+        ``dense_block`` (a dense copy of the block, ``propagate="corrected"``): each batch runs through it on the
+        dense stream first, the members' dense outputs are paired with their inputs into ``job``'s crosses, and
+        the outputs kept are the dense stream's.
 
         The units with the widest input are gathered and solved in a forward pass of their own, the rest in a
         second one: the widest Gram (512 MiB at 8192 inputs) and its solve never sit beside the block's other
@@ -312,21 +345,28 @@ class _Blockwise:
         mine = [label for label, owner in zip(pending, owners) if owner == self.rank]
         widest = [label for label in mine if width[label] == width[mine[0]]]
         passes = [labels for labels in (widest, [label for label in mine if label not in widest]) if labels]
-        kept_stream = inputs if reference is None else reference
+        reference = self.reference if dense_block is not None else None
         if not passes:
-            return {}, run_block(block, kept_stream, compute, keep) if keep is not None else None
+            if keep is None:
+                return {}, None
+            return {}, run_block(block, inputs, compute, keep) if reference is None else run_block(
+                dense_block, reference, compute, keep
+            )
         done: dict[str, Any] = {}
         next_inputs = None
         for index, labels in enumerate(passes):
             names = [name for label in labels for name in units[label]]
             modules = {name: self.targets[name] for name in names}
-            cross = ReferenceOutputs(modules) if reference is not None else None
+            cross = None
+            if reference is not None:
+                counterpart = dict(zip(block.modules(), dense_block.modules()))
+                cross = ReferenceOutputs(modules, {name: counterpart[module] for name, module in modules.items()})
             with GramCollector(modules) as collector:
                 store = keep if index == 0 else None
                 if cross is None:
                     outputs = run_block(block, inputs, compute, store)
                 else:
-                    outputs = run_paired(block, inputs, reference, compute, store, collector, cross)
+                    outputs = run_paired(block, dense_block, inputs, reference, compute, store, collector, cross)
             if index == 0:  # the next block's inputs come from the first forward
                 next_inputs = outputs
             cross_bytes = cross.memory_bytes if cross is not None else 0
@@ -345,10 +385,11 @@ class _Blockwise:
         compute: torch.device,
         ratios: dict[str, float],
         keep_outputs: bool,
+        dense_block: Optional[nn.Module] = None,
     ) -> tuple[dict[str, tuple[torch.Tensor, LayerReport]], Optional[list[tuple[tuple, dict]]]]:
         """Each Linear's compressed weight (from the checkpoint, or solved on this rank or another) and, with
         ``keep_outputs``, the dense block's outputs: the next block's inputs with dense propagation, the next
-        dense-stream inputs with corrected propagation."""
+        dense-stream inputs with corrected propagation (``dense_block`` given)."""
         results: dict[str, tuple[torch.Tensor, LayerReport]] = {}
         pending = []
         for label, members in units.items():
@@ -365,7 +406,7 @@ class _Blockwise:
         def job(label, members, weights, collector, crosses):
             return self.solve(label, members, weights, collector, ratios.get(label), self.sensitivity, crosses)
 
-        mine, next_inputs = self._run_units(block, units, pending, inputs, compute, keep, job, self.reference)
+        mine, next_inputs = self._run_units(block, units, pending, inputs, compute, keep, job, dense_block)
         solved = {
             name: result for label, unit_results in mine.items() for name, result in zip(units[label], unit_results)
         }
@@ -417,6 +458,12 @@ def run_sequential(
     if propagate not in PROPAGATIONS:
         raise ValueError(f"propagate must be 'dense', 'compressed' or 'corrected', got {propagate!r}")
     dispatched = is_dispatched(model)
+    if dispatched and propagate == "corrected":
+        raise ValueError(
+            "propagate='corrected' runs the dense stream through a copy of the block in flight, which a model "
+            "dispatched by accelerate (device_map, cpu_offload or disk_offload) cannot copy: use "
+            "propagate='compressed'"
+        )
     if dispatched and device is not None:
         raise ValueError(
             "device= moves each block itself, but this model is dispatched by accelerate (device_map, cpu_offload or "

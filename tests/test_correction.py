@@ -7,7 +7,7 @@ from models import tiny_llama, token_batches
 from spadi_ao import LowRankConfig
 from spadi_ao.block_inputs import InputStore, capture_block_inputs, run_block
 from spadi_ao.calibration import GramCollector
-from spadi_ao.correction import ReferenceOutputs, corrected_weight, run_paired
+from spadi_ao.correction import ReferenceOutputs, corrected_weight, input_stages, run_paired
 from spadi_ao.layer import compress_weight
 
 
@@ -134,8 +134,10 @@ def test_paired_run_gathers_the_compressed_stream_and_pairs_it_with_the_dense_ou
     dense_outputs = captured(dense_inputs, 1)
     compressed_in = captured(compressed_inputs, 0)
     with GramCollector(targets) as collector:
-        reference = ReferenceOutputs(targets)
-        kept = run_paired(block, compressed_inputs, dense_inputs, torch.device("cpu"), store, collector, reference)
+        reference = ReferenceOutputs(targets, targets)
+        kept = run_paired(
+            block, block, compressed_inputs, dense_inputs, torch.device("cpu"), store, collector, reference
+        )
     expected_next = run_block(block, dense_inputs, torch.device("cpu"), InputStore())
     for (args, _), (expected, _) in zip(kept, expected_next):
         assert torch.equal(args[0], expected[0])  # the dense stream's outputs go on
@@ -145,3 +147,27 @@ def test_paired_run_gathers_the_compressed_stream_and_pairs_it_with_the_dense_ou
         torch.testing.assert_close(collector.gram(name), x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(reference.take(name), y.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
     assert reference.memory_bytes == 0
+
+
+def test_a_llama_blocks_units_are_staged_in_the_order_it_reads_their_inputs():
+    model = tiny_llama()
+    block = model.model.layers[1]
+    modules = {name: module for name, module in block.named_modules() if isinstance(module, torch.nn.Linear)}
+    sample = capture_block_inputs(model, block, token_batches(1, 8), InputStore())[0]
+    singles = {name: [name] for name in modules}
+    stages = input_stages(block, singles, modules, sample, torch.device("cpu"))
+    assert [sorted(stage) for stage in stages] == [
+        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+    # a unit spanning stages waits for its latest member
+    mixed = {
+        "qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        "odd": ["self_attn.o_proj", "mlp.up_proj"],
+    }
+    assert input_stages(block, mixed, modules, sample, torch.device("cpu")) == [
+        {"qkv": mixed["qkv"]},
+        {"odd": mixed["odd"]},
+    ]

@@ -205,18 +205,20 @@ def test_compressed_propagation_changes_later_blocks_only():
     assert any(not torch.equal(a[n]["values"], b[n]["values"]) for n in later)
 
 
-def test_corrected_propagation_fits_the_first_block_as_compressed_does_and_corrects_later_ones():
-    """Before the first block both streams are the same inputs, so its corrected weights are its dense ones (to
-    rounding) and its solves match; the later block's targets differ."""
+def test_corrected_propagation_solves_the_first_stage_as_compressed_does_and_corrects_the_rest():
+    """Before the first block's first stage (q/k/v) both streams are the captured inputs, so its corrected weights
+    are its dense ones (to rounding) and its solves match compressed propagation's; every later Linear reads
+    inputs that earlier compressed stages changed and is fitted to other targets."""
     config = LowRankConfig(compression_ratio=0.3)  # a deterministic solve: rounding cannot flip a support
     batches = token_batches(3, 16)
     compressed, corrected = tiny_llama(), tiny_llama()
     for model, propagate in ((compressed, "compressed"), (corrected, "corrected")):
         sparsify_dictionary_(model, config, calibration=batches, sequential=True, propagate=propagate, progress=False)
+    first_stage = [f"model.layers.0.self_attn.{name}_proj" for name in "qkv"]
     for name, module in compressed.named_modules():
         if isinstance(module, nn.Linear) and ".layers." in name:
             a, b = module.weight.dequantize(), corrected.get_submodule(name).weight.dequantize()
-            if ".layers.0." in name:
+            if name in first_stage:
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
             else:
                 assert (a - b).norm() > 1e-3 * a.norm(), name
@@ -407,7 +409,9 @@ def test_selection_outside_the_blocks_is_refused():
         )
 
 
-def test_failure_keeps_finished_blocks_compressed_and_restores_the_block_in_flight(monkeypatch):
+@pytest.mark.parametrize("propagate", ["compressed", "corrected"])
+def test_failure_keeps_finished_blocks_compressed_and_restores_the_block_in_flight(monkeypatch, propagate):
+    """With correction the block in flight already holds its attention stages' compressed weights when its MLP fails."""
     batches = token_batches(2, 16)
     model = tiny_llama(layers=3)
     dense = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -424,7 +428,7 @@ def test_failure_keeps_finished_blocks_compressed_and_restores_the_block_in_flig
 
     monkeypatch.setattr(spadi_ao.api, "compress_weight", fail_in_block_two)
     with pytest.raises(RuntimeError, match="solver blew up") as failure:
-        sparsify_dictionary_(model, CONFIG, calibration=batches, sequential=True, progress=False)
+        sparsify_dictionary_(model, CONFIG, calibration=batches, sequential=True, propagate=propagate, progress=False)
     assert released_in_flight == [True]  # block 0's dense weights were gone while block 2 was solved
     assert "blocks 0-1 of 3 were compressed" in "".join(getattr(failure.value, "__notes__", []))
     assert sorted({name.split(".")[2] for name in _compressed_state(model)}) == ["0", "1"]
@@ -485,6 +489,8 @@ def test_offloaded_model_is_refused_where_it_cannot_work(tmp_path):
         sparsify_dictionary_(model, CONFIG, calibration=batches, progress=False)
     with pytest.raises(ValueError, match="dispatched by accelerate.*device=None"):
         sparsify_dictionary_(model, CONFIG, calibration=batches, sequential=True, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="propagate='corrected'.*dispatched by accelerate"):
+        sparsify_dictionary_(model, CONFIG, calibration=batches, sequential=True, propagate="corrected", progress=False)
     assert model.model.layers[0].self_attn.q_proj.weight.is_meta  # untouched
 
 
