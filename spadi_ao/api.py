@@ -27,7 +27,6 @@ from spadi_ao.allocation_driver import (
 )
 from spadi_ao.calibration import CALIBRATION_ATTR, GramCollector, attach_collector, run_calibration
 from spadi_ao.configs import DictionaryConfig, LowRankConfig
-from spadi_ao.correction import corrected_weight
 from spadi_ao.grouping import group_layers, relink_shared
 from spadi_ao.inputs import calibration_batches, eval_mode
 from spadi_ao.layer import LayerReport, compress_group, compress_linear, compress_weight, resolve_shrinkage
@@ -311,12 +310,8 @@ def _sparsify_sequential(
             unit_config = dataclasses.replace(unit_config, compression_ratio=ratio)
         output_weights = solve_weights(config, members, sensitivity if run_sensitivity is None else run_sensitivity)
         grams, shrinkages, tokens = unit_grams(members, collector)
-        if crosses is not None:  # fitted to the dense model's outputs: the same solve on the corrected weights
-            damping = unit_config.damping
-            weights = [
-                weight if gram is None or cross is None else corrected_weight(weight, gram, cross, shrinkage, damping)
-                for weight, gram, cross, shrinkage in zip(weights, grams, crosses, shrinkages)
-            ]
+        if crosses is not None and any(cross is None for cross in crosses):
+            crosses = None  # a member that never ran has no outputs to fit either
         if len(members) == 1:
             return [
                 compress_weight(  # pop: the Gram is handed over, no reference may outlive its whitening
@@ -328,10 +323,19 @@ def _sparsify_sequential(
                     shrinkages[0],
                     overwrite_gram=True,
                     output_weights=output_weights,
+                    cross=None if crosses is None else crosses.pop(),
                 )
             ]
         return compress_group(
-            members, weights, grams, unit_config, tokens, shrinkages, group=label, output_weights=output_weights
+            members,
+            weights,
+            grams,
+            unit_config,
+            tokens,
+            shrinkages,
+            group=label,
+            output_weights=output_weights,
+            crosses=crosses,
         )
 
     def survey(

@@ -11,13 +11,15 @@ it when run on a corrected weight instead of ``W``::
 
 ``G = X_c^T X_c / n`` is the Gram the solve whitens with, shrunk by ``a`` toward its diagonal and damped
 by ``d`` times its mean diagonal, so ``r = a diag(G) + d mean(diag(G))``: the regularisation the whitening
-already applies pulls the corrected weight toward the dense one, and ``W_c = W`` when ``X_c = X_d``.
+already applies pulls the corrected weight toward the dense one, and ``W_c = W`` when ``X_c = X_d``. The
+solve needs only the whitened ``U W_c^T = U^-T ((1 - a) P + W diag(r))^T``: one triangular solve with the
+factor the whitening has made anyway (:func:`corrected_whitened_weight`), no second in x in matrix.
 
 A sequential run keeps two streams of block inputs (``spadi_ao.sequential``): the compressed model's, on
-which the Grams are gathered, and the dense model's, which only a dense copy of the block sees. Each
-calibration batch runs through the dense copy on its dense-stream input (the target Linears' outputs
-recorded), then through the block on its compressed-stream input (each Linear's ``P`` accumulated against
-the recording), one batch at a time, so only one batch's outputs are held.
+which the Grams are gathered, and the dense model's. Each calibration batch runs through the block with its
+dense weights on its dense-stream input (the target Linears' outputs recorded), then with the weights of
+the stages solved so far on its compressed-stream input (each Linear's ``P`` accumulated against the
+recording), one batch at a time, so only one batch's outputs are held.
 
 Inside a block the Linears are solved in stages, in the order the block reads their inputs (q/k/v, then
 o, then gate/up, then down in a Llama block; :func:`input_stages`), each stage's compressed weights in
@@ -27,27 +29,27 @@ and its correction does not undo again what the stages before it already correct
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from spadi_ao.block_inputs import InputStore, to_device
 from spadi_ao.calibration import GramCollector
-from spadi_ao.solvers.whitening import BLOCK_ROWS
+from spadi_ao.solvers import BLOCK_ELEMENTS
+from spadi_ao.solvers.whitening import BLOCK_ROWS, Whitening
 
-__all__ = ["ReferenceOutputs", "corrected_weight", "input_stages", "run_paired"]
+__all__ = ["ReferenceOutputs", "correction_ridge", "corrected_whitened_weight", "input_stages", "run_paired"]
 
 
 class ReferenceOutputs:
     """Per Linear, the running ``Y^T X_c`` (float64, out x in) of the dense stream's outputs against the
-    compressed stream's inputs of the same tokens, built one batch at a time (:meth:`recording` on
-    ``dense_modules``, the Linears of the dense copy, then :meth:`pairing` on ``modules``)."""
+    compressed stream's inputs of the same tokens, built one batch at a time (:meth:`recording`, then
+    :meth:`pairing`)."""
 
-    def __init__(self, modules: dict[str, nn.Linear], dense_modules: dict[str, nn.Linear]) -> None:
+    def __init__(self, modules: dict[str, nn.Linear]) -> None:
         self._modules = modules
-        self._dense_modules = dense_modules
         self._recorded: dict[str, torch.Tensor] = {}
         self._sums: dict[str, torch.Tensor] = {}
         self._tokens: dict[str, int] = {}
@@ -63,7 +65,7 @@ class ReferenceOutputs:
 
             return hook
 
-        handles = [module.register_forward_hook(record(name)) for name, module in self._dense_modules.items()]
+        handles = [module.register_forward_hook(record(name)) for name, module in self._modules.items()]
         try:
             yield
         finally:
@@ -107,9 +109,10 @@ class ReferenceOutputs:
         self._tokens[name] = self._tokens.get(name, 0) + inputs.shape[0]
 
     def take(self, name: str) -> Optional[torch.Tensor]:
-        """``P = Y^T X_c / tokens`` of ``name`` (None if it never ran), handed over and forgotten."""
+        """``P = Y^T X_c / tokens`` of ``name`` in float32 (None if it never ran), handed over and forgotten: a
+        target's rounding, at half the memory of the float64 sum (64 MiB for a 2048 x 8192 ``down_proj``)."""
         total = self._sums.pop(name, None)
-        return None if total is None else total.div_(self._tokens.pop(name))
+        return None if total is None else total.div_(self._tokens.pop(name)).to(torch.float32)
 
     @property
     def memory_bytes(self) -> int:
@@ -118,7 +121,7 @@ class ReferenceOutputs:
 
 def run_paired(
     block: nn.Module,
-    dense_block: nn.Module,
+    dense_weights: Callable[[], AbstractContextManager],
     inputs: list[tuple[tuple, dict]],
     reference_inputs: list[tuple[tuple, dict]],
     device: torch.device,
@@ -126,10 +129,10 @@ def run_paired(
     collector: GramCollector,
     reference: ReferenceOutputs,
 ) -> Optional[list[tuple[tuple, dict]]]:
-    """Each batch through ``dense_block`` on its dense-stream input, then through ``block`` on its
-    compressed-stream input: the Grams gather the compressed stream only, ``reference`` pairs the two.
-    Returns the dense stream's outputs, kept by ``store`` as the next block's dense-stream inputs (None
-    without a store)."""
+    """Each batch through ``block`` on its dense-stream input inside ``dense_weights()`` (the block's dense
+    weights in place), then on its compressed-stream input as it stands: the Grams gather the compressed
+    stream only, ``reference`` pairs the two. Returns the dense stream's outputs, kept by ``store`` as the next
+    block's dense-stream inputs (None without a store)."""
     if len(inputs) != len(reference_inputs):
         raise ValueError(f"{len(inputs)} compressed-stream batches against {len(reference_inputs)} dense-stream ones")
     outputs: Optional[list[tuple[tuple, dict]]] = None
@@ -138,8 +141,8 @@ def run_paired(
         outputs = []
     with torch.no_grad():
         for (args, kwargs), (dense_args, dense_kwargs) in zip(inputs, reference_inputs):
-            with collector.paused(), reference.recording():
-                result = dense_block(*to_device(dense_args, device), **to_device(dense_kwargs, device))
+            with collector.paused(), reference.recording(), dense_weights():
+                result = block(*to_device(dense_args, device), **to_device(dense_kwargs, device))
             if outputs is not None:
                 hidden = result[0] if isinstance(result, tuple) else result
                 outputs.append(((store.keep(hidden),) + tuple(dense_args[1:]), dense_kwargs))
@@ -184,29 +187,35 @@ def input_stages(
     return [units_of_stage for units_of_stage in stages if units_of_stage]
 
 
-def corrected_weight(
-    weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, shrinkage: float, damping: float
-) -> torch.Tensor:
-    """``W_c`` (see the module docstring), in ``weight``'s dtype: the weight whose whitened fit with ``gram``
-    (the mean Gram of the compressed stream, shrunk by ``shrinkage`` and damped by ``damping`` as the solve's
-    whitening does) is the fit to the dense outputs ``cross = Y^T X_c / n``.
-
-    Holds one in x in float64 copy of ``gram`` while it runs; ``gram`` itself is left as it was."""
+def correction_ridge(gram: torch.Tensor, shrinkage: float, damping: float) -> torch.Tensor:
+    """``r = a diag(G) + d mean(diag(G))`` (float64, in): what the whitening adds to ``(1 - a) G``. Taken
+    before the whitening factors ``gram`` in place."""
     diagonal = gram.diagonal().to(torch.float64)
-    ridge = shrinkage * diagonal + damping * diagonal.mean().clamp_min(torch.finfo(torch.float64).tiny)
-    regularised = gram.to(torch.float64, copy=True).mul_(1.0 - shrinkage)
-    regularised.diagonal().add_(ridge)
-    target = cross.to(torch.float64).mul(1.0 - shrinkage).add_(weight.to(torch.float64) * ridge)
-    # LAPACK factors the column-major view in place (as the whitening does): U with U^T U = G_r, no second copy
-    info = torch.empty((), dtype=torch.int32, device=gram.device)
-    torch.linalg.cholesky_ex(regularised.mT, out=(regularised.mT, info))
-    if int(info) == 0:
-        corrected = torch.cholesky_solve(target.T, regularised, upper=True).T
-    else:  # damping=0 with dead inputs: the solution on the data's span, tiny eigenvalues floored as whitening does
-        regularised = gram.to(torch.float64).mul(1.0 - shrinkage)
-        regularised.diagonal().add_(ridge)
-        eigenvalues, eigenvectors = torch.linalg.eigh(regularised)
-        floor = eigenvalues.max().clamp_min(torch.finfo(torch.float64).tiny) * 1e-10
-        inverse = eigenvalues.clamp_min(floor).reciprocal().where(eigenvalues > floor, 0.0)
-        corrected = ((target @ eigenvectors) * inverse) @ eigenvectors.T
-    return corrected.to(weight.dtype)
+    return shrinkage * diagonal + damping * diagonal.mean().clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def corrected_whitened_weight(
+    whitening: Whitening,
+    weights: Sequence[torch.Tensor],
+    crosses: Sequence[torch.Tensor],
+    ridge: torch.Tensor,
+    shrinkage: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``U [W_c1; W_c2; ...]^T`` (in x sum of outs, ``dtype``): the members' corrected weights, whitened, from
+    their dense ``weights`` and ``crosses = Y^T X_c / n``, with ``U^T U = (1 - a) G + diag(ridge)``.
+
+    ``U W_c^T = U^-T ((1 - a) P + W diag(r))^T``, a block of outputs at a time in float64, so neither ``W_c``
+    nor a float64 copy of ``P`` is made next to the result."""
+    in_features = weights[0].shape[1]
+    rows = max(1, BLOCK_ELEMENTS // (4 * in_features))
+    whitened = torch.empty(in_features, sum(w.shape[0] for w in weights), dtype=dtype, device=weights[0].device)
+    ridge = ridge.to(weights[0].device)
+    column = 0
+    for weight, cross in zip(weights, crosses):
+        for start in range(0, weight.shape[0], rows):
+            target = cross[start : start + rows].to(torch.float64).mul_(1.0 - shrinkage)
+            target.addcmul_(weight[start : start + rows].to(torch.float64), ridge)
+            whitened[:, column : column + target.shape[0]] = whitening.apply_inverse_transpose(target.T)
+            column += target.shape[0]
+    return whitened

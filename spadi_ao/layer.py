@@ -16,6 +16,7 @@ import torch
 
 from spadi_ao.budget import atom_limit, dictionary_budget, low_rank_budget
 from spadi_ao.configs import DictionaryConfig, LowRankConfig
+from spadi_ao.correction import corrected_whitened_weight, correction_ridge
 from spadi_ao.format import pack_codes
 from spadi_ao.grouping import average_gram, split_bytes
 from spadi_ao.integrations.torchao import quantize_dictionary
@@ -115,20 +116,44 @@ def whiten_group(
     config: DictionaryConfig | LowRankConfig,
     shrinkages: Optional[Sequence[Optional[float]]] = None,
     overwrite_gram: bool = False,
+    crosses: Optional[Sequence[torch.Tensor]] = None,
 ) -> tuple[Whitening, torch.Tensor, float]:
     """The whitening of the members' averaged Gram and the stacked whitened weight ``U [W_1; W_2; ...]^T``.
 
     One member is the plain per-layer case. Returns ``(whitening, A (in x sum of outs), shrinkage)``.
     ``overwrite_gram``: the caller is done with the (single) Gram; it becomes the whitening's factor.
+    ``crosses``: each member's dense-model outputs against its inputs (``spadi_ao.correction``); ``A`` is then
+    the members' corrected weights whitened, which needs one Gram for all (members reading the same input).
     """
     in_features = {weight.shape[1] for weight in weights}
     if len(in_features) != 1 or len({weight.dtype for weight in weights}) != 1:
         raise ValueError("layers that share a dictionary need the same in_features and dtype")
     shrinkage = sum(_shrinkage(config, value) for value in (shrinkages or [None] * len(weights))) / len(weights)
-    whitening = whitening_for(
-        average_gram(grams), in_features.pop(), config.damping, shrinkage, weights[0].device, overwrite_gram
-    )
-    return whitening, _whitened_weight(whitening, weights), shrinkage
+    gram = average_gram(grams)
+    ridge = None
+    if crosses is not None:
+        if gram is None or any(other is not grams[0] for other in grams):
+            raise ValueError("a fit corrected to the dense outputs needs one Gram shared by every member")
+        ridge = correction_ridge(gram, shrinkage, config.damping)  # before the factor overwrites the Gram
+    whitening = whitening_for(gram, in_features.pop(), config.damping, shrinkage, weights[0].device, overwrite_gram)
+    del gram
+    if crosses is None:
+        return whitening, _whitened_weight(whitening, weights), shrinkage
+    return whitening, corrected_whitened_weight(whitening, weights, crosses, ridge, shrinkage, SOLVE_DTYPE), shrinkage
+
+
+def _input_space(whitening: Whitening, whitened: torch.Tensor, outs: Sequence[int], dtype: torch.dtype) -> list:
+    """Each member's weight ``W = (U^-1 A)^T`` in ``dtype``, a block of outputs at a time: the corrected weights
+    a back-map through the weight needs (``spadi_ao.correction``)."""
+    rows = max(1, BLOCK_ELEMENTS // (4 * whitened.shape[0]))
+    weights = []
+    for span in _spans(outs):
+        weight = torch.empty(span.stop - span.start, whitened.shape[0], dtype=dtype, device=whitened.device)
+        for start in range(span.start, span.stop, rows):
+            stop = min(start + rows, span.stop)
+            weight[start - span.start : stop - span.start] = whitening.apply_inverse(whitened[:, start:stop]).T
+        weights.append(weight)
+    return weights
 
 
 def _whitened_weight(whitening: Whitening, weights: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -204,6 +229,7 @@ def compress_group(
     group: Optional[str] = None,
     overwrite_gram: bool = False,
     output_weights: Optional[torch.Tensor] = None,
+    crosses: Optional[Sequence[torch.Tensor]] = None,
 ) -> list[tuple[DictionaryTensor, LayerReport]]:
     """Compress layers that share one dictionary; each keeps its own codes (see ``spadi_ao.grouping``).
 
@@ -214,13 +240,18 @@ def compress_group(
 
     ``output_weights`` (the members' outputs in order; ``spadi_ao.allocation.output_weights``) weigh each
     output's error in the solve; the reports still give the plain output error.
+
+    ``crosses`` (one per member, ``spadi_ao.correction``): fit the dense model's outputs instead of the weights;
+    the members must share one Gram. The reports' errors are then relative to the corrected weights.
     """
     start = time.perf_counter()
     handed_over = overwrite_gram and len(weights) == 1
-    whitening, whitened, shrinkage = whiten_group(weights, grams, config, shrinkages, handed_over)
+    whitening, whitened, shrinkage = whiten_group(weights, grams, config, shrinkages, handed_over, crosses)
     method = whitening.method
     outs = [weight.shape[0] for weight in weights]
     in_features, dtype = weights[0].shape[1], weights[0].dtype
+    if crosses is not None and in_features > sum(outs):  # the back-map through W needs the corrected W
+        weights = _input_space(whitening, whitened, outs, dtype)
     if in_features > sum(outs):  # the factor outweighs the whitened weight: freed, atoms map back through W
         whitening = None
         if handed_over:  # the caller's Gram, now the factor (512 MiB at 8192 inputs), goes before the solve
@@ -414,6 +445,7 @@ def compress_weight(
     shrinkage: Optional[float] = None,
     overwrite_gram: bool = False,
     output_weights: Optional[torch.Tensor] = None,
+    cross: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, LayerReport]:
     """Compress one dense ``weight`` (out x in) into a Dictionary/LowRank tensor and its report.
 
@@ -421,7 +453,8 @@ def compress_weight(
     reference to it: it is factored in place, and for a dictionary of a weight with more inputs than outputs
     (a ``down_proj``) freed before the solve, so no in x in float64 matrix (512 MiB for an 8192-wide input)
     sits beside the solver. ``output_weights``: as in :func:`compress_group`
-    (dictionary configs; the low-rank baseline weighs every output alike).
+    (dictionary configs; the low-rank baseline weighs every output alike). ``cross``: fit the dense model's
+    outputs instead of ``weight`` (see :func:`compress_group`).
     """
     if isinstance(config, DictionaryConfig):
         grams = [gram]
@@ -435,13 +468,15 @@ def compress_weight(
             [shrinkage],
             overwrite_gram=overwrite_gram,
             output_weights=output_weights,
+            crosses=None if cross is None else [cross],
         )[0]
     if not isinstance(config, LowRankConfig):
         raise TypeError(f"config must be a DictionaryConfig or LowRankConfig, got {type(config).__name__}")
     start = time.perf_counter()
     out_features, in_features = weight.shape
     element_size = weight.element_size()
-    whitening, whitened, shrinkage = whiten_group([weight], [gram], config, [shrinkage], overwrite_gram)
+    crosses = None if cross is None else [cross]
+    whitening, whitened, shrinkage = whiten_group([weight], [gram], config, [shrinkage], overwrite_gram, crosses)
     budget = low_rank_budget(out_features, in_features, config.compression_ratio, element_size)
     left, right = whitened_low_rank(whitened, budget.rank)
     down = _back_map(whitening, whitened, [weight], left, weight.dtype)  # (rank, in)

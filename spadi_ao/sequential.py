@@ -31,7 +31,6 @@ or disk offload included) is compressed where its hooks run it, through ``spadi_
 
 from __future__ import annotations
 
-import copy
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -75,7 +74,7 @@ one ``(weight, report)`` per member. A unit is one Linear or a group sharing a d
 the global allocation chose (None: the config's), ``sensitivity`` the loss sensitivities it used (None without
 one). It reads the Grams from ``collector`` (``take`` / ``gram``, then ``release``). ``crosses``: with
 ``propagate="corrected"``, each member's dense outputs against its inputs, ``Y^T X_c / n`` (see
-``spadi_ao.correction.corrected_weight``); None otherwise."""
+``spadi_ao.correction``); None otherwise."""
 SurveyFn = Callable[[str, list[str], list[torch.Tensor], GramCollector, dict[str, torch.Tensor]], dict]
 """``survey(unit, members, dense weights, collector, sensitivity)``: the unit's allocation table, small and
 JSON-able (e.g. each candidate's ratio, stored bytes and error)."""
@@ -278,15 +277,28 @@ class _Blockwise:
         swaps: list[WeightSwap],
     ) -> tuple[dict[str, tuple[torch.Tensor, LayerReport]], Optional[list[tuple[tuple, dict]]]]:
         """``propagate="corrected"``: the block's units stage by stage (``spadi_ao.correction.input_stages``),
-        each stage's weights installed (into ``swaps``) before the next is gathered; the dense stream runs
-        through a dense copy of the block, whose outputs, kept from the first stage, are returned."""
-        dense_block = copy.deepcopy(block)
+        each stage's weights installed (into ``swaps``) before the next is gathered; the dense stream runs with
+        the block's dense weights put back for each of its forwards. Returns the dense stream's outputs, kept
+        from the first stage."""
         modules = {name: self.targets[name] for members in units.values() for name in members}
+        dense = {name: module.weight for name, module in modules.items()}
+
+        @contextmanager
+        def dense_weights() -> Iterator[None]:
+            current = {name: module.weight for name, module in modules.items()}
+            for name, module in modules.items():
+                module.weight = dense[name]
+            try:
+                yield
+            finally:
+                for name, module in modules.items():
+                    module.weight = current[name]
+
         results: dict[str, tuple[torch.Tensor, LayerReport]] = {}
         kept = None
         for index, stage in enumerate(input_stages(block, units, modules, inputs[0], compute)):
             solved, outputs = self._solve_block(
-                block, stage, inputs, compute, ratios, keep_outputs and index == 0, dense_block
+                block, stage, inputs, compute, ratios, keep_outputs and index == 0, dense_weights
             )
             for members in stage.values():
                 for name in members:
@@ -322,15 +334,15 @@ class _Blockwise:
         compute: torch.device,
         keep_outputs: bool,
         job: Callable[[str, list[str], list[torch.Tensor], GramCollector, Optional[list[torch.Tensor]]], Any],
-        dense_block: Optional[nn.Module] = None,
+        dense_weights: Optional[Callable[[], Any]] = None,
     ) -> tuple[dict[str, Any], Optional[list[tuple[tuple, dict]]]]:
         """Run the block over ``inputs`` (keeping its outputs when asked) while gathering the Grams of this
         rank's share of the ``pending`` units, then ``job`` each of them. Each Gram is freed as soon as its last
         reader is done.
 
-        ``dense_block`` (a dense copy of the block, ``propagate="corrected"``): each batch runs through it on the
-        dense stream first, the members' dense outputs are paired with their inputs into ``job``'s crosses, and
-        the outputs kept are the dense stream's.
+        ``dense_weights`` (``propagate="corrected"``: a context with the block's dense weights in place): each
+        batch runs inside it on the dense stream first, the members' dense outputs are paired with their inputs
+        into ``job``'s crosses, and the outputs kept are the dense stream's.
 
         The units with the widest input are gathered and solved in a forward pass of their own, the rest in a
         second one: the widest Gram (512 MiB at 8192 inputs) and its solve never sit beside the block's other
@@ -345,28 +357,26 @@ class _Blockwise:
         mine = [label for label, owner in zip(pending, owners) if owner == self.rank]
         widest = [label for label in mine if width[label] == width[mine[0]]]
         passes = [labels for labels in (widest, [label for label in mine if label not in widest]) if labels]
-        reference = self.reference if dense_block is not None else None
+        reference = self.reference if dense_weights is not None else None
         if not passes:
             if keep is None:
                 return {}, None
-            return {}, run_block(block, inputs, compute, keep) if reference is None else run_block(
-                dense_block, reference, compute, keep
-            )
+            if reference is None:
+                return {}, run_block(block, inputs, compute, keep)
+            with dense_weights():
+                return {}, run_block(block, reference, compute, keep)
         done: dict[str, Any] = {}
         next_inputs = None
         for index, labels in enumerate(passes):
             names = [name for label in labels for name in units[label]]
             modules = {name: self.targets[name] for name in names}
-            cross = None
-            if reference is not None:
-                counterpart = dict(zip(block.modules(), dense_block.modules()))
-                cross = ReferenceOutputs(modules, {name: counterpart[module] for name, module in modules.items()})
+            cross = ReferenceOutputs(modules) if reference is not None else None
             with GramCollector(modules) as collector:
                 store = keep if index == 0 else None
                 if cross is None:
                     outputs = run_block(block, inputs, compute, store)
                 else:
-                    outputs = run_paired(block, dense_block, inputs, reference, compute, store, collector, cross)
+                    outputs = run_paired(block, dense_weights, inputs, reference, compute, store, collector, cross)
             if index == 0:  # the next block's inputs come from the first forward
                 next_inputs = outputs
             cross_bytes = cross.memory_bytes if cross is not None else 0
@@ -385,11 +395,11 @@ class _Blockwise:
         compute: torch.device,
         ratios: dict[str, float],
         keep_outputs: bool,
-        dense_block: Optional[nn.Module] = None,
+        dense_weights: Optional[Callable[[], Any]] = None,
     ) -> tuple[dict[str, tuple[torch.Tensor, LayerReport]], Optional[list[tuple[tuple, dict]]]]:
         """Each Linear's compressed weight (from the checkpoint, or solved on this rank or another) and, with
         ``keep_outputs``, the dense block's outputs: the next block's inputs with dense propagation, the next
-        dense-stream inputs with corrected propagation (``dense_block`` given)."""
+        dense-stream inputs with corrected propagation (``dense_weights`` given, see :meth:`_run_units`)."""
         results: dict[str, tuple[torch.Tensor, LayerReport]] = {}
         pending = []
         for label, members in units.items():
@@ -406,7 +416,7 @@ class _Blockwise:
         def job(label, members, weights, collector, crosses):
             return self.solve(label, members, weights, collector, ratios.get(label), self.sensitivity, crosses)
 
-        mine, next_inputs = self._run_units(block, units, pending, inputs, compute, keep, job, dense_block)
+        mine, next_inputs = self._run_units(block, units, pending, inputs, compute, keep, job, dense_weights)
         solved = {
             name: result for label, unit_results in mine.items() for name, result in zip(units[label], unit_results)
         }
@@ -460,9 +470,9 @@ def run_sequential(
     dispatched = is_dispatched(model)
     if dispatched and propagate == "corrected":
         raise ValueError(
-            "propagate='corrected' runs the dense stream through a copy of the block in flight, which a model "
-            "dispatched by accelerate (device_map, cpu_offload or disk_offload) cannot copy: use "
-            "propagate='compressed'"
+            "propagate='corrected' runs the dense stream with the dense weights of the block in flight swapped back "
+            "in, which the offload hooks of a model dispatched by accelerate (device_map, cpu_offload or "
+            "disk_offload) do not allow: use propagate='compressed'"
         )
     if dispatched and device is not None:
         raise ValueError(

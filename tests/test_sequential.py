@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import gc
 import json
@@ -222,6 +223,38 @@ def test_corrected_propagation_solves_the_first_stage_as_compressed_does_and_cor
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
             else:
                 assert (a - b).norm() > 1e-3 * a.norm(), name
+
+
+def test_corrected_propagation_runs_the_dense_stream_with_the_dense_weights_of_every_stage(monkeypatch):
+    """Later stages run the dense stream while earlier stages' compressed weights are installed: the dense ones are
+    swapped back for each of its forwards, and the compressed ones return after."""
+    seen = []
+    original = spadi_ao.sequential.run_paired
+
+    def spy(block, dense_weights, *args, **kwargs):
+        linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+
+        @contextlib.contextmanager
+        def checked():
+            before = [m.weight for m in linears]
+            with dense_weights():
+                seen.append(
+                    (
+                        any(type(w).__name__ == "DictionaryTensor" for w in before),
+                        all(type(m.weight) is nn.Parameter for m in linears),
+                    )
+                )
+                yield
+            assert all(m.weight is w for m, w in zip(linears, before))
+
+        return original(block, checked, *args, **kwargs)
+
+    monkeypatch.setattr(spadi_ao.sequential, "run_paired", spy)
+    sparsify_dictionary_(
+        tiny_llama(), CONFIG, calibration=token_batches(2, 16), sequential=True, propagate="corrected", progress=False
+    )
+    assert all(dense for _, dense in seen)
+    assert any(compressed_before for compressed_before, _ in seen)
 
 
 @pytest.mark.parametrize("propagate", ["compressed", "corrected"])

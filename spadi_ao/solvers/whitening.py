@@ -63,6 +63,16 @@ class Whitening:
             return self.matrix @ (self.inverse_roots.unsqueeze(1) * y)
         return y
 
+    def apply_inverse_transpose(self, y: torch.Tensor) -> torch.Tensor:
+        """``U^-T y`` (y: in x m), in float64: whitens a target given as ``G y'``-like products (a corrected
+        sequential fit, ``spadi_ao.correction``)."""
+        y = y.to(torch.float64)
+        if self.method == "cholesky":
+            return torch.linalg.solve_triangular(self.matrix.mT, y, upper=False)
+        if self.method == "eigh":
+            return self.inverse_roots.unsqueeze(1) * (self.matrix.T @ y)
+        return y
+
     @property
     def factor(self) -> torch.Tensor:
         """``U`` as a matrix (formed on demand for eigh and identity)."""
