@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import time
 
 import torch
@@ -48,9 +47,18 @@ from spadi_ao.allocation import output_sensitivity
 from spadi_ao.api import select_linears
 from spadi_ao.calibration import GramCollector, run_calibration
 from spadi_ao.pipeline.data import calibration_batches, load_text
-from spadi_ao.sequential import PROPAGATIONS
 
-TABLE_ROWS = ("dense", "svd-llm", "paper", "compot", "compot-spectral", "fast", "default", "sequential")
+TABLE_ROWS = (
+    "dense",
+    "svd-llm",
+    "paper",
+    "compot",
+    "compot-spectral",
+    "fast",
+    "default",
+    "sequential",
+    "sequential-corrected",
+)
 """The quality table's rows. ``paper``: uniform K-SVD per layer, exact OMP (``--paper-iterations``
 iterations after the SVD-initialised coding); ``compot``: the COMPOT-style solver (orthonormal atoms,
 ``--procrustes-iterations``) per layer at a uniform ratio; ``compot-spectral``: the same solver with
@@ -58,7 +66,11 @@ COMPOT's kind of global allocation, spending the bytes where the whitened spectr
 smallest, every output weighted alike (the knapsack without the loss sensitivity); ``fast``: the default
 with the fast solver (closed-form refits) instead of Procrustes; ``default``: ``DictionaryConfig()``
 (Procrustes + loss-weighted knapsack + shared-input groups); ``sequential``: the default, block by block
-with compressed propagation."""
+with compressed propagation; ``sequential-corrected``: the same with ``propagate="corrected"`` (each Linear
+fitted to the dense model's outputs)."""
+
+SEQUENTIAL_ROWS = {"sequential": "compressed", "sequential-corrected": "corrected"}
+"""The rows run block by block, and their ``propagate``."""
 
 TABLE_CALIBRATIONS = ("stdlib", "wikitext2-valid")
 
@@ -149,12 +161,6 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--procrustes-iterations", type=int, default=20, help="Procrustes iterations of the COMPOT-style rows"
-    )
-    parser.add_argument(
-        "--propagate",
-        choices=PROPAGATIONS,
-        default=inspect.signature(sparsify_dictionary_).parameters["propagate"].default,
-        help="the sequential row's propagation (default: the library's)",
     )
     parser.add_argument("--merge", action="store_true", help="with --table: write <name>.{json,md} from the parts")
     parser.add_argument(
@@ -351,6 +357,7 @@ def table_config(row: str, ratio: float, args: argparse.Namespace):
         "fast": dict(solver="fast"),
         "default": {},
         "sequential": {},
+        "sequential-corrected": {},
     }[row]
     return DictionaryConfig(compression_ratio=ratio, **fields, **shrinkage)
 
@@ -394,7 +401,7 @@ def run_table(args: argparse.Namespace, model, tokenizer) -> None:
                 config = table_config(row, ratio, args)
                 if (
                     getattr(config, "allocation", "uniform") == "knapsack"
-                    and row not in ("sequential", "compot-spectral")
+                    and row not in (*SEQUENTIAL_ROWS, "compot-spectral")
                     and sensitivity is None
                 ):
                     start = time.perf_counter()  # one pass over the sequences the knapsack rows share
@@ -406,13 +413,13 @@ def run_table(args: argparse.Namespace, model, tokenizer) -> None:
                 compressed = fresh_copy(model)
                 start = time.perf_counter()
                 try:
-                    if row == "sequential":
+                    if row in SEQUENTIAL_ROWS:
                         report = sparsify_dictionary_(
                             compressed,
                             config,
                             calibration=batches,
                             sequential=True,
-                            propagate=args.propagate,
+                            propagate=SEQUENTIAL_ROWS[row],
                             progress=False,
                         )
                     else:
@@ -436,7 +443,7 @@ def run_table(args: argparse.Namespace, model, tokenizer) -> None:
                     "config": {k: (v if isinstance(v, (int, float, str, type(None), tuple)) else repr(v))
                                for k, v in vars(config).items()
                                if k not in ("layer_overrides", "allocation_candidates")},
-                    **({"propagate": args.propagate} if row == "sequential" else {}),
+                    **({"propagate": SEQUENTIAL_ROWS[row]} if row in SEQUENTIAL_ROWS else {}),
                     "compression_ratio": report.compression_ratio,
                     "stored_bytes": report.stored_bytes,
                     "dense_bytes": report.dense_bytes,

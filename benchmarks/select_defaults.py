@@ -6,6 +6,7 @@
     python benchmarks/select_defaults.py --solvers --sources stdlib wikitext2-valid-a --shrinkage 0.3
     python benchmarks/select_defaults.py --weightings --sources stdlib wikitext2-valid-a --shrinkage 0.3
     python benchmarks/select_defaults.py --rhos --sources stdlib wikitext2-valid-a --shrinkage 0.3
+    python benchmarks/select_defaults.py --propagations --sources stdlib wikitext2-valid-a --shrinkage 0.3
     python benchmarks/select_defaults.py --decide                          # merge the parts, apply the rules
 
 Every candidate runs the recommended settings (``DictionaryConfig(solver="fast", allocation="knapsack",
@@ -35,9 +36,13 @@ Rules (stated before the runs):
    decided before this rule existed, so their parts reproduce.
 5. Atoms per non-zero (``--rhos``, at the chosen shrinkage, solver and weighting): ``rho`` in RHOS, the lowest
    geometric mean over the same four cells. At equal bytes a larger ``rho`` buys atoms with non-zeros.
+6. Block-by-block propagation (``--propagations``, ``DictionaryConfig()`` at ``--ratio`` with
+   ``sequential=True``, its loss sensitivity from all calibration sequences as the library computes it):
+   ``propagate`` in PROPAGATIONS, the lowest geometric mean over the same four cells.
 
 Parts: benchmarks/results/select_defaults-<source>.json (``--solvers``: select_defaults-solver-<source>.json,
-``--weightings``: select_defaults-weighting-<source>.json, ``--rhos``: select_defaults-rho-<source>.json),
+``--weightings``: select_defaults-weighting-<source>.json, ``--rhos``: select_defaults-rho-<source>.json,
+``--propagations``: select_defaults-propagate-<source>.json),
 saved after every candidate (a re-run resumes); the decision: select_defaults.{json,md}.
 """
 
@@ -66,6 +71,7 @@ SHRINKAGE_SOURCES = ("stdlib", "wikitext2-valid-a")
 SOLVERS = ("fast", "procrustes")
 WEIGHTINGS = ("none", "loss")
 RHOS = ("1.5", "2", "3", "4")
+PROPAGATIONS = ("compressed", "corrected")
 VALIDATION = ("wikitext2-valid-b", "stdlib-held-out")
 GENERATED_CACHE = Path.home() / ".cache" / "spadi-ao"
 
@@ -96,6 +102,9 @@ def parse_args() -> argparse.Namespace:
         "--rhos", action="store_true", help="rule 5: compare RHOS at --shrinkage with the default solver and weighting"
     )
     parser.add_argument("--rho-values", nargs="+", default=list(RHOS), choices=RHOS, help="rule 5's candidates to run")
+    parser.add_argument(
+        "--propagations", action="store_true", help="rule 6: compare PROPAGATIONS of the default, block by block"
+    )
     parser.add_argument("--decide", action="store_true", help="merge the parts present and apply the rules")
     return parser.parse_args()
 
@@ -167,6 +176,9 @@ def run_source(
         done = {row["rho"] for row in rows}
         weighting = default.output_weighting
         todo = [(args.shrinkage[0], default.solver, weighting, r) for r in args.rho_values if r not in done]
+    elif args.propagations:
+        done = {row["propagate"] for row in rows}
+        todo = [(args.shrinkage[0], propagate, None, None) for propagate in PROPAGATIONS if propagate not in done]
     else:
         done = {row["shrinkage"] for row in rows}
         todo = [(shrinkage, "screening", "none", "2") for shrinkage in args.shrinkage if shrinkage not in done]
@@ -174,6 +186,9 @@ def run_source(
         return
     start = time.perf_counter()
     batches = batches_for(source, model, tokenizer, args)
+    if args.propagations:
+        run_propagations(source, model, tokenizer, texts, args, part, save, batches, todo)
+        return
     sample = batches[:: max(1, len(batches) // args.sensitivity_samples)][: args.sensitivity_samples]
     sensitivity = output_sensitivity(model, select_linears(model), sample)
     with GramCollector(select_linears(model)) as collector:
@@ -212,13 +227,58 @@ def run_source(
         del compressed
 
 
+def run_propagations(
+    source: str,
+    model,
+    tokenizer,
+    texts: dict[str, str],
+    args: argparse.Namespace,
+    part: dict,
+    save,
+    batches: list[torch.Tensor],
+    todo: list[tuple],
+) -> None:
+    """Rule 6's candidates: ``DictionaryConfig()`` block by block from the calibration batches, one per
+    ``propagate``."""
+    for shrinkage, propagate, _, _ in todo:
+        config = DictionaryConfig(compression_ratio=args.ratio, gram_shrinkage=float(shrinkage))
+        compressed = fresh_copy(model)
+        start = time.perf_counter()
+        report = sparsify_dictionary_(
+            compressed, config, calibration=batches, sequential=True, propagate=propagate, progress=False
+        )
+        seconds = time.perf_counter() - start
+        perplexity = {
+            name: evaluate(compressed, tokenizer, text, args.seq_len, args.eval_windows)["ppl"]
+            for name, text in texts.items()
+        }
+        part.update(source=source)
+        part["rows"].append(
+            {
+                "shrinkage": shrinkage,
+                "propagate": propagate,
+                "compression_ratio": report.compression_ratio,
+                "seconds": seconds,
+                "perplexity": perplexity,
+            }
+        )
+        save()
+        print(
+            f"{source:18s} propagate {propagate:10s}: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in perplexity.items())
+            + f" ({seconds:.0f}s)",
+            flush=True,
+        )
+        del compressed
+
+
 def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-COMPARISONS = {"solver": SOLVERS, "output_weighting": WEIGHTINGS, "rho": RHOS}
-"""Rules 3 to 5: the field compared, and its candidates."""
-PART_PREFIX = {"solver": "solver", "output_weighting": "weighting", "rho": "rho"}
+COMPARISONS = {"solver": SOLVERS, "output_weighting": WEIGHTINGS, "rho": RHOS, "propagate": PROPAGATIONS}
+"""Rules 3 to 6: the field compared, and its candidates."""
+PART_PREFIX = {"solver": "solver", "output_weighting": "weighting", "rho": "rho", "propagate": "propagate"}
 
 
 def compared_cells(field: str, shrinkage: str) -> dict[str, list[float]]:
@@ -352,11 +412,23 @@ def main() -> None:
         k: getattr(args, k)
         for k in ("ratio", "n_samples", "seq_len", "eval_windows", "fast_steps", "sensitivity_samples")
     }
-    if args.solvers or args.weightings or args.rhos:
+    if args.solvers or args.weightings or args.rhos or args.propagations:
         if len(args.shrinkage) != 1:
-            raise SystemExit("--solvers, --weightings and --rhos compare at one --shrinkage value (rule 1's choice)")
+            raise SystemExit(
+                "--solvers, --weightings, --rhos and --propagations compare at one --shrinkage value (rule 1's choice)"
+            )
         settings.update(fast_steps=DictionaryConfig().fast_steps, procrustes_iterations=args.procrustes_iterations)
-    prefix = "solver-" if args.solvers else "weighting-" if args.weightings else "rho-" if args.rhos else ""
+    prefix = (
+        "solver-"
+        if args.solvers
+        else "weighting-"
+        if args.weightings
+        else "rho-"
+        if args.rhos
+        else "propagate-"
+        if args.propagations
+        else ""
+    )
     for source in args.sources:
         path = RESULTS / f"select_defaults-{prefix}{source}.json"
         part = json.loads(path.read_text()) if path.is_file() else {}

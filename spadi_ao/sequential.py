@@ -25,7 +25,10 @@ Memory stays near the model's own: block inputs wait on the host between blocks 
 temporary files when they would not fit, see ``spadi_ao.block_inputs``), one block's Grams exist at a time (each
 freed, widest first, once its last reader is solved, and whitened in its own memory; the rest wait in
 temporary files while the widest is solved), and a block's dense weights go once the block is done.
-``device`` moves one block at a time to an accelerator and back; a model dispatched by accelerate (CPU
+Corrected propagation adds the dense stream's inputs (as many as the compressed stream's, held the same way)
+and, per Linear of the stage in flight, its cross products with the dense outputs (out x in); the block is
+solved in stages (``spadi_ao.correction.input_stages``), each stage's inputs gathered in forwards of their
+own. ``device`` moves one block at a time to an accelerator and back; a model dispatched by accelerate (CPU
 or disk offload included) is compressed where its hooks run it, through ``spadi_ao.offload``.
 """
 
