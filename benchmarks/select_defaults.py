@@ -201,30 +201,39 @@ def run_source(
         report = sparsify_dictionary_(
             compressed, config, calibration=collector, sensitivity=sensitivity, progress=False
         )
-        seconds = time.perf_counter() - start
-        perplexity = {
-            name: evaluate(compressed, tokenizer, text, args.seq_len, args.eval_windows)["ppl"]
-            for name, text in texts.items()
+        fields = {
+            "shrinkage": shrinkage,
+            **({"solver": solver} if args.solvers else {}),
+            **({"output_weighting": weighting} if args.weightings else {}),
+            **({"rho": rho} if args.rhos else {}),
         }
-        part["rows"].append(
-            {
-                "shrinkage": shrinkage,
-                **({"solver": solver} if args.solvers else {}),
-                **({"output_weighting": weighting} if args.weightings else {}),
-                **({"rho": rho} if args.rhos else {}),
-                "compression_ratio": report.compression_ratio,
-                "seconds": seconds,
-                "perplexity": perplexity,
-            }
-        )
-        save()
-        print(
-            f"{source:18s} shrinkage {shrinkage:5s} {solver:10s} {weighting:4s} rho {rho:3s}: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in perplexity.items())
-            + f" ({seconds:.0f}s)",
-            flush=True,
-        )
+        label = f"{source:18s} shrinkage {shrinkage:5s} {solver:10s} {weighting:4s} rho {rho:3s}"
+        record(part, save, fields, label, compressed, report, time.perf_counter() - start, tokenizer, texts, args)
         del compressed
+
+
+def record(
+    part: dict,
+    save,
+    fields: dict,
+    label: str,
+    compressed,
+    report,
+    seconds: float,
+    tokenizer,
+    texts: dict[str, str],
+    args: argparse.Namespace,
+) -> None:
+    """A candidate's row (``fields``, its ratio, seconds and perplexity on each validation text), saved and
+    printed."""
+    perplexity = {
+        name: evaluate(compressed, tokenizer, text, args.seq_len, args.eval_windows)["ppl"]
+        for name, text in texts.items()
+    }
+    row = {**fields, "compression_ratio": report.compression_ratio, "seconds": seconds, "perplexity": perplexity}
+    part["rows"].append(row)
+    save()
+    print(f"{label}: " + ", ".join(f"{k} {v:.2f}" for k, v in perplexity.items()) + f" ({seconds:.0f}s)", flush=True)
 
 
 def run_propagations(
@@ -247,28 +256,10 @@ def run_propagations(
         report = sparsify_dictionary_(
             compressed, config, calibration=batches, sequential=True, propagate=propagate, progress=False
         )
-        seconds = time.perf_counter() - start
-        perplexity = {
-            name: evaluate(compressed, tokenizer, text, args.seq_len, args.eval_windows)["ppl"]
-            for name, text in texts.items()
-        }
         part.update(source=source)
-        part["rows"].append(
-            {
-                "shrinkage": shrinkage,
-                "propagate": propagate,
-                "compression_ratio": report.compression_ratio,
-                "seconds": seconds,
-                "perplexity": perplexity,
-            }
-        )
-        save()
-        print(
-            f"{source:18s} propagate {propagate:10s}: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in perplexity.items())
-            + f" ({seconds:.0f}s)",
-            flush=True,
-        )
+        fields = {"shrinkage": shrinkage, "propagate": propagate}
+        label = f"{source:18s} propagate {propagate:10s}"
+        record(part, save, fields, label, compressed, report, time.perf_counter() - start, tokenizer, texts, args)
         del compressed
 
 

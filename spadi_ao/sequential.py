@@ -180,7 +180,7 @@ class _Blockwise:
     measured: dict[tuple[int, int], float] = field(default_factory=dict)
     """Solve seconds per unit shape ``(outputs, in)``, from the exchanged reports: the same on every rank."""
     gram_bytes: int = 0
-    """The most bytes of Grams held at once (one block's)."""
+    """The most bytes of Grams held at once (one block's; with ``propagate="corrected"``, its cross products too)."""
     sensitivity: Optional[dict[str, torch.Tensor]] = None
     """The global allocation's loss sensitivities, handed to every solve."""
     reference: Optional[list[tuple[tuple, dict]]] = None
