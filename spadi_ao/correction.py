@@ -43,6 +43,16 @@ from spadi_ao.solvers.whitening import BLOCK_ROWS, Whitening
 __all__ = ["ReferenceOutputs", "correction_ridge", "corrected_whitened_weight", "input_stages", "run_paired"]
 
 
+@contextmanager
+def _removed_after(handles: list) -> Iterator[None]:
+    """The hooks behind ``handles`` live while inside."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class ReferenceOutputs:
     """Per Linear, the running ``Y^T X_c`` (float64, out x in) of the dense stream's outputs against the
     compressed stream's inputs of the same tokens, built one batch at a time (:meth:`recording`, then
@@ -65,12 +75,8 @@ class ReferenceOutputs:
 
             return hook
 
-        handles = [module.register_forward_hook(record(name)) for name, module in self._modules.items()]
-        try:
+        with _removed_after([module.register_forward_hook(record(name)) for name, module in self._modules.items()]):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     @contextmanager
     def pairing(self) -> Iterator[None]:
@@ -83,12 +89,12 @@ class ReferenceOutputs:
 
             return hook
 
-        handles = [module.register_forward_pre_hook(pair(name)) for name, module in self._modules.items()]
         try:
-            yield
+            with _removed_after(
+                [module.register_forward_pre_hook(pair(name)) for name, module in self._modules.items()]
+            ):
+                yield
         finally:
-            for handle in handles:
-                handle.remove()
             self._recorded.clear()
 
     def _add(self, name: str, outputs: torch.Tensor, inputs: torch.Tensor) -> None:
@@ -166,12 +172,8 @@ def input_stages(
         module.register_forward_pre_hook(lambda module, args, name=name: calls.append((name, args[0])))
         for name, module in modules.items()
     ]
-    try:
-        with torch.no_grad():
-            block(*to_device(sample[0], device), **to_device(sample[1], device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with _removed_after(handles), torch.no_grad():
+        block(*to_device(sample[0], device), **to_device(sample[1], device))
     stage_of: dict[str, int] = {}
     stage, previous = -1, None
     for name, tensor in calls:

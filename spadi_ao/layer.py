@@ -250,9 +250,9 @@ def compress_group(
     method = whitening.method
     outs = [weight.shape[0] for weight in weights]
     in_features, dtype = weights[0].shape[1], weights[0].dtype
-    if crosses is not None and in_features > sum(outs):  # the back-map through W needs the corrected W
-        weights = _input_space(whitening, whitened, outs, dtype)
     if in_features > sum(outs):  # the factor outweighs the whitened weight: freed, atoms map back through W
+        if crosses is not None:  # through the corrected W, formed while the factor is still here
+            weights = _input_space(whitening, whitened, outs, dtype)
         whitening = None
         if handed_over:  # the caller's Gram, now the factor (512 MiB at 8192 inputs), goes before the solve
             grams.clear()
@@ -456,6 +456,7 @@ def compress_weight(
     (dictionary configs; the low-rank baseline weighs every output alike). ``cross``: fit the dense model's
     outputs instead of ``weight`` (see :func:`compress_group`).
     """
+    crosses = None if cross is None else [cross]
     if isinstance(config, DictionaryConfig):
         grams = [gram]
         del gram  # handed over with ``overwrite_gram``: ``compress_group`` clears ``grams``, its last reference
@@ -468,14 +469,13 @@ def compress_weight(
             [shrinkage],
             overwrite_gram=overwrite_gram,
             output_weights=output_weights,
-            crosses=None if cross is None else [cross],
+            crosses=crosses,
         )[0]
     if not isinstance(config, LowRankConfig):
         raise TypeError(f"config must be a DictionaryConfig or LowRankConfig, got {type(config).__name__}")
     start = time.perf_counter()
     out_features, in_features = weight.shape
     element_size = weight.element_size()
-    crosses = None if cross is None else [cross]
     whitening, whitened, shrinkage = whiten_group([weight], [gram], config, [shrinkage], overwrite_gram, crosses)
     budget = low_rank_budget(out_features, in_features, config.compression_ratio, element_size)
     left, right = whitened_low_rank(whitened, budget.rank)

@@ -64,8 +64,8 @@ class Whitening:
         return y
 
     def apply_inverse_transpose(self, y: torch.Tensor) -> torch.Tensor:
-        """``U^-T y`` (y: in x m), in float64: whitens a target given as ``G y'``-like products (a corrected
-        sequential fit, ``spadi_ao.correction``)."""
+        """``U^-T y`` (y: in x m), in float64: ``U x`` for ``x = G^-1 y`` without forming ``x``, how a corrected
+        sequential fit whitens its target (``spadi_ao.correction``)."""
         y = y.to(torch.float64)
         if self.method == "cholesky":
             return torch.linalg.solve_triangular(self.matrix.mT, y, upper=False)
