@@ -28,7 +28,14 @@ from spadi_ao.calibration import GramCollector
 from spadi_ao.configs import DictionaryConfig, LowRankConfig
 from spadi_ao.layer import resolve_shrinkage, whiten_group
 
-__all__ = ["tabulate_unit", "byte_budget", "allocate_ratios", "resolve_sensitivity", "solve_weights"]
+__all__ = [
+    "tabulate_unit",
+    "byte_budget",
+    "allocate_ratios",
+    "has_language_model_loss",
+    "resolve_sensitivity",
+    "solve_weights",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +123,7 @@ def resolve_sensitivity(
         if missing:
             raise ValueError(f"sensitivity lacks {missing[:3]}; give one tensor (out_features,) per compressed Linear")
         return given
-    if not _has_language_model_loss(model, calibration):
+    if not has_language_model_loss(model, calibration):
         # No causal-LM loss to differentiate (a prepared collector, no calibration, or not a language model fed
         # token ids): every output counts alike, so the knapsack still spends the whole-model budget where the
         # whitened error is lowest, without the loss' weighting.
@@ -128,7 +135,7 @@ def resolve_sensitivity(
     return output_sensitivity(model, targets, calibration, progress=progress)
 
 
-def _has_language_model_loss(model: nn.Module, calibration: Any) -> bool:
+def has_language_model_loss(model: nn.Module, calibration: Any) -> bool:
     """Whether ``output_sensitivity`` applies: a model with input embeddings, calibrated on token-id tensors."""
     if (
         calibration is None

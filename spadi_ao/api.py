@@ -17,10 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from spadi_ao.allocation import solve_knapsack
+from spadi_ao.allocation import output_sensitivity, solve_knapsack
 from spadi_ao.allocation_driver import (
     allocate_ratios,
     byte_budget,
+    has_language_model_loss,
     resolve_sensitivity,
     solve_weights,
     tabulate_unit,
@@ -106,19 +107,27 @@ def _is_pretrained(model: nn.Module) -> bool:
 
 
 def _collect(
-    model: nn.Module, targets: dict[str, nn.Linear], calibration: Any, progress: bool
-) -> Optional[GramCollector]:
-    prepared = getattr(model, CALIBRATION_ATTR, None)
+    model: nn.Module, targets: dict[str, nn.Linear], calibration: Any, with_sensitivity: bool, progress: bool
+) -> tuple[Optional[GramCollector], Optional[dict[str, torch.Tensor]]]:
+    """The Grams, and the loss sensitivity when ``with_sensitivity`` asks for it and the calibration has a loss.
+
+    Both come from one pass over the calibration: the loss' forward passes feed the Grams (their activations
+    are the inference forward's, bit for bit), so the knapsack costs a backward per batch and no second forward.
+    """
     if isinstance(calibration, GramCollector):
-        return calibration
+        return calibration, None
     if calibration is None:
-        return prepared
+        return getattr(model, CALIBRATION_ATTR, None), None
+    sensitivity = None
     collector = GramCollector(targets, model=model)
     try:
-        run_calibration(model, calibration, progress=progress)
+        if with_sensitivity and has_language_model_loss(model, calibration):
+            sensitivity = output_sensitivity(model, targets, calibration, progress=progress)
+        else:
+            run_calibration(model, calibration, progress=progress)
     finally:
         collector.remove()
-    return collector
+    return collector, sensitivity
 
 
 def sparsify_dictionary_(
@@ -197,14 +206,10 @@ def sparsify_dictionary_(
         )
         _finish(model, config, report)
         return report
-    if (
-        config.allocation == "knapsack"
-        and sensitivity is None
-        and calibration is not None
-        and not isinstance(calibration, GramCollector)
-    ):
-        sensitivity = resolve_sensitivity(model, targets, calibration, None, progress)
-    collector = _collect(model, targets, calibration, progress)
+    collector, measured = _collect(
+        model, targets, calibration, config.allocation == "knapsack" and sensitivity is None, progress
+    )
+    sensitivity = measured if measured is not None else sensitivity
     if collector is None:
         logger.warning("no calibration given: fitting weights in plain Frobenius norm (data-free)")
     method = "cospadi" if isinstance(config, DictionaryConfig) else "svd-llm"

@@ -139,6 +139,21 @@ def test_output_sensitivity_is_the_mean_squared_output_gradient():
     assert torch.allclose(sensitivity, gradients.pow(2).mean(0), rtol=1e-4, atol=1e-20)
 
 
+def test_the_knapsack_gathers_its_grams_in_the_loss_pass():
+    """One forward per calibration batch, and the result of separate inference-mode Grams with the same sensitivity."""
+    model, reference = tiny_llama(), tiny_llama()
+    batches = token_batches(3, 16)
+    forwards = []
+    handle = model.register_forward_hook(lambda module, args, output: forwards.append(torch.is_grad_enabled()))
+    sparsify_dictionary_(model, DictionaryConfig(), calibration=batches, progress=False)
+    handle.remove()
+    assert forwards == [True] * len(batches)
+    sensitivity = output_sensitivity(reference, select_linears(reference), batches)
+    sparsify_dictionary_(reference, DictionaryConfig(), calibration=batches, sensitivity=sensitivity, progress=False)
+    for (name, weight), expected in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert type(weight) is type(expected) and torch.equal(weight.dequantize(), expected.dequantize()), name
+
+
 def test_candidate_sizes_drop_infeasible_ratios():
     sizes = candidate_sizes(DictionaryConfig(), 8, 8, 4, (0.3, 0.99))
     assert [c.ratio for c in sizes] == [0.3]
