@@ -167,15 +167,16 @@ def sparsify_dictionary_(
     are compressed where their hooks run them, without loading more than a block (see ``spadi_ao.offload``);
     they need ``sequential=True``.
 
-    ``config.allocation="knapsack"`` chooses per-layer ratios that meet the whole-model byte budget; it
-    weighs errors by each output's loss sensitivity, computed from the calibration batches (a backward
-    pass each) unless ``sensitivity`` (fqn -> (out_features,), see ``spadi_ao.allocation``) is given; with a
-    prepared collector or no calibration there is no loss to differentiate, and every output weighs alike (a
-    one-line warning says so). ``config.grouping`` makes groups of layers share one dictionary. Both work block
-    by block too: a first pass gathers every unit's candidate errors (dense propagation, one block's Grams at a
-    time; the backward recomputes one block at a time), the knapsack is solved once, then the blocks are
-    compressed; with ``propagate="dense"`` the result is the one-shot transform's. Groups must lie inside one
-    block there (``grouping="inputs"``; ``"paper"`` pairs blocks and needs ``sequential=False``).
+    ``config.allocation="knapsack"`` chooses per-layer ratios that meet the whole-model byte budget; it weighs
+    errors by each output's loss sensitivity, computed from the calibration batches (a backward pass each, after the
+    forward that also gathers the Grams) unless ``sensitivity`` (fqn -> (out_features,), see
+    ``spadi_ao.allocation``) is given; with a prepared collector or no calibration there is no loss to
+    differentiate, and every output weighs alike (a one-line warning says so). ``config.grouping`` makes groups of
+    layers share one dictionary. Both work block by block too: a first pass gathers every unit's candidate errors
+    (dense propagation, one block's Grams at a time; the backward recomputes one block at a time), the knapsack is
+    solved once, then the blocks are compressed; with ``propagate="dense"`` the result is the one-shot transform's.
+    Groups must lie inside one block there (``grouping="inputs"``; ``"paper"`` pairs blocks and needs
+    ``sequential=False``).
 
     torchao's ``quantize_(model, config)`` runs the same per-layer step (``spadi_ao.layer.compress_linear``)
     on each selected Linear, without the whole-model features: each layer at ``compression_ratio``, its own
