@@ -219,7 +219,13 @@ def child(args: argparse.Namespace) -> None:
     first_pass = FirstPassClock()
     start = time.perf_counter()
     report = sparsify_dictionary_(
-        model, config, calibration=batches, sequential=True, checkpoint_dir=args.checkpoint_dir, progress=False
+        model,
+        config,
+        calibration=batches,
+        sequential=True,
+        propagate=args.propagate,
+        checkpoint_dir=args.checkpoint_dir,
+        progress=False,
     )
     seconds = time.perf_counter() - start
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -238,6 +244,7 @@ def child(args: argparse.Namespace) -> None:
         "peak_rss_after_sensitivity": first_pass.peak_rss_after_sensitivity,
         "peak_rss_after_first_pass": first_pass.peak_rss_after,
         "setting": args.setting,
+        "propagate": args.propagate,
         "threads": args.threads,
         "compression_ratio": report.compression_ratio,
         "digest": _state_digest(model) if args.digest else None,
@@ -380,6 +387,8 @@ def _child_command(
         str(args.seq_len),
         "--setting",
         args.setting,
+        "--propagate",
+        args.propagate,
     ]
     if checkpoint_dir:
         command += ["--checkpoint-dir", checkpoint_dir]
@@ -527,6 +536,7 @@ def write(results: dict, args: argparse.Namespace) -> None:
     lines = [
         f"Model shape `{args.shape}` ({SHAPES[args.shape]}), calibration {args.samples} x {args.seq_len} random "
         f"tokens, CoSpaDi CR 0.3, solver='fast', fast_steps=0, {args.setting} allocation, sequential=True, "
+        f"propagate={args.propagate!r}, "
         f"{args.threads} thread(s) per process (rss, resume){malloc}.",
         "",
     ]
@@ -646,6 +656,12 @@ def main() -> None:
         default="global",
         choices=sorted(SETTINGS),
         help="global: knapsack + grouping='inputs' (default); uniform",
+    )
+    parser.add_argument(
+        "--propagate",
+        default="compressed",
+        choices=["compressed", "corrected"],
+        help="what later blocks are calibrated on (sparsify_dictionary_'s propagate=)",
     )
     parser.add_argument(
         "--threads", type=int, default=2, help="threads per process of the rss and resume parts (speedup: 1, layers: 1)"
