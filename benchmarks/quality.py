@@ -59,15 +59,15 @@ TABLE_ROWS = (
     "sequential",
     "sequential-corrected",
 )
-"""The quality table's rows. ``paper``: uniform K-SVD per layer, exact OMP (``--paper-iterations``
-iterations after the SVD-initialised coding); ``compot``: the COMPOT-style solver (orthonormal atoms,
-``--procrustes-iterations``) per layer at a uniform ratio; ``compot-spectral``: the same solver with
-COMPOT's kind of global allocation, spending the bytes where the whitened spectrum's discarded energy is
-smallest, every output weighted alike (the knapsack without the loss sensitivity); ``fast``: the default
-with the fast solver (closed-form refits) instead of Procrustes; ``default``: ``DictionaryConfig()``
-(Procrustes + loss-weighted knapsack + shared-input groups); ``sequential``: the default, block by block
-with compressed propagation; ``sequential-corrected``: the same with ``propagate="corrected"`` (each Linear
-fitted to the dense model's outputs)."""
+"""The quality table's rows. ``paper``: uniform K-SVD per layer, exact OMP (``--paper-iterations`` iterations after
+the SVD-initialised coding); ``compot``: the COMPOT-style solver (orthonormal atoms,
+``--procrustes-iterations``, no refits after them) per layer at a uniform ratio; ``compot-spectral``: the same
+solver with COMPOT's kind of global allocation, spending the bytes where the whitened spectrum's discarded
+energy is smallest, every output weighted alike (the knapsack without the loss sensitivity); ``fast``: the
+default with the fast solver (closed-form refits) instead of Procrustes; ``default``: ``DictionaryConfig()``
+(Procrustes and least-squares refits + loss-weighted knapsack + shared-input groups); ``sequential``: the
+default, block by block with compressed propagation; ``sequential-corrected``: the same with
+``propagate="corrected"`` (each Linear fitted to the dense model's outputs)."""
 
 SEQUENTIAL_ROWS = {"sequential": "compressed", "sequential-corrected": "corrected"}
 """The rows run block by block, and their ``propagate``."""
@@ -349,7 +349,7 @@ def table_config(row: str, ratio: float, args: argparse.Namespace):
     if row == "svd-llm":
         return LowRankConfig(compression_ratio=ratio, **shrinkage)
     per_layer = dict(allocation="uniform", grouping=None)
-    procrustes = dict(solver="procrustes", iterations=args.procrustes_iterations)
+    procrustes = dict(solver="procrustes", iterations=args.procrustes_iterations, fast_steps=0)  # orthonormal
     fields = {
         "paper": dict(solver="ksvd", iterations=args.paper_iterations, atoms_per_step=1, init="svd", **per_layer),
         "compot": dict(procrustes, **per_layer),

@@ -7,6 +7,7 @@
     python benchmarks/select_defaults.py --weightings --sources stdlib wikitext2-valid-a --shrinkage 0.3
     python benchmarks/select_defaults.py --rhos --sources stdlib wikitext2-valid-a --shrinkage 0.3
     python benchmarks/select_defaults.py --propagations --sources stdlib wikitext2-valid-a --shrinkage 0.3
+    python benchmarks/select_defaults.py --refits --sources stdlib wikitext2-valid-a --shrinkage 0.3
     python benchmarks/select_defaults.py --decide                          # merge the parts, apply the rules
 
 Every candidate runs the recommended settings (``DictionaryConfig(solver="fast", allocation="knapsack",
@@ -39,10 +40,14 @@ Rules (stated before the runs):
 6. Block-by-block propagation (``--propagations``, ``DictionaryConfig()`` at ``--ratio`` with
    ``sequential=True``, its loss sensitivity from all calibration sequences as the library computes it):
    ``propagate`` in PROPAGATIONS, the lowest geometric mean over the same four cells.
+7. Refits after Procrustes (``--refits``, at the chosen shrinkage, solver, weighting and ``rho``): ``fast_steps``
+   in REFITS, least-squares dictionary / code refits on the final supports (``spadi_ao.solvers.refit``), the
+   lowest geometric mean over the same four cells. Rules 3 to 6 solve Procrustes without refits, as they were
+   decided before this rule existed, so their parts reproduce.
 
 Parts: benchmarks/results/select_defaults-<source>.json (``--solvers``: select_defaults-solver-<source>.json,
 ``--weightings``: select_defaults-weighting-<source>.json, ``--rhos``: select_defaults-rho-<source>.json,
-``--propagations``: select_defaults-propagate-<source>.json),
+``--propagations``: select_defaults-propagate-<source>.json, ``--refits``: select_defaults-refit-<source>.json),
 saved after every candidate (a re-run resumes); the decision: select_defaults.{json,md}.
 """
 
@@ -72,6 +77,7 @@ SOLVERS = ("fast", "procrustes")
 WEIGHTINGS = ("none", "loss")
 RHOS = ("1.5", "2", "3", "4")
 PROPAGATIONS = ("compressed", "corrected")
+REFITS = ("0", "8")
 VALIDATION = ("wikitext2-valid-b", "stdlib-held-out")
 GENERATED_CACHE = Path.home() / ".cache" / "spadi-ao"
 
@@ -105,6 +111,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--propagations", action="store_true", help="rule 6: compare PROPAGATIONS of the default, block by block"
     )
+    parser.add_argument(
+        "--refits", action="store_true", help="rule 7: compare REFITS after the default solver's Procrustes rounds"
+    )
     parser.add_argument("--decide", action="store_true", help="merge the parts present and apply the rules")
     return parser.parse_args()
 
@@ -135,10 +144,15 @@ def batches_for(source: str, model, tokenizer, args: argparse.Namespace) -> list
 
 
 def candidate_config(
-    args: argparse.Namespace, shrinkage: str, solver: str = "screening", weighting: str = "none", rho: str = "2"
+    args: argparse.Namespace,
+    shrinkage: str,
+    solver: str = "screening",
+    weighting: str = "none",
+    rho: str = "2",
+    refits: str = "0",
 ) -> DictionaryConfig:
     """A candidate: the recommended settings with this shrinkage, solver (``screening``: ``--fast-steps``),
-    output weighting and atoms per non-zero."""
+    output weighting, atoms per non-zero and, for Procrustes, refits after its rounds."""
     value = shrinkage if shrinkage == "auto" else float(shrinkage)
     common = dict(
         compression_ratio=args.ratio,
@@ -149,7 +163,9 @@ def candidate_config(
         rho=float(rho),
     )
     if solver == "procrustes":
-        return DictionaryConfig(**common, solver="procrustes", iterations=args.procrustes_iterations)
+        return DictionaryConfig(
+            **common, solver="procrustes", iterations=args.procrustes_iterations, fast_steps=int(refits)
+        )
     if solver == "fast":
         return DictionaryConfig(**common, solver="fast")
     return DictionaryConfig(**common, solver="fast", fast_steps=args.fast_steps, iterations=0)
@@ -168,20 +184,27 @@ def run_source(
     default = DictionaryConfig()
     if args.solvers:
         done = {row["solver"] for row in rows}
-        todo = [(args.shrinkage[0], solver, "none", "2") for solver in SOLVERS if solver not in done]
+        todo = [(args.shrinkage[0], solver, "none", "2", "0") for solver in SOLVERS if solver not in done]
     elif args.weightings:
         done = {row["output_weighting"] for row in rows}
-        todo = [(args.shrinkage[0], default.solver, w, "2") for w in WEIGHTINGS if w not in done]
+        todo = [(args.shrinkage[0], default.solver, w, "2", "0") for w in WEIGHTINGS if w not in done]
     elif args.rhos:
         done = {row["rho"] for row in rows}
         weighting = default.output_weighting
-        todo = [(args.shrinkage[0], default.solver, weighting, r) for r in args.rho_values if r not in done]
+        todo = [(args.shrinkage[0], default.solver, weighting, r, "0") for r in args.rho_values if r not in done]
     elif args.propagations:
         done = {row["propagate"] for row in rows}
-        todo = [(args.shrinkage[0], propagate, None, None) for propagate in PROPAGATIONS if propagate not in done]
+        todo = [(args.shrinkage[0], propagate, None, None, None) for propagate in PROPAGATIONS if propagate not in done]
+    elif args.refits:
+        done = {row["refits"] for row in rows}
+        todo = [
+            (args.shrinkage[0], default.solver, default.output_weighting, f"{default.rho:g}", r)
+            for r in REFITS
+            if r not in done
+        ]
     else:
         done = {row["shrinkage"] for row in rows}
-        todo = [(shrinkage, "screening", "none", "2") for shrinkage in args.shrinkage if shrinkage not in done]
+        todo = [(shrinkage, "screening", "none", "2", "0") for shrinkage in args.shrinkage if shrinkage not in done]
     if not todo:
         return
     start = time.perf_counter()
@@ -194,8 +217,8 @@ def run_source(
     with GramCollector(select_linears(model)) as collector:
         run_calibration(model, batches, progress=False)
     part.update(source=source, calibration_seconds=time.perf_counter() - start)
-    for shrinkage, solver, weighting, rho in todo:
-        config = candidate_config(args, shrinkage, solver, weighting, rho)
+    for shrinkage, solver, weighting, rho, refits in todo:
+        config = candidate_config(args, shrinkage, solver, weighting, rho, refits)
         compressed = fresh_copy(model)
         start = time.perf_counter()
         report = sparsify_dictionary_(
@@ -206,8 +229,9 @@ def run_source(
             **({"solver": solver} if args.solvers else {}),
             **({"output_weighting": weighting} if args.weightings else {}),
             **({"rho": rho} if args.rhos else {}),
+            **({"refits": refits} if args.refits else {}),
         }
-        label = f"{source:18s} shrinkage {shrinkage:5s} {solver:10s} {weighting:4s} rho {rho:3s}"
+        label = f"{source:18s} shrinkage {shrinkage:5s} {solver:10s} {weighting:4s} rho {rho:3s} refits {refits}"
         record(part, save, fields, label, compressed, report, time.perf_counter() - start, tokenizer, texts, args)
         del compressed
 
@@ -249,8 +273,8 @@ def run_propagations(
 ) -> None:
     """Rule 6's candidates: ``DictionaryConfig()`` block by block from the calibration batches, one per
     ``propagate``."""
-    for shrinkage, propagate, _, _ in todo:
-        config = DictionaryConfig(compression_ratio=args.ratio, gram_shrinkage=float(shrinkage))
+    for shrinkage, propagate, *_ in todo:
+        config = DictionaryConfig(compression_ratio=args.ratio, gram_shrinkage=float(shrinkage), fast_steps=0)
         compressed = fresh_copy(model)
         start = time.perf_counter()
         report = sparsify_dictionary_(
@@ -267,9 +291,21 @@ def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-COMPARISONS = {"solver": SOLVERS, "output_weighting": WEIGHTINGS, "rho": RHOS, "propagate": PROPAGATIONS}
-"""Rules 3 to 6: the field compared, and its candidates."""
-PART_PREFIX = {"solver": "solver", "output_weighting": "weighting", "rho": "rho", "propagate": "propagate"}
+COMPARISONS = {
+    "solver": SOLVERS,
+    "output_weighting": WEIGHTINGS,
+    "rho": RHOS,
+    "propagate": PROPAGATIONS,
+    "refits": REFITS,
+}
+"""Rules 3 to 7: the field compared, and its candidates."""
+PART_PREFIX = {
+    "solver": "solver",
+    "output_weighting": "weighting",
+    "rho": "rho",
+    "propagate": "propagate",
+    "refits": "refit",
+}
 
 
 def compared_cells(field: str, shrinkage: str) -> dict[str, list[float]]:
@@ -403,10 +439,11 @@ def main() -> None:
         k: getattr(args, k)
         for k in ("ratio", "n_samples", "seq_len", "eval_windows", "fast_steps", "sensitivity_samples")
     }
-    if args.solvers or args.weightings or args.rhos or args.propagations:
+    if args.solvers or args.weightings or args.rhos or args.propagations or args.refits:
         if len(args.shrinkage) != 1:
             raise SystemExit(
-                "--solvers, --weightings, --rhos and --propagations compare at one --shrinkage value (rule 1's choice)"
+                "--solvers, --weightings, --rhos, --propagations and --refits compare at one --shrinkage value "
+                "(rule 1's choice)"
             )
         settings.update(fast_steps=DictionaryConfig().fast_steps, procrustes_iterations=args.procrustes_iterations)
     prefix = (
@@ -418,6 +455,8 @@ def main() -> None:
         if args.rhos
         else "propagate-"
         if args.propagations
+        else "refit-"
+        if args.refits
         else ""
     )
     for source in args.sources:

@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fast-steps",
         type=int,
         **field,
-        help=f"cospadi, fast solver: dictionary / code refits (default: {d['fast_steps']})",
+        help=f"cospadi, fast / procrustes: least-squares refits on the final supports (default: {d['fast_steps']})",
     )
     compress.add_argument(
         "--iterations",

@@ -187,11 +187,14 @@ class DictionaryConfig(_BaseConfig):
     solver: str = "procrustes"
     """``"procrustes"`` (COMPOT-style, chosen on validation text by ``benchmarks/select_defaults.py``):
     orthonormal atoms (``k`` capped at ``in_features``), up to ``iterations`` alternating Procrustes /
-    hard-thresholding updates (``spadi_ao.solvers.procrustes``); ``"fast"``: SVD atoms and one-shot supports,
-    then ``fast_steps`` closed-form dictionary / code refits (``spadi_ao.solvers.fast``; about 2.5x quicker,
-    a few per cent worse); or ``"ksvd"`` (the paper's: ``iterations`` of K-SVD with OMP)."""
+    hard-thresholding updates (``spadi_ao.solvers.procrustes``), then ``fast_steps`` refits; ``"fast"``: SVD
+    atoms and one-shot supports, then ``fast_steps`` refits (``spadi_ao.solvers.fast``; about 2.5x quicker, a
+    few per cent worse); or ``"ksvd"`` (the paper's: ``iterations`` of K-SVD with OMP)."""
     fast_steps: int = 8
-    """Dictionary / code refits of the fast solver; 0 is the one-shot SVD solution."""
+    """Least-squares dictionary / code refits on the final supports (``spadi_ao.solvers.refit``), after the
+    Procrustes rounds or the fast solver's one-shot supports; 8 after Procrustes is chosen on validation text
+    against none (rule 7). 0 keeps Procrustes' orthonormal atoms (COMPOT's form) and the fast solver's one-shot
+    SVD solution."""
     output_weighting: str = "loss"
     """``"loss"``: the solve weighs each output's whitened error by its loss sensitivity (the diagonal output
     Fisher the knapsack already weighs errors with; ``spadi_ao.allocation.output_weights``), so the outputs the

@@ -202,7 +202,9 @@ def _solve(whitened: torch.Tensor, k: int, s: int, config: DictionaryConfig) -> 
     if config.solver == "fast":
         return fast_dictionary(whitened, k, s, steps=config.fast_steps, seed=config.seed)
     if config.solver == "procrustes":
-        return procrustes_dictionary(whitened, k, s, iterations=config.iterations, seed=config.seed)
+        return procrustes_dictionary(
+            whitened, k, s, iterations=config.iterations, seed=config.seed, refit_steps=config.fast_steps
+        )
     return ksvd(
         whitened,
         k,

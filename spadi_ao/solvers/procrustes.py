@@ -10,6 +10,9 @@ codes ``C`` with ``s`` non-zeros per column. Orthonormality makes both block upd
 
 Each update is an exact minimisation of its block, so the objective never rises. The start is the
 ``k`` leading left singular vectors, the best orthonormal basis of that size for dense codes.
+
+``refit_steps`` then drops the orthonormality on the final supports: least-squares dictionary and code
+refits (``spadi_ao.solvers.refit``), which lower the error further and never raise it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from spadi_ao.solvers.codes import sparse_code_products, squared_norm, threshold_codes
 from spadi_ao.solvers.ksvd import KSVDResult, leading_left_singular_vectors
+from spadi_ao.solvers.refit import refit
 
 __all__ = ["procrustes_dictionary", "procrustes_update"]
 
@@ -43,18 +47,26 @@ def _orthonormal_start(signals: torch.Tensor, k: int, seed: int) -> torch.Tensor
 
 
 def procrustes_dictionary(
-    signals: torch.Tensor, k: int, s: int, iterations: int = 20, tolerance: float = 1e-6, seed: int = 42
+    signals: torch.Tensor,
+    k: int,
+    s: int,
+    iterations: int = 20,
+    tolerance: float = 1e-6,
+    seed: int = 42,
+    refit_steps: int = 0,
 ) -> KSVDResult:
-    """Orthonormal dictionary (n x k) and ``s``-sparse codes for ``signals`` (n x m); see the module docstring.
+    """Dictionary (n x k, orthonormal without refits) and ``s``-sparse codes for ``signals`` (n x m); see the
+    module docstring.
 
     Stops after ``iterations`` Procrustes / thresholding rounds, or earlier once a round lowers the
-    objective by less than ``tolerance`` of its value (the supports have settled).
+    objective by less than ``tolerance`` of its value (the supports have settled); then ``refit_steps``
+    least-squares refits on those supports (unit-norm atoms).
     """
     n = signals.shape[0]
     if not 1 <= s <= k <= n:
         raise ValueError(f"need 1 <= s <= k <= n (orthonormal atoms), got s={s}, k={k}, n={n}")
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if iterations < 0 or refit_steps < 0:
+        raise ValueError(f"iterations and refit_steps must be >= 0, got {iterations} and {refit_steps}")
     total = squared_norm(signals)
     dictionary = _orthonormal_start(signals, k, seed)
     indices, coefficients = threshold_codes(dictionary, signals, s)
@@ -70,4 +82,7 @@ def procrustes_dictionary(
         objective.append(value)
         if objective[-2] - value <= tolerance * objective[-2]:
             break
+    if refit_steps:
+        dictionary, coefficients, errors = refit(signals, dictionary, indices, coefficients, refit_steps)
+        objective += errors
     return KSVDResult(dictionary, indices, coefficients, objective)

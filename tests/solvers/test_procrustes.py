@@ -92,6 +92,28 @@ def test_dictionary_step_beats_every_other_orthonormal_dictionary():
         assert value <= float((signals - rotated @ codes).pow(2).sum()) + 1e-12
 
 
+def test_refits_keep_the_supports_never_raise_the_error_and_end_at_least_squares_codes():
+    """After the orthonormal rounds, refits on the same supports: the error falls monotonically from the
+    orthonormal solution's, atoms have unit norm, and each column's codes are its least-squares fit on its atoms
+    (torch.linalg.lstsq as the independent reference)."""
+    signals = _signals(seed=5)
+    plain = procrustes_dictionary(signals, k=12, s=4, iterations=5, tolerance=0.0)
+    refit = procrustes_dictionary(signals, k=12, s=4, iterations=5, tolerance=0.0, refit_steps=6)
+    assert refit.objective[: len(plain.objective)] == plain.objective
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(refit.objective, refit.objective[1:]))
+    assert refit.objective[-1] < 0.98 * plain.objective[-1]
+    assert refit.objective[-1] == pytest.approx(
+        _error(signals, refit.dictionary, refit.indices, refit.coefficients), rel=1e-9
+    )
+    assert torch.equal(refit.indices.sort(dim=1).values, plain.indices.sort(dim=1).values)
+    assert torch.allclose(refit.dictionary.norm(dim=0), torch.ones(12, dtype=torch.float64), atol=1e-12)
+    converged = procrustes_dictionary(signals, k=12, s=4, iterations=5, tolerance=0.0, refit_steps=40)
+    for column in range(signals.shape[1]):
+        atoms = converged.dictionary[:, converged.indices[column]]
+        reference = torch.linalg.lstsq(atoms, signals[:, column : column + 1]).solution.squeeze(1)
+        assert torch.allclose(converged.coefficients[column], reference, atol=1e-6, rtol=1e-4)
+
+
 def test_validation():
     signals = _signals(n=6, m=10)
     with pytest.raises(ValueError, match="k <= n"):
@@ -100,6 +122,8 @@ def test_validation():
         procrustes_dictionary(signals, k=4, s=5)
     with pytest.raises(ValueError, match="iterations"):
         procrustes_dictionary(signals, k=4, s=2, iterations=-1)
+    with pytest.raises(ValueError, match="refit_steps"):
+        procrustes_dictionary(signals, k=4, s=2, refit_steps=-1)
     with pytest.raises(ValueError, match="solver"):
         DictionaryConfig(solver="orthogonal")
     assert DictionaryConfig(solver="procrustes").solver == "procrustes"
@@ -126,7 +150,9 @@ def test_layer_result_is_the_dense_reconstruction(shape):
     assert report.k <= shape[1] and report.stored_bytes <= 0.9 * report.dense_bytes
     whitening = layer.whitening_for(gram, shape[1], config.damping, 0.0, weight.device)
     whitened = layer._whitened_weight(whitening, [weight])
-    result = procrustes_dictionary(whitened, report.k, report.s, iterations=4, seed=config.seed)
+    result = procrustes_dictionary(
+        whitened, report.k, report.s, iterations=4, seed=config.seed, refit_steps=config.fast_steps
+    )
     approximation = (result.dictionary @ codes_to_dense(result.indices, result.coefficients, report.k)).double()
     dense = torch.linalg.solve(whitening.factor, approximation).T
     assert torch.allclose(tensor.dequantize().double(), dense, atol=1e-5, rtol=1e-4)
