@@ -55,6 +55,7 @@ TABLE_ROWS = (
     "compot",
     "compot-spectral",
     "fast",
+    "orthonormal",
     "default",
     "sequential",
     "sequential-corrected",
@@ -64,10 +65,11 @@ the SVD-initialised coding); ``compot``: the COMPOT-style solver (orthonormal at
 ``--procrustes-iterations``, no refits after them) per layer at a uniform ratio; ``compot-spectral``: the same
 solver with COMPOT's kind of global allocation, spending the bytes where the whitened spectrum's discarded
 energy is smallest, every output weighted alike (the knapsack without the loss sensitivity); ``fast``: the
-default with the fast solver (closed-form refits) instead of Procrustes; ``default``: ``DictionaryConfig()``
-(Procrustes and least-squares refits + loss-weighted knapsack + shared-input groups); ``sequential``: the
-default, block by block with compressed propagation; ``sequential-corrected``: the same with
-``propagate="corrected"`` (each Linear fitted to the dense model's outputs)."""
+default with the fast solver (closed-form refits) instead of Procrustes; ``orthonormal``: the default without
+the refits after Procrustes (``fast_steps=0``); ``default``: ``DictionaryConfig()`` (Procrustes and
+least-squares refits + loss-weighted knapsack + shared-input groups); ``sequential``: ``orthonormal`` block by
+block with compressed propagation; ``sequential-corrected``: the same with ``propagate="corrected"`` (each
+Linear fitted to the dense model's outputs)."""
 
 SEQUENTIAL_ROWS = {"sequential": "compressed", "sequential-corrected": "corrected"}
 """The rows run block by block, and their ``propagate``."""
@@ -355,9 +357,10 @@ def table_config(row: str, ratio: float, args: argparse.Namespace):
         "compot": dict(procrustes, **per_layer),
         "compot-spectral": procrustes,
         "fast": dict(solver="fast"),
+        "orthonormal": dict(fast_steps=0),
         "default": {},
-        "sequential": {},
-        "sequential-corrected": {},
+        "sequential": dict(fast_steps=0),
+        "sequential-corrected": dict(fast_steps=0),
     }[row]
     return DictionaryConfig(compression_ratio=ratio, **fields, **shrinkage)
 
