@@ -3,9 +3,8 @@ before any weight moves.
 
 Both derive from torchao's ``AOBaseConfig``: ``spadi_ao.transform`` registers their module handlers, so
 ``torchao.quantization.quantize_(model, DictionaryConfig())`` compresses each selected Linear on its own.
-``DictionaryConfig()`` is the measured best (orthonormal Procrustes solver, loss-weighted knapsack, shared-input
-dictionaries);
-``DictionaryConfig.paper()`` is the CoSpaDi paper's setting.
+``DictionaryConfig()`` is the measured best (Procrustes solver with least-squares refits, loss-weighted knapsack,
+shared-input dictionaries); ``DictionaryConfig.paper()`` is the CoSpaDi paper's setting.
 """
 
 from __future__ import annotations
@@ -161,8 +160,9 @@ class _BaseConfig(AOBaseConfig):
 class DictionaryConfig(_BaseConfig):
     """CoSpaDi: calibration-whitened sparse dictionaries; ``rho = k / s`` atoms per non-zero.
 
-    The defaults are the measured best (`docs/results.md`): the orthonormal Procrustes solver, the
-    loss-weighted knapsack allocation and dictionaries shared by the Linears that read the same input.
+    The defaults are the measured best (`docs/results.md`): the Procrustes solver followed by least-squares
+    refits on its supports, the loss-weighted knapsack allocation and dictionaries shared by the Linears that
+    read the same input.
     :meth:`paper` gives the paper's own setting.
     """
 

@@ -33,8 +33,8 @@ def main() -> None:
         ).ppl
 
     before = ppl()
-    # The defaults are the measured best: orthonormal (Procrustes) dictionaries fitted with each output's
-    # error weighted by its loss sensitivity, per-layer ratios from a loss-weighted knapsack over the
+    # The defaults are the measured best: Procrustes dictionaries refitted by least squares on their supports,
+    # each output's error weighted by its loss sensitivity, per-layer ratios from a loss-weighted knapsack over the
     # whole-model budget, and one dictionary for the Linears that read the same input
     # (DictionaryConfig.paper() is the paper's setting). torchao users get the per-layer part
     # with quantize_(model, DictionaryConfig()).
