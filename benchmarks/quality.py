@@ -57,6 +57,8 @@ TABLE_ROWS = (
     "fast",
     "orthonormal",
     "default",
+    "orthonormal-sequential",
+    "orthonormal-sequential-corrected",
     "sequential",
     "sequential-corrected",
 )
@@ -67,11 +69,17 @@ solver with COMPOT's kind of global allocation, spending the bytes where the whi
 energy is smallest, every output weighted alike (the knapsack without the loss sensitivity); ``fast``: the
 default with the fast solver (closed-form refits) instead of Procrustes; ``orthonormal``: the default without
 the refits after Procrustes (``fast_steps=0``); ``default``: ``DictionaryConfig()`` (Procrustes and
-least-squares refits + loss-weighted knapsack + shared-input groups); ``sequential``: ``orthonormal`` block by
+least-squares refits + loss-weighted knapsack + shared-input groups); ``sequential``: ``default`` block by
 block with compressed propagation; ``sequential-corrected``: the same with ``propagate="corrected"`` (each
-Linear fitted to the dense model's outputs)."""
+Linear fitted to the dense model's outputs); ``orthonormal-sequential`` and ``orthonormal-sequential-corrected``:
+the two with ``orthonormal``'s setting."""
 
-SEQUENTIAL_ROWS = {"sequential": "compressed", "sequential-corrected": "corrected"}
+SEQUENTIAL_ROWS = {
+    "orthonormal-sequential": "compressed",
+    "orthonormal-sequential-corrected": "corrected",
+    "sequential": "compressed",
+    "sequential-corrected": "corrected",
+}
 """The rows run block by block, and their ``propagate``."""
 
 TABLE_CALIBRATIONS = ("stdlib", "wikitext2-valid")
@@ -359,8 +367,10 @@ def table_config(row: str, ratio: float, args: argparse.Namespace):
         "fast": dict(solver="fast"),
         "orthonormal": dict(fast_steps=0),
         "default": {},
-        "sequential": dict(fast_steps=0),
-        "sequential-corrected": dict(fast_steps=0),
+        "orthonormal-sequential": dict(fast_steps=0),
+        "orthonormal-sequential-corrected": dict(fast_steps=0),
+        "sequential": {},
+        "sequential-corrected": {},
     }[row]
     return DictionaryConfig(compression_ratio=ratio, **fields, **shrinkage)
 
