@@ -79,13 +79,13 @@ def squared_norm(signals: torch.Tensor) -> float:
 
 def threshold_codes(dictionary: torch.Tensor, signals: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each column keeps its ``s`` largest correlations with the atoms: ``(indices, coefficients)``, each (m, s),
-    largest first. On orthonormal atoms these are the best ``s``-sparse codes. A block of columns at a time:
-    the (m, k) correlations never exist whole."""
+    in no particular order (the stored format sorts them by atom). On orthonormal atoms these are the best
+    ``s``-sparse codes. A block of columns at a time: the (m, k) correlations never exist whole."""
     m, k = signals.shape[1], dictionary.shape[1]
     indices = torch.empty(m, s, dtype=torch.long, device=signals.device)
     coefficients = torch.empty(m, s, dtype=signals.dtype, device=signals.device)
     for block in column_blocks(m, k):
         correlations = (dictionary.T @ signals[:, block]).T  # (c, k)
-        top = correlations.abs().topk(s, dim=1).indices
+        top = correlations.abs().topk(s, dim=1, sorted=False).indices  # ordering them would cost more
         indices[block], coefficients[block] = top, correlations.gather(1, top)
     return indices, coefficients

@@ -32,5 +32,7 @@ def fast_dictionary(
     dictionary = svd_dictionary(signals, k, torch.Generator().manual_seed(seed))
     indices, coefficients = threshold_codes(dictionary, signals, s)
     objective = [sparse_squared_error(signals, dictionary, indices, coefficients)]
-    dictionary, coefficients, errors = refit(signals, dictionary, indices, coefficients, steps, cg_iterations)
-    return KSVDResult(dictionary, indices, coefficients, objective + errors)
+    dictionary, coefficients = refit(signals, dictionary, indices, coefficients, steps, cg_iterations)
+    if steps:
+        objective.append(sparse_squared_error(signals, dictionary, indices, coefficients))
+    return KSVDResult(dictionary, indices, coefficients, objective)

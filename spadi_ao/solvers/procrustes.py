@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from spadi_ao.solvers.codes import sparse_code_products, squared_norm, threshold_codes
+from spadi_ao.solvers.codes import sparse_code_products, sparse_squared_error, squared_norm, threshold_codes
 from spadi_ao.solvers.ksvd import KSVDResult, leading_left_singular_vectors
 from spadi_ao.solvers.refit import refit
 
@@ -83,6 +83,6 @@ def procrustes_dictionary(
         if objective[-2] - value <= tolerance * objective[-2]:
             break
     if refit_steps:
-        dictionary, coefficients, errors = refit(signals, dictionary, indices, coefficients, refit_steps)
-        objective += errors
+        dictionary, coefficients = refit(signals, dictionary, indices, coefficients, refit_steps)
+        objective.append(sparse_squared_error(signals, dictionary, indices, coefficients))
     return KSVDResult(dictionary, indices, coefficients, objective)
