@@ -8,6 +8,7 @@
     python benchmarks/select_defaults.py --rhos --sources stdlib wikitext2-valid-a --shrinkage 0.3
     python benchmarks/select_defaults.py --propagations --sources stdlib wikitext2-valid-a --shrinkage 0.3
     python benchmarks/select_defaults.py --refits --sources stdlib wikitext2-valid-a --shrinkage 0.3
+    python benchmarks/select_defaults.py --refit-propagations --sources stdlib wikitext2-valid-a --shrinkage 0.3
     python benchmarks/select_defaults.py --decide                          # merge the parts, apply the rules
 
 Every candidate runs the recommended settings (``DictionaryConfig(solver="fast", allocation="knapsack",
@@ -44,10 +45,13 @@ Rules (stated before the runs):
    in REFITS, least-squares dictionary / code refits on the final supports (``spadi_ao.solvers.refit``), the
    lowest geometric mean over the same four cells. Rules 3 to 6 solve Procrustes without refits, as they were
    decided before this rule existed, so their parts reproduce.
+8. Block-by-block propagation with the refits (``--refit-propagations``): rule 6 again with rule 7's choice,
+   ``DictionaryConfig()`` as it is, the lowest geometric mean over the same four cells.
 
 Parts: benchmarks/results/select_defaults-<source>.json (``--solvers``: select_defaults-solver-<source>.json,
 ``--weightings``: select_defaults-weighting-<source>.json, ``--rhos``: select_defaults-rho-<source>.json,
-``--propagations``: select_defaults-propagate-<source>.json, ``--refits``: select_defaults-refit-<source>.json),
+``--propagations``: select_defaults-propagate-<source>.json, ``--refits``: select_defaults-refit-<source>.json,
+``--refit-propagations``: select_defaults-refit-propagate-<source>.json),
 saved after every candidate (a re-run resumes); the decision: select_defaults.{json,md}.
 """
 
@@ -113,6 +117,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--refits", action="store_true", help="rule 7: compare REFITS after the default solver's Procrustes rounds"
+    )
+    parser.add_argument(
+        "--refit-propagations", action="store_true", help="rule 8: rule 6 again, with rule 7's refits (the default)"
     )
     parser.add_argument("--decide", action="store_true", help="merge the parts present and apply the rules")
     return parser.parse_args()
@@ -192,8 +199,9 @@ def run_source(
         done = {row["rho"] for row in rows}
         weighting = default.output_weighting
         todo = [(args.shrinkage[0], default.solver, weighting, r, "0") for r in args.rho_values if r not in done]
-    elif args.propagations:
-        done = {row["propagate"] for row in rows}
+    elif args.propagations or args.refit_propagations:
+        field = "propagate" if args.propagations else "refit_propagate"
+        done = {row[field] for row in rows}
         todo = [(args.shrinkage[0], propagate, None, None, None) for propagate in PROPAGATIONS if propagate not in done]
     elif args.refits:
         done = {row["refits"] for row in rows}
@@ -209,7 +217,7 @@ def run_source(
         return
     start = time.perf_counter()
     batches = batches_for(source, model, tokenizer, args)
-    if args.propagations:
+    if args.propagations or args.refit_propagations:
         run_propagations(source, model, tokenizer, texts, args, part, save, batches, todo)
         return
     sample = batches[:: max(1, len(batches) // args.sensitivity_samples)][: args.sensitivity_samples]
@@ -271,18 +279,19 @@ def run_propagations(
     batches: list[torch.Tensor],
     todo: list[tuple],
 ) -> None:
-    """Rule 6's candidates: ``DictionaryConfig()`` block by block from the calibration batches, one per
-    ``propagate``."""
+    """Rules 6 and 8's candidates: ``DictionaryConfig()`` block by block from the calibration batches, one per
+    ``propagate``; rule 6 without the refits after Procrustes, rule 8 with them."""
+    field, refits = ("refit_propagate", {}) if args.refit_propagations else ("propagate", {"fast_steps": 0})
     for shrinkage, propagate, *_ in todo:
-        config = DictionaryConfig(compression_ratio=args.ratio, gram_shrinkage=float(shrinkage), fast_steps=0)
+        config = DictionaryConfig(compression_ratio=args.ratio, gram_shrinkage=float(shrinkage), **refits)
         compressed = fresh_copy(model)
         start = time.perf_counter()
         report = sparsify_dictionary_(
             compressed, config, calibration=batches, sequential=True, propagate=propagate, progress=False
         )
         part.update(source=source)
-        fields = {"shrinkage": shrinkage, "propagate": propagate}
-        label = f"{source:18s} propagate {propagate:10s}"
+        fields = {"shrinkage": shrinkage, field: propagate}
+        label = f"{source:18s} {field} {propagate:10s}"
         record(part, save, fields, label, compressed, report, time.perf_counter() - start, tokenizer, texts, args)
         del compressed
 
@@ -297,14 +306,16 @@ COMPARISONS = {
     "rho": RHOS,
     "propagate": PROPAGATIONS,
     "refits": REFITS,
+    "refit_propagate": PROPAGATIONS,
 }
-"""Rules 3 to 7: the field compared, and its candidates."""
+"""Rules 3 to 8: the field compared, and its candidates."""
 PART_PREFIX = {
     "solver": "solver",
     "output_weighting": "weighting",
     "rho": "rho",
     "propagate": "propagate",
     "refits": "refit",
+    "refit_propagate": "refit-propagate",
 }
 
 
@@ -439,10 +450,11 @@ def main() -> None:
         k: getattr(args, k)
         for k in ("ratio", "n_samples", "seq_len", "eval_windows", "fast_steps", "sensitivity_samples")
     }
-    if args.solvers or args.weightings or args.rhos or args.propagations or args.refits:
+    if args.solvers or args.weightings or args.rhos or args.propagations or args.refits or args.refit_propagations:
         if len(args.shrinkage) != 1:
             raise SystemExit(
-                "--solvers, --weightings, --rhos, --propagations and --refits compare at one --shrinkage value "
+                "--solvers, --weightings, --rhos, --propagations, --refits and --refit-propagations compare at one "
+                "--shrinkage value "
                 "(rule 1's choice)"
             )
         settings.update(fast_steps=DictionaryConfig().fast_steps, procrustes_iterations=args.procrustes_iterations)
@@ -457,6 +469,8 @@ def main() -> None:
         if args.propagations
         else "refit-"
         if args.refits
+        else "refit-propagate-"
+        if args.refit_propagations
         else ""
     )
     for source in args.sources:
