@@ -57,10 +57,10 @@ TABLE_ROWS = (
     "fast",
     "orthonormal",
     "default",
-    "orthonormal-sequential",
-    "orthonormal-sequential-corrected",
     "sequential",
     "sequential-corrected",
+    "orthonormal-sequential",
+    "orthonormal-sequential-corrected",
 )
 """The quality table's rows. ``paper``: uniform K-SVD per layer, exact OMP (``--paper-iterations`` iterations after
 the SVD-initialised coding); ``compot``: the COMPOT-style solver (orthonormal atoms,
@@ -75,10 +75,10 @@ Linear fitted to the dense model's outputs); ``orthonormal-sequential`` and ``or
 the two with ``orthonormal``'s setting."""
 
 SEQUENTIAL_ROWS = {
-    "orthonormal-sequential": "compressed",
-    "orthonormal-sequential-corrected": "corrected",
     "sequential": "compressed",
     "sequential-corrected": "corrected",
+    "orthonormal-sequential": "compressed",
+    "orthonormal-sequential-corrected": "corrected",
 }
 """The rows run block by block, and their ``propagate``."""
 
@@ -367,10 +367,10 @@ def table_config(row: str, ratio: float, args: argparse.Namespace):
         "fast": dict(solver="fast"),
         "orthonormal": dict(fast_steps=0),
         "default": {},
-        "orthonormal-sequential": dict(fast_steps=0),
-        "orthonormal-sequential-corrected": dict(fast_steps=0),
         "sequential": {},
         "sequential-corrected": {},
+        "orthonormal-sequential": dict(fast_steps=0),
+        "orthonormal-sequential-corrected": dict(fast_steps=0),
     }[row]
     return DictionaryConfig(compression_ratio=ratio, **fields, **shrinkage)
 
