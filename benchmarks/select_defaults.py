@@ -46,7 +46,8 @@ Rules (stated before the runs):
    lowest geometric mean over the same four cells. Rules 3 to 6 solve Procrustes without refits, as they were
    decided before this rule existed, so their parts reproduce.
 8. Block-by-block propagation with the refits (``--refit-propagations``): rule 6 again with rule 7's choice,
-   ``DictionaryConfig()`` as it is, the lowest geometric mean over the same four cells.
+   ``DictionaryConfig()`` as it is, the lowest geometric mean over the same four cells; its candidates,
+   REFIT_PROPAGATIONS, add ``"blended"`` (both streams' Grams pooled) to rule 6's.
 
 Parts: benchmarks/results/select_defaults-<source>.json (``--solvers``: select_defaults-solver-<source>.json,
 ``--weightings``: select_defaults-weighting-<source>.json, ``--rhos``: select_defaults-rho-<source>.json,
@@ -81,6 +82,7 @@ SOLVERS = ("fast", "procrustes")
 WEIGHTINGS = ("none", "loss")
 RHOS = ("1.5", "2", "3", "4")
 PROPAGATIONS = ("compressed", "corrected")
+REFIT_PROPAGATIONS = PROPAGATIONS + ("blended",)
 REFITS = ("0", "8")
 VALIDATION = ("wikitext2-valid-b", "stdlib-held-out")
 GENERATED_CACHE = Path.home() / ".cache" / "spadi-ao"
@@ -119,7 +121,9 @@ def parse_args() -> argparse.Namespace:
         "--refits", action="store_true", help="rule 7: compare REFITS after the default solver's Procrustes rounds"
     )
     parser.add_argument(
-        "--refit-propagations", action="store_true", help="rule 8: rule 6 again, with rule 7's refits (the default)"
+        "--refit-propagations",
+        action="store_true",
+        help="rule 8: rule 6 again (and blended), with rule 7's refits (the default)",
     )
     parser.add_argument("--decide", action="store_true", help="merge the parts present and apply the rules")
     return parser.parse_args()
@@ -202,7 +206,8 @@ def run_source(
     elif args.propagations or args.refit_propagations:
         field = "propagate" if args.propagations else "refit_propagate"
         done = {row[field] for row in rows}
-        todo = [(args.shrinkage[0], propagate, None, None, None) for propagate in PROPAGATIONS if propagate not in done]
+        candidates = REFIT_PROPAGATIONS if args.refit_propagations else PROPAGATIONS
+        todo = [(args.shrinkage[0], propagate, None, None, None) for propagate in candidates if propagate not in done]
     elif args.refits:
         done = {row["refits"] for row in rows}
         todo = [
@@ -306,7 +311,7 @@ COMPARISONS = {
     "rho": RHOS,
     "propagate": PROPAGATIONS,
     "refits": REFITS,
-    "refit_propagate": PROPAGATIONS,
+    "refit_propagate": REFIT_PROPAGATIONS,
 }
 """Rules 3 to 8: the field compared, and its candidates."""
 PART_PREFIX = {

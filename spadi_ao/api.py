@@ -159,7 +159,8 @@ def sparsify_dictionary_(
     whether later blocks see dense or compressed activations (``"compressed"``, the default: later blocks are
     calibrated on what they will really see; ``"corrected"``: and each Linear is fitted to the dense model's
     outputs instead of its own dense weight, from a second stream of dense block inputs, see
-    ``spadi_ao.correction``; ``docs/results.md`` measures them), and ``checkpoint_dir`` makes the run
+    ``spadi_ao.correction``; ``"blended"``: each Linear whitened with both streams' inputs pooled;
+    ``docs/results.md`` measures them), and ``checkpoint_dir`` makes the run
     resumable. Called inside an initialised
     ``torch.distributed`` process group, the per-layer solves are split across ranks. ``device`` (e.g.
     ``"cuda"``) is where each block is moved to be calibrated and solved, one at a time, while the model
@@ -187,7 +188,7 @@ def sparsify_dictionary_(
     if not isinstance(config, (DictionaryConfig, LowRankConfig)):
         raise TypeError(f"config must be a DictionaryConfig or LowRankConfig, got {type(config).__name__}")
     if propagate not in PROPAGATIONS:
-        raise ValueError(f"propagate must be 'dense', 'compressed' or 'corrected', got {propagate!r}")
+        raise ValueError(f"propagate must be one of {PROPAGATIONS}, got {propagate!r}")
     start = time.perf_counter()
     targets = select_linears(model, filter_fn)
     if not targets:

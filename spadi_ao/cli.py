@@ -232,10 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument(
         "--propagate",
-        choices=["dense", "compressed", "corrected"],
+        choices=["dense", "compressed", "corrected", "blended"],
         default="compressed",
         help="sequential: activations later blocks calibrate on; corrected also fits each Linear to the dense "
-        "model's outputs",
+        "model's outputs; blended pools the dense and compressed activations",
     )
     compress.add_argument(
         "--device",

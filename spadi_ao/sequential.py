@@ -7,7 +7,9 @@ weights (``propagate="dense"``: every Gram equals the one-shot transform's) or w
 (``propagate="compressed"``: later layers are whitened with the inputs they will see, but each is still
 fitted to its own dense weight; ``propagate="corrected"``: the same inputs, and each Linear fitted to the
 dense model's outputs, which a second stream of dense block inputs supplies, so the error of the earlier
-blocks is undone rather than inherited, ``spadi_ao.correction``).
+blocks is undone rather than inherited, ``spadi_ao.correction``; ``propagate="blended"``: each Linear
+whitened with the Gram of both streams, the dense one's and the compressed one's tokens pooled, and fitted
+to its own dense weight: the whole-model objective and the compressed one, averaged).
 
 Each finished layer can be checkpointed (``spadi_ao.checkpoint``); a run restarted with the same arguments
 loads finished layers instead of solving them and ends bit-identical. Inside an initialised
@@ -25,17 +27,18 @@ Memory stays near the model's own: block inputs wait on the host between blocks 
 temporary files when they would not fit, see ``spadi_ao.block_inputs``), one block's Grams exist at a time (each
 freed, widest first, once its last reader is solved, and whitened in its own memory; the rest wait in
 temporary files while the widest is solved), and a block's dense weights go once the block is done.
-Corrected propagation adds the dense stream's inputs (as many as the compressed stream's, held the same way)
-and, per Linear of the stage in flight, its cross products with the dense outputs (out x in); the block is
-solved in stages (``spadi_ao.correction.input_stages``), each stage's inputs gathered in forwards of their
-own. ``device`` moves one block at a time to an accelerator and back; a model dispatched by accelerate (CPU
-or disk offload included) is compressed where its hooks run it, through ``spadi_ao.offload``.
+Corrected and blended propagation add the dense stream's inputs (as many as the compressed stream's, held the
+same way). Corrected propagation also holds, per Linear of the stage in flight, its cross products with the
+dense outputs (out x in), and solves the block in stages (``spadi_ao.correction.input_stages``), each
+stage's inputs gathered in forwards of their own. ``device`` moves one block at a time to an accelerator and
+back; a model dispatched by accelerate (CPU or disk offload included) is compressed where its hooks run it,
+through ``spadi_ao.offload``.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -57,8 +60,10 @@ from spadi_ao.offload import WeightSwap, dense_weight, execution_device, install
 
 __all__ = ["run_sequential", "decoder_blocks", "blockwise_sensitivity", "GlobalAllocation", "PROPAGATIONS"]
 
-PROPAGATIONS = ("dense", "compressed", "corrected")
+PROPAGATIONS = ("dense", "compressed", "corrected", "blended")
 """What the blocks after a compressed one see and fit (see the module docstring)."""
+TWO_STREAMS = ("corrected", "blended")
+"""The propagations that carry the dense model's block inputs beside the compressed model's."""
 
 SolveFn = Callable[
     [
@@ -184,7 +189,7 @@ class _Blockwise:
     sensitivity: Optional[dict[str, torch.Tensor]] = None
     """The global allocation's loss sensitivities, handed to every solve."""
     reference: Optional[list[tuple[tuple, dict]]] = None
-    """``propagate="corrected"``: the dense model's inputs to the next block to compress (the dense stream)."""
+    """``propagate`` in ``TWO_STREAMS``: the dense model's inputs to the next block to compress (the dense stream)."""
 
     def survey(
         self,
@@ -248,6 +253,7 @@ class _Blockwise:
         names = [name for members in units.values() for name in members]
         swaps: list[WeightSwap] = []
         corrected = self.propagate == "corrected"
+        two_streams = self.propagate in TWO_STREAMS
         with self._on_compute(block) as compute:
             try:
                 if corrected:
@@ -258,14 +264,14 @@ class _Blockwise:
                         swaps.append(install_weight(self.targets[name], results[name][0], name))
                 next_inputs = kept
                 if self.propagate != "dense" and not last:  # the dense stream's outputs, if kept, count beside
-                    next_inputs = run_block(block, inputs, compute, self.store, new_block=not corrected)
+                    next_inputs = run_block(block, inputs, compute, self.store, new_block=not two_streams)
             except BaseException:
                 for swap in reversed(swaps):
                     swap.undo()
                 raise
         for swap in swaps:
             swap.release()
-        if corrected:
+        if two_streams:
             self.reference = kept
         return [results[name][1] for name in names], next_inputs
 
@@ -345,7 +351,8 @@ class _Blockwise:
 
         ``dense_weights`` (``propagate="corrected"``: a context with the block's dense weights in place): each
         batch runs inside it on the dense stream first, the members' dense outputs are paired with their inputs
-        into ``job``'s crosses, and the outputs kept are the dense stream's.
+        into ``job``'s crosses, and the outputs kept are the dense stream's. ``propagate="blended"``: the (dense)
+        block runs on the dense stream, whose outputs are kept, then on the compressed one, both into the Grams.
 
         The units with the widest input are gathered and solved in a forward pass of their own, the rest in a
         second one: the widest Gram (512 MiB at 8192 inputs) and its solve never sit beside the block's other
@@ -360,23 +367,27 @@ class _Blockwise:
         mine = [label for label, owner in zip(pending, owners) if owner == self.rank]
         widest = [label for label in mine if width[label] == width[mine[0]]]
         passes = [labels for labels in (widest, [label for label in mine if label not in widest]) if labels]
-        reference = self.reference if dense_weights is not None else None
+        blended = self.propagate == "blended"
+        reference = self.reference if dense_weights is not None or blended else None
         if not passes:
             if keep is None:
                 return {}, None
             if reference is None:
                 return {}, run_block(block, inputs, compute, keep)
-            with dense_weights():
+            with dense_weights() if dense_weights is not None else nullcontext():
                 return {}, run_block(block, reference, compute, keep)
         done: dict[str, Any] = {}
         next_inputs = None
         for index, labels in enumerate(passes):
             names = [name for label in labels for name in units[label]]
             modules = {name: self.targets[name] for name in names}
-            cross = ReferenceOutputs(modules) if reference is not None else None
+            cross = ReferenceOutputs(modules) if dense_weights is not None else None
             with GramCollector(modules) as collector:
                 store = keep if index == 0 else None
-                if cross is None:
+                if blended:
+                    outputs = run_block(block, reference, compute, store)
+                    run_block(block, inputs, compute, None)
+                elif cross is None:
                     outputs = run_block(block, inputs, compute, store)
                 else:
                     outputs = run_paired(block, dense_weights, inputs, reference, compute, store, collector, cross)
@@ -414,7 +425,7 @@ class _Blockwise:
                 pending.append(label)
         # Compressed propagation runs the compressed block after the solves instead: the dense outputs
         # (N x hidden floats, 256 MiB at 8B and 32 x 512 tokens) are not kept through them.
-        keep = self.propagate in ("dense", "corrected") and keep_outputs
+        keep = self.propagate in ("dense",) + TWO_STREAMS and keep_outputs
 
         def job(label, members, weights, collector, crosses):
             return self.solve(label, members, weights, collector, ratios.get(label), self.sensitivity, crosses)
@@ -469,7 +480,7 @@ def run_sequential(
     loaded model resumes instead of redoing them (and the first pass).
     """
     if propagate not in PROPAGATIONS:
-        raise ValueError(f"propagate must be 'dense', 'compressed' or 'corrected', got {propagate!r}")
+        raise ValueError(f"propagate must be one of {PROPAGATIONS}, got {propagate!r}")
     dispatched = is_dispatched(model)
     if dispatched and propagate == "corrected":
         raise ValueError(
@@ -495,7 +506,7 @@ def run_sequential(
     rank, world = rank_and_world()
     compute = torch.device(device) if device is not None else None
     run = _Blockwise(targets, solve, propagate, checkpoint, compute, dispatched, rank, world, store)
-    if propagate == "corrected":
+    if propagate in TWO_STREAMS:
         run.reference = inputs  # before the first block both streams are the captured inputs
     ratios: dict[str, float] = {}
     if allocation is not None:

@@ -257,7 +257,52 @@ def test_corrected_propagation_runs_the_dense_stream_with_the_dense_weights_of_e
     assert any(compressed_before for compressed_before, _ in seen)
 
 
-@pytest.mark.parametrize("propagate", ["compressed", "corrected"])
+def _input_gram_sum(model, name, batches):
+    """``sum_t x_t x_t^T`` (float64) and the token count of ``name``'s input over ``batches``, by a plain hook."""
+    total, tokens = 0, 0
+
+    def hook(module, args):
+        nonlocal total, tokens
+        x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+        total, tokens = total + x.T @ x, tokens + x.shape[0]
+
+    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    handle.remove()
+    return total, tokens
+
+
+def test_blended_propagation_whitens_with_the_dense_and_compressed_streams_pooled(monkeypatch):
+    """A block-1 Linear is solved with ``(X_d^T X_d + X_c^T X_c) / (n_d + n_c)``: ``X_d`` from the dense model,
+    ``X_c`` from a model whose block 0 holds the blended run's compressed weights, both by plain hooks."""
+    batches = token_batches(3, 16)
+    name = "model.layers.1.mlp.down_proj"
+    seen = {}
+    original = spadi_ao.api.compress_weight
+
+    def spy(layer, weight, gram, *args, **kwargs):
+        if layer == name:
+            seen["gram"] = gram.clone()
+        return original(layer, weight, gram, *args, **kwargs)
+
+    monkeypatch.setattr(spadi_ao.api, "compress_weight", spy)
+    blended = tiny_llama()
+    sparsify_dictionary_(blended, CONFIG, calibration=batches, sequential=True, propagate="blended", progress=False)
+
+    dense_sum, dense_tokens = _input_gram_sum(tiny_llama(), name, batches)
+    stream = tiny_llama()
+    stream.model.layers[0] = blended.model.layers[0]  # compressed block 0, dense block 1
+    compressed_sum, compressed_tokens = _input_gram_sum(stream, name, batches)
+    expected = (dense_sum + compressed_sum) / (dense_tokens + compressed_tokens)
+    torch.testing.assert_close(seen["gram"], expected, rtol=1e-5, atol=1e-6 * expected.diagonal().mean().item())
+    # the streams differ, so the pooled Gram is neither one alone
+    assert not torch.allclose(dense_sum / dense_tokens, expected, rtol=1e-3)
+    assert not torch.allclose(compressed_sum / compressed_tokens, expected, rtol=1e-3)
+
+
+@pytest.mark.parametrize("propagate", ["compressed", "corrected", "blended"])
 def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, propagate):
     batches = token_batches(3, 16)
     reference = tiny_llama()
@@ -342,7 +387,14 @@ def test_mismatched_or_corrupted_checkpoint_is_refused_and_touches_nothing(tmp_p
 
 
 @pytest.mark.parametrize(
-    "variant", ["float", "torchao-int8-dictionary", "knapsack-inputs-groups", "knapsack-inputs-groups-corrected"]
+    "variant",
+    [
+        "float",
+        "torchao-int8-dictionary",
+        "knapsack-inputs-groups",
+        "knapsack-inputs-groups-corrected",
+        "knapsack-inputs-groups-blended",
+    ],
 )
 def test_two_gloo_processes_equal_one(tmp_path, variant):
     """The exchange carries every inner tensor, torchao's nested Int8Tensor and int8 values included; with the
@@ -355,8 +407,9 @@ def test_two_gloo_processes_equal_one(tmp_path, variant):
         ),
         "knapsack-inputs-groups": "allocation='knapsack', grouping='inputs'",
         "knapsack-inputs-groups-corrected": "allocation='knapsack', grouping='inputs'",
+        "knapsack-inputs-groups-blended": "allocation='knapsack', grouping='inputs'",
     }[variant]
-    propagate = "corrected" if variant.endswith("-corrected") else "compressed"
+    propagate = next((p for p in ("corrected", "blended") if variant.endswith(f"-{p}")), "compressed")
     script = tmp_path / "worker.py"
     script.write_text(
         textwrap.dedent(f"""
@@ -442,7 +495,7 @@ def test_selection_outside_the_blocks_is_refused():
         )
 
 
-@pytest.mark.parametrize("propagate", ["compressed", "corrected"])
+@pytest.mark.parametrize("propagate", ["compressed", "corrected", "blended"])
 def test_failure_keeps_finished_blocks_compressed_and_restores_the_block_in_flight(monkeypatch, propagate):
     """With correction the block in flight already holds its attention stages' compressed weights when its MLP fails."""
     batches = token_batches(2, 16)
@@ -513,6 +566,16 @@ def test_accelerate_offloaded_model_compresses_like_a_loaded_one(how, config, tm
     if how == "cpu_offload":  # the dense values left accelerate's in-memory map as their blocks finished
         state = model.model.norm._hf_hook.weights_map.dataset
         assert "model.norm.weight" in state and not [key for key in state if key.endswith("_proj.weight")]
+
+
+def test_blended_propagation_compresses_an_offloaded_model_like_a_loaded_one(tmp_path):
+    """Unlike correction, blending never swaps weights: both streams run through accelerate's hooks."""
+    batches = token_batches(3, 16)
+    reference = tiny_llama()
+    sparsify_dictionary_(reference, GLOBAL, calibration=batches, sequential=True, propagate="blended", progress=False)
+    model = _offload(tiny_llama(), "disk_offload", tmp_path)
+    sparsify_dictionary_(model, GLOBAL, calibration=batches, sequential=True, propagate="blended", progress=False)
+    _assert_identical(_compressed_state(reference), _compressed_state(model))
 
 
 def test_offloaded_model_is_refused_where_it_cannot_work(tmp_path):
@@ -594,7 +657,7 @@ def test_widest_gram_is_gathered_and_solved_beside_no_other(allocation, monkeypa
     _assert_identical(_compressed_state(reference), _compressed_state(model))
 
 
-@pytest.mark.parametrize("propagate", ["dense", "compressed", "corrected"])
+@pytest.mark.parametrize("propagate", ["dense", "compressed", "corrected", "blended"])
 def test_block_inputs_that_do_not_fit_are_spilled_and_change_nothing(propagate, tmp_path, monkeypatch):
     """With (as if) no memory to spare every block input goes to a memory-mapped file: same bytes, no files left."""
     batches = token_batches(3, 16)
@@ -620,7 +683,7 @@ def test_block_inputs_that_do_not_fit_are_spilled_and_change_nothing(propagate, 
         progress=False,
     )
     _assert_identical(_compressed_state(in_memory), _compressed_state(spilled))
-    # the two blocks' inputs, three samples each (the last block's outputs are not kept), and with correction the
+    # the two blocks' inputs, three samples each (the last block's outputs are not kept), and with two streams the
     # second block's dense-stream inputs
-    assert stores[0].spilled == 3 * (3 if propagate == "corrected" else 2)
+    assert stores[0].spilled == 3 * (3 if propagate in ("corrected", "blended") else 2)
     assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("spadi-ao-inputs-")] == []
