@@ -343,16 +343,18 @@ class _Blockwise:
         compute: torch.device,
         keep_outputs: bool,
         job: Callable[[str, list[str], list[torch.Tensor], GramCollector, Optional[list[torch.Tensor]]], Any],
+        reference: Optional[list[tuple[tuple, dict]]] = None,
         dense_weights: Optional[Callable[[], Any]] = None,
     ) -> tuple[dict[str, Any], Optional[list[tuple[tuple, dict]]]]:
         """Run the block over ``inputs`` (keeping its outputs when asked) while gathering the Grams of this
         rank's share of the ``pending`` units, then ``job`` each of them. Each Gram is freed as soon as its last
         reader is done.
 
-        ``dense_weights`` (``propagate="corrected"``: a context with the block's dense weights in place): each
-        batch runs inside it on the dense stream first, the members' dense outputs are paired with their inputs
-        into ``job``'s crosses, and the outputs kept are the dense stream's. ``propagate="blended"``: the (dense)
-        block runs on the dense stream, whose outputs are kept, then on the compressed one, both into the Grams.
+        ``reference``: the dense stream's inputs (``propagate`` in ``TWO_STREAMS``, the compress pass only); the
+        outputs kept are then the dense stream's. With ``dense_weights`` (``propagate="corrected"``: a context
+        with the block's dense weights in place) each batch runs inside it on the dense stream first and the
+        members' dense outputs are paired with their inputs into ``job``'s crosses; without (``"blended"``) the
+        still dense block runs on the dense stream, then on the compressed one, both into the Grams.
 
         The units with the widest input are gathered and solved in a forward pass of their own, the rest in a
         second one: the widest Gram (512 MiB at 8192 inputs) and its solve never sit beside the block's other
@@ -367,8 +369,7 @@ class _Blockwise:
         mine = [label for label, owner in zip(pending, owners) if owner == self.rank]
         widest = [label for label in mine if width[label] == width[mine[0]]]
         passes = [labels for labels in (widest, [label for label in mine if label not in widest]) if labels]
-        blended = self.propagate == "blended"
-        reference = self.reference if dense_weights is not None or blended else None
+        blended = reference is not None and dense_weights is None
         if not passes:
             if keep is None:
                 return {}, None
@@ -381,7 +382,7 @@ class _Blockwise:
         for index, labels in enumerate(passes):
             names = [name for label in labels for name in units[label]]
             modules = {name: self.targets[name] for name in names}
-            cross = ReferenceOutputs(modules) if dense_weights is not None else None
+            cross = ReferenceOutputs(modules) if reference is not None and not blended else None
             with GramCollector(modules) as collector:
                 store = keep if index == 0 else None
                 if blended:
@@ -430,7 +431,8 @@ class _Blockwise:
         def job(label, members, weights, collector, crosses):
             return self.solve(label, members, weights, collector, ratios.get(label), self.sensitivity, crosses)
 
-        mine, next_inputs = self._run_units(block, units, pending, inputs, compute, keep, job, dense_weights)
+        reference = self.reference if self.propagate in TWO_STREAMS else None
+        mine, next_inputs = self._run_units(block, units, pending, inputs, compute, keep, job, reference, dense_weights)
         solved = {
             name: result for label, unit_results in mine.items() for name, result in zip(units[label], unit_results)
         }

@@ -302,6 +302,23 @@ def test_blended_propagation_whitens_with_the_dense_and_compressed_streams_poole
     assert not torch.allclose(compressed_sum / compressed_tokens, expected, rtol=1e-3)
 
 
+def test_the_first_pass_is_the_same_whatever_the_propagation(monkeypatch):
+    """The knapsack's tables come from dense propagation: a second stream must not reach them."""
+    tables = {}
+    original = spadi_ao.sequential._Blockwise.survey
+
+    def spy(self, *args, **kwargs):
+        tables[self.propagate] = original(self, *args, **kwargs)
+        return tables[self.propagate]
+
+    monkeypatch.setattr(spadi_ao.sequential._Blockwise, "survey", spy)
+    for propagate in ("dense", "compressed", "corrected", "blended"):
+        sparsify_dictionary_(
+            tiny_llama(), GLOBAL, calibration=token_batches(3, 16), sequential=True, propagate=propagate, progress=False
+        )
+    assert tables["dense"] == tables["compressed"] == tables["corrected"] == tables["blended"]
+
+
 @pytest.mark.parametrize("propagate", ["compressed", "corrected", "blended"])
 def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, propagate):
     batches = token_batches(3, 16)
