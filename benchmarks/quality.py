@@ -59,6 +59,7 @@ TABLE_ROWS = (
     "default",
     "sequential",
     "sequential-corrected",
+    "sequential-blended",
     "orthonormal-sequential",
     "orthonormal-sequential-corrected",
 )
@@ -71,12 +72,14 @@ default with the fast solver (closed-form refits) instead of Procrustes; ``ortho
 the refits after Procrustes (``fast_steps=0``); ``default``: ``DictionaryConfig()`` (Procrustes and
 least-squares refits + loss-weighted knapsack + shared-input groups); ``sequential``: ``default`` block by
 block with compressed propagation; ``sequential-corrected``: the same with ``propagate="corrected"`` (each
-Linear fitted to the dense model's outputs); ``orthonormal-sequential`` and ``orthonormal-sequential-corrected``:
-the two with ``orthonormal``'s setting."""
+Linear fitted to the dense model's outputs); ``sequential-blended``: the same with ``propagate="blended"`` (each
+Linear whitened with the dense and compressed streams' Grams pooled); ``orthonormal-sequential`` and
+``orthonormal-sequential-corrected``: the first two with ``orthonormal``'s setting."""
 
 SEQUENTIAL_ROWS = {
     "sequential": "compressed",
     "sequential-corrected": "corrected",
+    "sequential-blended": "blended",
     "orthonormal-sequential": "compressed",
     "orthonormal-sequential-corrected": "corrected",
 }
@@ -369,6 +372,7 @@ def table_config(row: str, ratio: float, args: argparse.Namespace):
         "default": {},
         "sequential": {},
         "sequential-corrected": {},
+        "sequential-blended": {},
         "orthonormal-sequential": dict(fast_steps=0),
         "orthonormal-sequential-corrected": dict(fast_steps=0),
     }[row]
