@@ -659,8 +659,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--propagate",
-        default="compressed",
-        choices=["compressed", "corrected"],
+        default="blended",
+        choices=["compressed", "corrected", "blended"],
         help="what later blocks are calibrated on (sparsify_dictionary_'s propagate=)",
     )
     parser.add_argument(

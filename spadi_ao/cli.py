@@ -233,9 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--propagate",
         choices=["dense", "compressed", "corrected", "blended"],
-        default="compressed",
-        help="sequential: activations later blocks calibrate on; corrected also fits each Linear to the dense "
-        "model's outputs; blended pools the dense and compressed activations",
+        default="blended",
+        help="sequential: the activations later blocks calibrate on: the dense model's and the compressed one's "
+        "pooled (blended), either alone (dense, compressed), or the compressed one's with each Linear fitted to "
+        "the dense model's outputs (corrected)",
     )
     compress.add_argument(
         "--device",
