@@ -382,7 +382,7 @@ class _Blockwise:
         for index, labels in enumerate(passes):
             names = [name for label in labels for name in units[label]]
             modules = {name: self.targets[name] for name in names}
-            cross = ReferenceOutputs(modules) if reference is not None and not blended else None
+            cross = ReferenceOutputs(modules) if dense_weights is not None else None
             with GramCollector(modules) as collector:
                 store = keep if index == 0 else None
                 if blended:

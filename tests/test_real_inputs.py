@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from models import reference_gram
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -44,17 +45,8 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _reference_gram(model: nn.Module, name: str, sequences: list[list[int]]) -> tuple[torch.Tensor, int]:
-    """X^T X / T of ``name``'s input over the unpadded sequences, from captured inputs (dense math)."""
-    captured = []
-    handle = model.get_submodule(name).register_forward_pre_hook(
-        lambda m, args: captured.append(args[0].reshape(-1, args[0].shape[-1]))
-    )
-    with torch.no_grad():
-        for sequence in sequences:
-            model(torch.tensor([sequence]))
-    handle.remove()
-    x = torch.cat(captured).double()
-    return x.T @ x / x.shape[0], x.shape[0]
+    """X^T X / T of ``name``'s input over the unpadded sequences."""
+    return reference_gram(model, name, [torch.tensor([sequence]) for sequence in sequences])
 
 
 def test_tokenizer_output_directly_and_in_a_list(tiny_llama, tiny_tokenizer):

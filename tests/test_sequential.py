@@ -11,7 +11,7 @@ import weakref
 import accelerate
 import pytest
 import torch
-from models import tiny_llama, token_batches
+from models import reference_gram, tiny_llama, token_batches
 from torch import nn
 
 import spadi_ao.api
@@ -257,23 +257,6 @@ def test_corrected_propagation_runs_the_dense_stream_with_the_dense_weights_of_e
     assert any(compressed_before for compressed_before, _ in seen)
 
 
-def _input_gram_sum(model, name, batches):
-    """``sum_t x_t x_t^T`` (float64) and the token count of ``name``'s input over ``batches``, by a plain hook."""
-    total, tokens = 0, 0
-
-    def hook(module, args):
-        nonlocal total, tokens
-        x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
-        total, tokens = total + x.T @ x, tokens + x.shape[0]
-
-    handle = model.get_submodule(name).register_forward_pre_hook(hook)
-    with torch.no_grad():
-        for batch in batches:
-            model(batch)
-    handle.remove()
-    return total, tokens
-
-
 def test_blended_propagation_whitens_with_the_dense_and_compressed_streams_pooled(monkeypatch):
     """A block-1 Linear is solved with ``(X_d^T X_d + X_c^T X_c) / (n_d + n_c)``: ``X_d`` from the dense model,
     ``X_c`` from a model whose block 0 holds the blended run's compressed weights, both by plain hooks."""
@@ -291,15 +274,15 @@ def test_blended_propagation_whitens_with_the_dense_and_compressed_streams_poole
     blended = tiny_llama()
     sparsify_dictionary_(blended, CONFIG, calibration=batches, sequential=True, propagate="blended", progress=False)
 
-    dense_sum, dense_tokens = _input_gram_sum(tiny_llama(), name, batches)
+    dense, dense_tokens = reference_gram(tiny_llama(), name, batches)
     stream = tiny_llama()
     stream.model.layers[0] = blended.model.layers[0]  # compressed block 0, dense block 1
-    compressed_sum, compressed_tokens = _input_gram_sum(stream, name, batches)
-    expected = (dense_sum + compressed_sum) / (dense_tokens + compressed_tokens)
+    compressed, compressed_tokens = reference_gram(stream, name, batches)
+    expected = (dense * dense_tokens + compressed * compressed_tokens) / (dense_tokens + compressed_tokens)
     torch.testing.assert_close(seen["gram"], expected, rtol=1e-5, atol=1e-6 * expected.diagonal().mean().item())
     # the streams differ, so the pooled Gram is neither one alone
-    assert not torch.allclose(dense_sum / dense_tokens, expected, rtol=1e-3)
-    assert not torch.allclose(compressed_sum / compressed_tokens, expected, rtol=1e-3)
+    assert not torch.allclose(dense, expected, rtol=1e-3)
+    assert not torch.allclose(compressed, expected, rtol=1e-3)
 
 
 def test_the_first_pass_is_the_same_whatever_the_propagation(monkeypatch):
