@@ -9,6 +9,8 @@
     python benchmarks/select_defaults.py --propagations --sources stdlib wikitext2-valid-a --shrinkage 0.3
     python benchmarks/select_defaults.py --refits --sources stdlib wikitext2-valid-a --shrinkage 0.3
     python benchmarks/select_defaults.py --refit-propagations --sources stdlib wikitext2-valid-a --shrinkage 0.3
+    python benchmarks/select_defaults.py --refit-propagations --eval-windows 24 \
+        --propagate-values dense blended compressed --sources stdlib wikitext2-valid-a --shrinkage 0.3
     python benchmarks/select_defaults.py --decide                          # merge the parts, apply the rules
 
 Every candidate runs the recommended settings (``DictionaryConfig(solver="fast", allocation="knapsack",
@@ -47,12 +49,19 @@ Rules (stated before the runs):
    decided before this rule existed, so their parts reproduce.
 8. Block-by-block propagation with the refits (``--refit-propagations``): rule 6 again with rule 7's choice,
    ``DictionaryConfig()`` as it is, the lowest geometric mean over the same four cells; its candidates,
-   REFIT_PROPAGATIONS, add ``"blended"`` (both streams' Grams pooled) to rule 6's.
+   REFIT_PROPAGATIONS, add ``"blended"`` (both streams' Grams pooled) and ``"dense"`` (the whole-model
+   transform's result, with the loss sensitivity from every calibration sequence as the library computes it,
+   where rule 7's rows take ``--sensitivity-samples``) to rule 6's.
+9. Rule 8 read on more text (``--refit-propagations --eval-windows 24 --propagate-values ...``): the candidates
+   within 0.1 % of rule 8's lowest geometric mean are a tie its 8 windows cannot resolve; each is run again and
+   read on 24 windows of each validation text (the stdlib held-out part has 20, read whole), the lowest
+   geometric mean over the same four cells. Its choice is ``propagate``'s default.
 
 Parts: benchmarks/results/select_defaults-<source>.json (``--solvers``: select_defaults-solver-<source>.json,
 ``--weightings``: select_defaults-weighting-<source>.json, ``--rhos``: select_defaults-rho-<source>.json,
 ``--propagations``: select_defaults-propagate-<source>.json, ``--refits``: select_defaults-refit-<source>.json,
-``--refit-propagations``: select_defaults-refit-propagate-<source>.json),
+``--refit-propagations``: select_defaults-refit-propagate-<source>.json; with ``--eval-windows N`` other than 8,
+``-Nw-`` after the prefix, e.g. select_defaults-refit-propagate-24w-<source>.json),
 saved after every candidate (a re-run resumes); the decision: select_defaults.{json,md}.
 """
 
@@ -82,9 +91,12 @@ SOLVERS = ("fast", "procrustes")
 WEIGHTINGS = ("none", "loss")
 RHOS = ("1.5", "2", "3", "4")
 PROPAGATIONS = ("compressed", "corrected")
-REFIT_PROPAGATIONS = PROPAGATIONS + ("blended",)
+REFIT_PROPAGATIONS = PROPAGATIONS + ("blended", "dense")
 REFITS = ("0", "8")
 VALIDATION = ("wikitext2-valid-b", "stdlib-held-out")
+EVAL_WINDOWS = 8
+"""Windows of each validation text read by rules 1-8 (``--eval-windows``); rule 9 reads RULE_9_WINDOWS."""
+RULE_9_WINDOWS = 24
 GENERATED_CACHE = Path.home() / ".cache" / "spadi-ao"
 
 
@@ -102,7 +114,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--n-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=8, help="first N windows of each validation text")
+    parser.add_argument(
+        "--eval-windows", type=int, default=EVAL_WINDOWS, help="first N windows of each validation text (or all it has)"
+    )
     parser.add_argument("--fast-steps", type=int, default=2)
     parser.add_argument("--sensitivity-samples", type=int, default=8)
     parser.add_argument("--solvers", action="store_true", help="rule 3: compare SOLVERS at --shrinkage (one value)")
@@ -124,6 +138,13 @@ def parse_args() -> argparse.Namespace:
         "--refit-propagations",
         action="store_true",
         help="rule 8: rule 6 again (and blended), with rule 7's refits (the default)",
+    )
+    parser.add_argument(
+        "--propagate-values",
+        nargs="+",
+        default=list(REFIT_PROPAGATIONS),
+        choices=REFIT_PROPAGATIONS,
+        help="rule 8's (or 9's) candidates to run",
     )
     parser.add_argument("--decide", action="store_true", help="merge the parts present and apply the rules")
     return parser.parse_args()
@@ -206,7 +227,7 @@ def run_source(
     elif args.propagations or args.refit_propagations:
         field = "propagate" if args.propagations else "refit_propagate"
         done = {row[field] for row in rows}
-        candidates = REFIT_PROPAGATIONS if args.refit_propagations else PROPAGATIONS
+        candidates = args.propagate_values if args.refit_propagations else PROPAGATIONS
         todo = [(args.shrinkage[0], propagate, None, None, None) for propagate in candidates if propagate not in done]
     elif args.refits:
         done = {row["refits"] for row in rows}
@@ -312,8 +333,11 @@ COMPARISONS = {
     "propagate": PROPAGATIONS,
     "refits": REFITS,
     "refit_propagate": REFIT_PROPAGATIONS,
+    f"refit_propagate_{RULE_9_WINDOWS}_windows": REFIT_PROPAGATIONS,
 }
-"""Rules 3 to 8: the field compared, and its candidates."""
+"""Rules 3 to 9: the comparison, and its candidates."""
+ROW_FIELD = {f"refit_propagate_{RULE_9_WINDOWS}_windows": "refit_propagate"}
+"""The rows' field of a comparison not named after it (rule 9 re-reads rule 8's field)."""
 PART_PREFIX = {
     "solver": "solver",
     "output_weighting": "weighting",
@@ -321,6 +345,7 @@ PART_PREFIX = {
     "propagate": "propagate",
     "refits": "refit",
     "refit_propagate": "refit-propagate",
+    f"refit_propagate_{RULE_9_WINDOWS}_windows": f"refit-propagate-{RULE_9_WINDOWS}w",
 }
 
 
@@ -330,8 +355,9 @@ def compared_cells(field: str, shrinkage: str) -> dict[str, list[float]]:
     paths = [RESULTS / f"select_defaults-{PART_PREFIX[field]}-{source}.json" for source in SHRINKAGE_SOURCES]
     if not all(path.is_file() for path in paths):
         return {}
+    key = ROW_FIELD.get(field, field)
     rows = [
-        {row[field]: row["perplexity"] for row in json.loads(path.read_text())["rows"] if row["shrinkage"] == shrinkage}
+        {row[key]: row["perplexity"] for row in json.loads(path.read_text())["rows"] if row["shrinkage"] == shrinkage}
         for path in paths
     ]
     return {
@@ -478,6 +504,8 @@ def main() -> None:
         if args.refit_propagations
         else ""
     )
+    if args.eval_windows != EVAL_WINDOWS:  # a re-reading on more text keeps its own parts
+        prefix = f"{prefix}{args.eval_windows}w-"
     for source in args.sources:
         path = RESULTS / f"select_defaults-{prefix}{source}.json"
         part = json.loads(path.read_text()) if path.is_file() else {}
