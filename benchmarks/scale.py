@@ -659,7 +659,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--propagate",
-        default="blended",
+        default="compressed",
         choices=["compressed", "corrected", "blended"],
         help="what later blocks are calibrated on (sparsify_dictionary_'s propagate=)",
     )

@@ -137,7 +137,7 @@ def sparsify_dictionary_(
     calibration: Optional[Iterable[Any] | GramCollector] = None,
     *,
     sequential: bool = False,
-    propagate: str = "blended",
+    propagate: str = "compressed",
     checkpoint_dir: Optional[str | os.PathLike] = None,
     device: Optional[str | torch.device] = None,
     sensitivity: Optional[dict[str, torch.Tensor]] = None,
@@ -156,11 +156,11 @@ def sparsify_dictionary_(
     ``sequential=True`` walks the decoder one block at a time (see ``spadi_ao.sequential``): only one
     block's Grams exist at once, each block's dense weights are released as it finishes (a failure
     leaves finished blocks compressed and restores the block in flight), ``propagate`` chooses
-    what later blocks are calibrated on (``"blended"``, the default: the dense model's activations and those
-    the compressed blocks before produce, their Grams pooled; ``"compressed"``: the latter only, what later
-    blocks will really see; ``"corrected"``: those, and each Linear fitted to the dense model's outputs
-    instead of its own dense weight, see ``spadi_ao.correction``; ``"dense"``: the former only, the
-    whole-model transform's result; ``docs/scaling.md`` measures them), and ``checkpoint_dir`` makes the run
+    what later blocks are calibrated on (``"compressed"``, the default: the activations the compressed blocks
+    before produce, what later blocks will really see; ``"dense"``: the dense model's, the whole-model
+    transform's result; ``"blended"``: both, their Grams pooled; ``"corrected"``: the compressed ones, and each
+    Linear fitted to the dense model's outputs instead of its own dense weight, see ``spadi_ao.correction``;
+    ``docs/scaling.md`` measures them), and ``checkpoint_dir`` makes the run
     resumable. Called inside an initialised
     ``torch.distributed`` process group, the per-layer solves are split across ranks. ``device`` (e.g.
     ``"cuda"``) is where each block is moved to be calibrated and solved, one at a time, while the model

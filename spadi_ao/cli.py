@@ -233,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--propagate",
         choices=["dense", "compressed", "corrected", "blended"],
-        default="blended",
-        help="sequential: the activations later blocks calibrate on: the dense model's and the compressed one's "
-        "pooled (blended), either alone (dense, compressed), or the compressed one's with each Linear fitted to "
-        "the dense model's outputs (corrected)",
+        default="compressed",
+        help="sequential: the activations later blocks calibrate on: the compressed model's (compressed) or the "
+        "dense model's (dense), both pooled (blended), or the compressed model's with each Linear fitted to the "
+        "dense model's outputs (corrected)",
     )
     compress.add_argument(
         "--device",

@@ -462,7 +462,7 @@ def run_sequential(
     *,
     units: Optional[dict[str, list[str]]] = None,
     allocation: Optional[GlobalAllocation] = None,
-    propagate: str = "blended",
+    propagate: str = "compressed",
     checkpoint_dir: Optional[str | os.PathLike] = None,
     device: Optional[str | torch.device] = None,
     progress: bool = True,

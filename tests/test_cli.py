@@ -235,7 +235,7 @@ def test_cli_defaults_are_the_measured_best_for_cospadi_and_the_plain_baseline_o
     assert config("--sequential") == DictionaryConfig()  # the same knapsack and groups, block by block
     parser = build_parser()
     default = inspect.signature(sparsify_dictionary_).parameters["propagate"].default
-    assert parser.parse_args(["compress"]).propagate == default == "blended"  # rule 8's choice, as in the API
+    assert parser.parse_args(["compress"]).propagate == default == "compressed"  # rule 9's choice, as in the API
     assert [parser.parse_args(["compress", "--propagate", p]).propagate for p in PROPAGATIONS] == list(PROPAGATIONS)
     baseline = config("--method", "svd-llm")
     assert baseline == LowRankConfig() and baseline.allocation == "uniform"
