@@ -137,7 +137,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--refit-propagations",
         action="store_true",
-        help="rule 8: rule 6 again (and blended), with rule 7's refits (the default)",
+        help="rule 8: rule 6 again (and blended, dense), with rule 7's refits (the default)",
     )
     parser.add_argument(
         "--propagate-values",
